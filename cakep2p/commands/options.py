@@ -41,3 +41,20 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
                         help="proportional: spread layers by offered memory; fewest: as few nodes as possible")
     parser.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
                         help="cap on the memory this machine offers for model parts (e.g. 8GB, 512MiB)")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Which model to run and how: shared by generate, chat and api."""
+    parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weights and activations dtype (auto: the checkpoint's)")
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    parser.add_argument("--context", type=int, default=None, metavar="N", help="tokens of KV cache to reserve (default: min(4096, model max))")
+    parser.add_argument("--local", action="store_true", help="run on this machine only, no cluster")
+
+
+def open_model(args: argparse.Namespace):
+    """The model the command asked for, as a LoadedModel: local now; over the cluster once the mesh is wired."""
+    from cakep2p.loaded_model import LocalModel
+
+    return LocalModel(args.model, dtype=args.dtype, device=args.device, context=args.context)

@@ -1,0 +1,165 @@
+"""`cakep2p generate`: complete one prompt and stream the text to stdout (or print one JSON object)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, TextIO
+
+from cakep2p.commands.options import add_cluster_options, add_model_options, open_model
+from cakep2p.errors import CakeError
+
+if TYPE_CHECKING:  # the engine imports torch; this module must stay cheap to import for `cakep2p --help`
+    from cakep2p.engine.generate import Pipeline
+    from cakep2p.engine.sampling import SamplingParams
+    from cakep2p.engine.tokenizer import Tokenizer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_options(parser)
+    parser.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue (or the user message with --chat)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="stop after N new tokens (default 128)")
+    parser.add_argument("--temperature", type=float, default=None, metavar="T",
+                        help="0 = greedy (default: the model's generation_config.json, greedy when it has none)")
+    parser.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: smallest set with mass >= P")
+    parser.add_argument("--repetition-penalty", type=float, default=None, metavar="R", help="> 1 discourages repeats")
+    parser.add_argument("--seed", type=int, default=None, metavar="S", help="seed for reproducible sampling")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
+    parser.add_argument("--system", default=None, metavar="TEXT", help="system message (implies --chat)")
+    parser.add_argument("--json", action="store_true",
+                        help='print one JSON object: prompt_tokens, tokens, text, ttft_s, tokens_per_s')
+    add_cluster_options(parser)
+
+
+@dataclass
+class Completion:
+    """One finished request: ids, text and timings (seconds from the request's start)."""
+
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_times[0] if self.token_times else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode rate after the first token: (n - 1) / (t_last - t_first); 0.0 with fewer than two tokens."""
+        if len(self.token_times) < 2 or self.token_times[-1] <= self.token_times[0]:
+            return 0.0
+        return (len(self.token_times) - 1) / (self.token_times[-1] - self.token_times[0])
+
+    def to_json(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "tokens": self.tokens, "text": self.text,
+                "ttft_s": round(self.ttft_s, 6), "tokens_per_s": round(self.tokens_per_s, 3)}
+
+
+def sampling_params(args: argparse.Namespace, model_dir: str, stop_token_ids: frozenset[int]) -> "SamplingParams":
+    """SamplingParams from the flags, falling back to the model's generation_config.json defaults."""
+    from cakep2p.engine.generation_config import read_generation_defaults
+    from cakep2p.engine.sampling import SamplingParams
+
+    defaults = read_generation_defaults(model_dir)
+    try:
+        return SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=defaults.temperature if args.temperature is None else args.temperature,
+            top_k=defaults.top_k if args.top_k is None else args.top_k,
+            top_p=defaults.top_p if args.top_p is None else args.top_p,
+            repetition_penalty=defaults.repetition_penalty if args.repetition_penalty is None else args.repetition_penalty,
+            seed=args.seed,
+            stop_token_ids=stop_token_ids,
+        )
+    except ValueError as error:  # SamplingParams names the field: "top_p must be in (0, 1], got 0.0"
+        field_name, _, rest = str(error).partition(" ")
+        raise CakeError(f"--{field_name.replace('_', '-')} {rest}") from None
+
+
+def check_device(device: str) -> None:
+    """Refuse a device name torch does not know, or one this machine lacks, before loading anything."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise CakeError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(kind, False):
+        raise CakeError(f"device {device!r} is not available on this machine; use --device auto or cpu")
+
+
+def prompt_ids(tokenizer: "Tokenizer", args: argparse.Namespace) -> list[int]:
+    """The prompt as token ids: plain text with the model's bos, or a chat rendered by its template."""
+    if not (args.chat or args.system is not None):
+        return tokenizer.encode(args.prompt)
+    messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+    messages.append({"role": "user", "content": args.prompt})
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                            add_special_tokens=False)
+
+
+def complete(pipeline: "Pipeline", tokenizer: "Tokenizer", args: argparse.Namespace, model_dir: str,
+             on_text: Callable[[str], None] = lambda text: None) -> Completion:
+    """Run one request; `on_text` receives each whole-character chunk as soon as it is decoded."""
+    from cakep2p.engine.generate import generate
+
+    started = time.perf_counter()
+    completion = Completion(prompt_tokens=prompt_ids(tokenizer, args))
+    if not completion.prompt_tokens:
+        raise CakeError("the prompt is empty and the model adds no bos token; pass some text with --prompt")
+    params = sampling_params(args, model_dir, tokenizer.eos_ids)
+    decoder = tokenizer.stream_decoder(completion.prompt_tokens)
+    for token_id in generate(pipeline, completion.prompt_tokens, params):
+        completion.token_times.append(time.perf_counter() - started)
+        completion.tokens.append(token_id)
+        chunk = decoder.push(token_id)
+        if chunk:
+            completion.text += chunk
+            on_text(chunk)
+    tail = decoder.flush()
+    if tail:
+        completion.text += tail
+        on_text(tail)
+    return completion
+
+
+def _stream_to(out: TextIO) -> Callable[[str], None]:
+    def write(chunk: str) -> None:
+        out.write(chunk)
+        out.flush()
+    return write
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 0:
+        raise CakeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    from cakep2p.engine.config import ModelArgs
+
+    ModelArgs.from_dir(args.model)  # config problems fail here, before torch is imported
+    check_device(args.device)
+    model = open_model(args)
+    pipeline = model.new_pipeline()
+    try:
+        if args.json:
+            completion = complete(pipeline, model.tokenizer, args, str(args.model))
+            print(json.dumps(completion.to_json(), ensure_ascii=False))
+        else:
+            complete(pipeline, model.tokenizer, args, str(args.model), on_text=_stream_to(sys.stdout))
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    except BrokenPipeError:  # `cakep2p generate ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        pipeline.close()
+        model.close()
+    return 0

@@ -1,0 +1,189 @@
+"""A chat over one pipeline: messages, prompt rendering, KV-prefix reuse across turns, streamed replies.
+
+Shared by the terminal chat, the window and the HTTP API; it knows nothing of where the
+pipeline's layers run. Only text is kept between turns; the KV cache is reused as long as the
+new prompt starts with what the pipeline already holds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Literal
+
+from cakep2p.engine.generate import Pipeline, generate
+from cakep2p.engine.sampling import SamplingParams
+from cakep2p.engine.tokenizer import Tokenizer
+from cakep2p.errors import CakeError
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class ContextFull(CakeError):
+    """The conversation no longer fits the context: start a new chat or drop old messages."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it completes (may be empty while a character is split)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ReplyStats:
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    tokens_per_s: float
+    finish_reason: FinishReason
+    reused_prefix: int = 0
+
+
+@dataclass
+class Reply:
+    """Filled in while a reply streams; `stats` is set when it ends."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    stats: ReplyStats | None = None
+
+
+def _common_prefix(cached: list[int], prompt: list[int]) -> int:
+    length = 0
+    for cached_id, prompt_id in zip(cached, prompt):
+        if cached_id != prompt_id:
+            break
+        length += 1
+    # At least one prompt token must run to produce the next token's logits.
+    return min(length, len(prompt) - 1)
+
+
+def stream_completion(
+    pipeline: Pipeline,
+    tokenizer: Tokenizer,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    reply: Reply,
+    *,
+    cached_ids: list[int] | None = None,
+    cancel: threading.Event | None = None,
+) -> Iterator[TokenEvent]:
+    """Generate after `prompt_ids`, filling `reply`; returns the ids now held in the pipeline's cache.
+
+    Stops at the tokenizer's eos ids (plus `params.stop_token_ids`), at `params.max_new_tokens`,
+    or within one token of `cancel` being set.
+    """
+    if len(prompt_ids) + 1 > pipeline.max_seq_len:
+        raise ContextFull(
+            f"the prompt has {len(prompt_ids)} tokens but the context holds {pipeline.max_seq_len}: "
+            "start a new chat or remove earlier messages"
+        )
+    params = replace(params, stop_token_ids=frozenset(params.stop_token_ids) | tokenizer.eos_ids)
+    max_new = min(params.max_new_tokens, pipeline.max_seq_len - len(prompt_ids))
+    params = replace(params, max_new_tokens=max_new)
+    start_pos = _common_prefix(cached_ids or [], prompt_ids)
+    decoder = tokenizer.stream_decoder()
+    started = time.perf_counter()
+    first_at = last_at = started
+    finish: FinishReason = "length"
+    for token_id in generate(pipeline, prompt_ids, params, start_pos=start_pos):
+        last_at = time.perf_counter()
+        if not reply.token_ids:
+            first_at = last_at
+        if token_id in params.stop_token_ids:
+            reply.token_ids.append(token_id)
+            finish = "stop"
+            break
+        reply.token_ids.append(token_id)
+        text = decoder.push(token_id)
+        reply.text += text
+        yield TokenEvent(token_id, text)
+        if cancel is not None and cancel.is_set():
+            finish = "cancelled"
+            break
+    tail = decoder.flush()
+    if tail:
+        reply.text += tail
+        yield TokenEvent(-1, tail)
+    generated = len(reply.token_ids)
+    reply.stats = ReplyStats(
+        prompt_tokens=len(prompt_ids),
+        completion_tokens=generated,
+        ttft_s=(first_at - started) if generated else 0.0,
+        tokens_per_s=(generated - 1) / (last_at - first_at) if generated > 1 and last_at > first_at else 0.0,
+        finish_reason=finish,
+        reused_prefix=start_pos,
+    )
+
+
+class Conversation:
+    """Messages of one chat and the pipeline that answers them."""
+
+    def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, system_prompt: str | None = None):
+        self.pipeline = pipeline
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.messages: list[dict[str, str]] = []
+        self._cached_ids: list[int] = []
+        self._lock = threading.Lock()
+
+    @property
+    def max_context(self) -> int:
+        return self.pipeline.max_seq_len
+
+    def prompt_ids(self, messages: list[dict[str, str]] | None = None) -> list[int]:
+        """Token ids of the rendered chat (system prompt first), ready for the assistant's turn."""
+        full = list(self.messages if messages is None else messages)
+        if self.system_prompt:
+            full.insert(0, {"role": "system", "content": self.system_prompt})
+        text = self.tokenizer.apply_chat_template(full, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def context_used(self) -> int:
+        """Tokens the conversation takes now (before the next reply)."""
+        return len(self.prompt_ids()) if self.messages else 0
+
+    def ask(
+        self, text: str, params: SamplingParams, reply: Reply, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
+        """Add a user message and stream the assistant's answer into `reply`; the answer joins the history."""
+        self.messages.append({"role": "user", "content": text})
+        return self._answer(params, reply, cancel, drop_question_if_full=True)
+
+    def regenerate(
+        self, params: SamplingParams, reply: Reply, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
+        """Drop the last assistant answer and answer the last user message again."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+        if not self.messages:
+            raise CakeError("nothing to regenerate: the chat has no user message yet")
+        return self._answer(params, reply, cancel)
+
+    def reset(self) -> None:
+        """A new chat on the same pipeline (its cache is simply overwritten)."""
+        self.messages.clear()
+        self._cached_ids = []
+
+    def _answer(
+        self, params: SamplingParams, reply: Reply, cancel: threading.Event | None, drop_question_if_full: bool = False
+    ) -> Iterator[TokenEvent]:
+        with self._lock:
+            prompt_ids = self.prompt_ids()
+            try:
+                yield from stream_completion(
+                    self.pipeline, self.tokenizer, prompt_ids, params, reply,
+                    cached_ids=self._cached_ids, cancel=cancel,
+                )
+            except ContextFull:
+                if drop_question_if_full:
+                    self.messages.pop()
+                raise
+            finally:
+                # The cache now holds the prompt and every generated token but the last one;
+                # after an interrupted run nothing in it is trusted.
+                self._cached_ids = prompt_ids + reply.token_ids[:-1] if reply.stats else []
+            self.messages.append({"role": "assistant", "content": reply.text})

@@ -1,0 +1,68 @@
+"""A model ready to chat with: its tokenizer plus a way to open one pipeline per session.
+
+`LocalModel` holds the whole model on this machine; the node's cluster model (layers spread over
+peers) has the same shape, so the terminal chat, the window and the API use either unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from cakep2p.engine.config import ModelArgs
+from cakep2p.engine.generate import LocalPipeline, Pipeline
+from cakep2p.engine.part import ModelPart, PartSpec
+from cakep2p.engine.tokenizer import Tokenizer
+
+DEFAULT_CONTEXT = 4096
+
+
+class LoadedModel(Protocol):
+    name: str
+    model_dir: Path
+    args: ModelArgs
+    tokenizer: Tokenizer
+    max_seq_len: int
+
+    def new_pipeline(self) -> Pipeline:
+        """A fresh session with its own KV cache (sessions share the weights)."""
+
+    def describe(self) -> dict:
+        """JSON-able facts for status displays: name, layers, dtype, where the layers run."""
+
+    def close(self) -> None:
+        """Free the weights (and, for a cluster model, the peers' parts)."""
+
+
+def context_length(args: ModelArgs, requested: int | None) -> int:
+    """The context to reserve KV cache for: what was asked, capped by what the model supports."""
+    limit = args.max_position_embeddings
+    return min(requested, limit) if requested else min(DEFAULT_CONTEXT, limit)
+
+
+class LocalModel:
+    """The whole model in this process."""
+
+    def __init__(self, model_dir: str | Path, *, dtype: str = "auto", device: str = "auto", context: int | None = None):
+        self.model_dir = Path(model_dir)
+        self.name = self.model_dir.name
+        self.args = ModelArgs.from_dir(self.model_dir)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.max_seq_len = context_length(self.args, context)
+        whole = PartSpec(0, self.args.num_layers, has_embedding=True, has_head=True)
+        self.part = ModelPart.load(self.model_dir, whole, dtype=dtype, device=device)
+
+    def new_pipeline(self) -> Pipeline:
+        return LocalPipeline([self.part], self.max_seq_len)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "layers": self.args.num_layers,
+            "dtype": str(self.part.dtype).removeprefix("torch."),
+            "context": self.max_seq_len,
+            "stages": [{"node": "local", "start": 0, "end": self.args.num_layers}],
+        }
+
+    def close(self) -> None:
+        self.part = None
