@@ -1,0 +1,553 @@
+"""The initiator's side of the mesh: a DEALER per stage (heartbeats, timeouts) and RemotePipeline, the engine's
+Pipeline over remote stages; plus what both sides share: model fingerprints and the cache of received parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+import zmq
+
+from cakep2p import paths, security, wire
+from cakep2p.engine.checkpoint import DTYPES as CHECKPOINT_DTYPES, load_tensor, read_tensor_index
+from cakep2p.engine.config import ModelArgs
+from cakep2p.engine.part import ModelPart, PartSpec, expected_shapes, part_tensor_names
+from cakep2p.errors import MeshError, ModelError, ProtocolError
+from cakep2p.security import ClusterKeys
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 8 * 1024 * 1024
+PROTOCOL_CODES = ("bad_request", "unsupported_version", "shape_mismatch")
+PARTS_DIR = "parts"
+FINGERPRINT_CHARS = 32
+Progress = Callable[[int, int], None]  # (bytes sent, bytes in all)
+
+
+# -- model identity and the cache of received parts --------------------------------------------------------
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """A cheap identity of a checkpoint: sha256 of config.json and the safetensors headers (and index), 32 hex."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256(b"cakep2p-model/v1\0")
+    try:
+        digest.update((model_dir / "config.json").read_bytes())
+        if (model_dir / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            index = (model_dir / "model.safetensors.index.json").read_bytes()
+            digest.update(index)
+            files = sorted(set(json.loads(index)["weight_map"].values()))
+        for name in files:
+            with (model_dir / name).open("rb") as handle:
+                length_bytes = handle.read(8)
+                length = int.from_bytes(length_bytes, "little")
+                digest.update(length_bytes + handle.read(min(length, 100 * 1024 * 1024)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ModelError(f"cannot identify the checkpoint in {model_dir} ({type(error).__name__}); "
+                         "is it a Hugging Face model folder with config.json and safetensors?") from None
+    return digest.hexdigest()[:FINGERPRINT_CHARS]
+
+
+def part_ref(fingerprint: str, spec: PartSpec) -> wire.PartRef:
+    return wire.PartRef(model_fingerprint=fingerprint, start=spec.start, end=spec.end,
+                        has_embedding=spec.has_embedding, has_head=spec.has_head)
+
+
+def part_spec(ref: wire.PartRef) -> PartSpec:
+    return PartSpec(ref.start, ref.end, ref.has_embedding, ref.has_head)
+
+
+def cached_part_path(ref: wire.PartRef, parts_dir: Path | None = None) -> Path:
+    """Where a part received from a peer is kept: cache_dir()/parts/<fingerprint>-<start>-<end>.safetensors."""
+    parts_dir = parts_dir if parts_dir is not None else paths.cache_dir() / PARTS_DIR
+    return parts_dir / f"{ref.model_fingerprint}-{ref.start}-{ref.end}.safetensors"
+
+
+def weight_bytes(args: ModelArgs, spec: PartSpec, dtype: torch.dtype) -> int:
+    return sum(math.prod(shape) for shape in expected_shapes(args, spec).values()) * dtype.itemsize
+
+
+def kv_cache_bytes(args: ModelArgs, spec: PartSpec, dtype: torch.dtype, max_seq_len: int) -> int:
+    return 2 * (spec.end - spec.start) * args.num_kv_heads * args.head_dim * max_seq_len * dtype.itemsize
+
+
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in memory order (what travels in a tensor_chunk and what sha256 covers)."""
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def write_cached_part(ref: wire.PartRef, config_json: str, tensors: dict[str, torch.Tensor], sha256: str,
+                      parts_dir: Path | None = None) -> Path:
+    """Store a received part (tensors in part_tensor_names order) with its config and checksum in the metadata."""
+    from safetensors.torch import save_file
+
+    path = cached_part_path(ref, parts_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"cakep2p_fingerprint": ref.model_fingerprint, "cakep2p_sha256": sha256,
+                "cakep2p_config": config_json, "cakep2p_part": json.dumps(_ref_fields(ref)),
+                "cakep2p_order": json.dumps(list(tensors))}
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file(tensors, str(temporary), metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def read_cached_part(ref: wire.PartRef, parts_dir: Path | None = None) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """(config_json, tensors) of a cached part whose checksum still matches; None (and the file removed) if not."""
+    from safetensors import safe_open
+
+    path = cached_part_path(ref, parts_dir)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            order = json.loads(metadata["cakep2p_order"])
+            tensors = {name: handle.get_tensor(name) for name in order}
+        valid = (metadata["cakep2p_fingerprint"] == ref.model_fingerprint
+                 and json.loads(metadata["cakep2p_part"]) == _ref_fields(ref)
+                 and content_sha256(tensors.values()) == metadata["cakep2p_sha256"])
+    except Exception as error:  # a damaged cache file is re-fetched, never trusted
+        log.warning("cached part %s is unreadable (%s); it will be transferred again", path.name, error)
+        valid = False
+    if not valid:
+        log.warning("cached part %s does not match its checksum; removing it", path.name)
+        path.unlink(missing_ok=True)
+        return None
+    return metadata["cakep2p_config"], tensors
+
+
+def content_sha256(tensors: Iterable[torch.Tensor]) -> str:
+    """sha256 over the tensors' raw bytes, in order (what a transfer_end carries)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(raw_bytes(tensor))
+    return digest.hexdigest()
+
+
+def find_model_dir(models_dirs: Sequence[Path], fingerprint: str) -> Path | None:
+    """A folder under the given models dirs (itself, children, grandchildren) whose checkpoint has this fingerprint."""
+    for root in models_dirs:
+        candidates = [Path(root)] + sorted(Path(root).glob("*/")) + sorted(Path(root).glob("*/*/"))
+        for candidate in candidates:
+            if (candidate / "config.json").is_file():
+                try:
+                    if model_fingerprint(candidate) == fingerprint:
+                        return candidate
+                except ModelError:
+                    continue
+    return None
+
+
+def _ref_fields(ref: wire.PartRef) -> list:
+    return [ref.start, ref.end, ref.has_embedding, ref.has_head]
+
+
+class StageRefused(MeshError):
+    """A stage answered with an error reply; `code` is the wire error code."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+class StageClient:
+    """A DEALER connected to one stage server; request/response with ids, heartbeats and timeouts.
+
+    Thread-safe (one request at a time). Liveness: any frame from the stage counts; while waiting, a heartbeat is
+    sent every `heartbeat_s` of silence and the stage is declared lost after `liveness` silent intervals.
+    """
+
+    def __init__(self, address: str, port: int, keys: ClusterKeys | None, *, name: str = "",
+                 heartbeat_s: float = 1.0, liveness: int = 3, timeout_s: float = 300.0,
+                 context: zmq.Context | None = None) -> None:
+        self.address, self.port, self.keys = address, port, keys
+        self.label = name or f"{address}:{port}"
+        self.heartbeat_s, self.liveness, self.timeout_s = heartbeat_s, liveness, timeout_s
+        self._context = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._lock = threading.Lock()
+        self._request_ids = itertools.count(1)
+        self._backoff_s = 0.0
+        self._reconnect_at = 0.0
+        self.lost = False  # declared dead (silent for `liveness` intervals) and not heard from since
+
+    def __repr__(self) -> str:
+        return f"StageClient({self.label!r})"
+
+    # -- connection -----------------------------------------------------------------------------------------
+
+    def _connect(self) -> zmq.Socket:
+        if self._socket is None:
+            wait = self._reconnect_at - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)  # capped exponential backoff after a lost connection
+            socket = self._context.socket(zmq.DEALER)
+            socket.linger = 0
+            socket.reconnect_ivl = 100
+            socket.reconnect_ivl_max = 2000
+            socket.maxmsgsize = wire.MAX_FRAME_BYTES
+            security.configure_client(socket, self.keys)
+            host = f"[{self.address}]" if ":" in self.address else self.address
+            socket.connect(f"tcp://{host}:{self.port}")
+            self._socket = socket
+        return self._socket
+
+    def _drop(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        self.lost = True
+        self._backoff_s = min(2.0, max(0.1, self._backoff_s * 2))
+        self._reconnect_at = time.monotonic() + self._backoff_s
+
+    def close(self) -> None:
+        with self._lock:
+            if self._socket is not None:
+                self._socket.close(linger=0)
+                self._socket = None
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    def request(self, message: wire.Message, timeout_s: float | None = None) -> wire.Message:
+        """Send `message` and return the stage's reply; MeshError if the stage is lost or too slow,
+        StageRefused (or ProtocolError for malformed-request codes) if it answers with an error."""
+        with self._lock:
+            socket = self._connect()
+            request_id = next(self._request_ids)
+            try:
+                frames = wire.encode(dataclasses.replace(message, request_id=request_id))
+            except wire.WireError as error:
+                raise ProtocolError(f"cannot send {message.type} to stage {self.label}: {error}") from None
+            socket.send_multipart(frames, copy=False)
+            reply = self._await_reply(socket, request_id, timeout_s or self.timeout_s, message.type)
+        if isinstance(reply, wire.Error):
+            text = f"stage {self.label} refused {message.type}: {reply.message}"
+            if reply.code in PROTOCOL_CODES:
+                raise ProtocolError(text)
+            raise StageRefused(text, reply.code)
+        return reply
+
+    def _await_reply(self, socket: zmq.Socket, request_id: int, timeout_s: float, op: str) -> wire.Message:
+        started = last_heard = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now - started > timeout_s:
+                raise MeshError(f"stage {self.label} at {self.address}:{self.port} lost: no reply to {op} "
+                                f"within {timeout_s:.0f} s")
+            if now - last_heard > self.liveness * self.heartbeat_s:
+                self._drop()
+                raise MeshError(f"stage {self.label} at {self.address}:{self.port} lost: silent for "
+                                f"{now - last_heard:.1f} s")
+            if not socket.poll(int(self.heartbeat_s * 1000)):
+                socket.send_multipart(wire.encode(wire.Heartbeat(request_id=0)))
+                continue
+            frames = socket.recv_multipart(copy=False)
+            last_heard = time.monotonic()
+            self._backoff_s, self.lost = 0.0, False
+            try:
+                reply = wire.decode(frames)
+            except wire.WireError as error:
+                raise ProtocolError(f"stage {self.label} sent a malformed reply ({error}); "
+                                    "run the same cakep2p version on every node") from None
+            if reply.request_id == request_id and not isinstance(reply, wire.Heartbeat):
+                return reply
+
+    def ping(self, timeout_s: float | None = None) -> wire.Pong:
+        reply = self.request(wire.Ping(), timeout_s)
+        if not isinstance(reply, wire.Pong):
+            raise ProtocolError(f"stage {self.label} answered ping with {reply.type}")
+        return reply
+
+    def forward(self, session_id: str, part: wire.PartRef, step: int, start_pos: int,
+                inputs: torch.Tensor) -> torch.Tensor:
+        reply = self.request(wire.Forward(session_id=session_id, part=part, step=step, start_pos=start_pos,
+                                          positions=inputs.shape[0], tensor=inputs))
+        if not isinstance(reply, wire.ForwardResult) or reply.session_id != session_id:
+            raise ProtocolError(f"stage {self.label} answered forward with {reply.type}")
+        return reply.tensor
+
+    def end_session(self, session_id: str, timeout_s: float | None = None) -> None:
+        self.request(wire.EndSession(session_id=session_id), timeout_s)
+
+    def unload(self, part: wire.PartRef) -> None:
+        self.request(wire.Unload(part=part))
+
+    def load_part(self, model_dir: str | Path, spec: PartSpec, *, max_seq_len: int, dtype: str = "auto",
+                  fingerprint: str | None = None, allow_transfer: bool = True,
+                  on_progress: Progress | None = None) -> wire.LoadReply:
+        """Make the stage hold `spec` of the model in `model_dir` (a local folder of the initiator).
+
+        The stage uses its own copy when it has one; otherwise (if allowed) exactly the part's tensors are streamed
+        to it. The reply says where its weights came from (memory, cache, models_dir, transfer) and their dtype.
+        """
+        model_dir = Path(model_dir)
+        fingerprint = fingerprint or model_fingerprint(model_dir)
+        ref = part_ref(fingerprint, spec)
+        config_json = (model_dir / "config.json").read_text(encoding="utf-8") if allow_transfer else ""
+        model_name = "".join(char for char in model_dir.name if char.isprintable())[:128]
+        reply = self.request(wire.LoadPart(part=ref, model_name=model_name, dtype=dtype,
+                                           max_seq_len=max_seq_len, source="transfer" if allow_transfer else "local",
+                                           config_json=config_json))
+        if isinstance(reply, wire.LoadReply) and reply.status == "send":
+            reply = send_part_tensors(self, model_dir, ref, on_progress)
+        if not isinstance(reply, wire.LoadReply) or reply.status != "ready":
+            raise ProtocolError(f"stage {self.label} did not confirm loading layers {ref.start}-{ref.end}")
+        return reply
+
+
+def send_part_tensors(client: StageClient, model_dir: Path, ref: wire.PartRef,
+                      on_progress: Progress | None = None) -> wire.Message:
+    """Stream exactly the part's tensors in chunks, then transfer_end with the sha256 of all their bytes.
+
+    Returns the stage's reply to transfer_end (a ready load_reply once it has built the part)."""
+    args = ModelArgs.from_dir(model_dir)
+    index = read_tensor_index(model_dir)
+    names = part_tensor_names(args, PartSpec(ref.start, ref.end, ref.has_embedding, ref.has_head))
+    missing = [name for name in names if name not in index]
+    if missing:
+        raise MeshError(f"model folder {model_dir} lacks tensor {missing[0]}; cannot send it to {client.label}")
+    total = sum(index[name].nbytes for name in names)
+    sent = 0
+    digest = hashlib.sha256()
+    for name in names:
+        info = index[name]
+        dtype = CHECKPOINT_DTYPES[info.dtype][0]
+        if dtype not in wire.DTYPE_NAMES or dtype in (torch.int64, torch.int32):
+            dtype = torch.float32
+        data = raw_bytes(load_tensor(info, dtype))
+        digest.update(data)
+        for offset in range(0, data.nbytes, CHUNK_BYTES):
+            piece = data[offset:offset + CHUNK_BYTES]
+            reply = client.request(wire.TensorChunk(part=ref, name=name, dtype=wire.DTYPE_NAMES[dtype],
+                                                    shape=tuple(info.shape), offset=offset, total=data.nbytes,
+                                                    data=piece))
+            if not isinstance(reply, wire.Ack):
+                raise ProtocolError(f"stage {client.label} answered tensor_chunk with {reply.type}")
+            sent += piece.nbytes
+            if on_progress is not None:
+                on_progress(sent, total)
+    return client.request(wire.TransferEnd(part=ref, sha256=digest.hexdigest(), tensor_count=len(names)))
+
+
+# -- the pipeline ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemoteStage:
+    """A stage on a StageServer: which layers (and embedding/head) it runs, and where it listens."""
+
+    address: str
+    port: int
+    part: PartSpec
+    name: str = ""
+
+
+Stage = RemoteStage | ModelPart  # a ModelPart runs in-process (the initiator's own share)
+Replan = Callable[[MeshError, list[Stage]], Sequence[Stage] | None]  # (why, current stages) -> new stages
+
+
+class RemotePipeline:
+    """The engine's Pipeline over remote (and optionally local) stages; one session, its caches on the stages.
+
+    `history` is the token ids now in the caches; `rebuild(new_stages)` reloads the model on a new set of stages
+    and replays that history (in the same chunks, so the caches are bit-identical) to continue a generation.
+    """
+
+    def __init__(self, stages: Sequence[Stage], model_dir: str | Path, max_seq_len: int, keys: ClusterKeys | None,
+                 *, dtype: str = "auto", heartbeat_s: float = 1.0, timeout_s: float = 300.0,
+                 allow_transfer: bool = True, on_progress: Callable[[str, int, int], None] | None = None,
+                 on_lost: Replan | None = None, max_recoveries: int = 3, context: zmq.Context | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.fingerprint = model_fingerprint(self.model_dir)
+        self.max_seq_len = max_seq_len
+        self.keys, self.dtype = keys, dtype
+        self.heartbeat_s, self.timeout_s = heartbeat_s, timeout_s
+        self.allow_transfer, self.on_progress = allow_transfer, on_progress
+        self.on_lost, self.max_recoveries = on_lost, max_recoveries
+        self.recoveries: list[str] = []  # one line per recovery, for the caller's notice
+        self._context = context
+        self.session_id = uuid.uuid4().hex
+        self.load_sources: list[str] = []
+        self.stage_seconds: list[float] = []
+        self._chunks: list[tuple[int, list[int]]] = []  # (start_pos, token ids) of each forward, in order
+        self._history: list[int] = []
+        self._step = 0
+        self._stages: list[Stage] = []
+        self._clients: list[StageClient | None] = []
+        self._caches: list[object | None] = []
+        self._dtypes: list[torch.dtype | None] = []  # each stage's weight dtype: hidden states are sent in it
+        self._attach(stages)
+
+    @property
+    def history(self) -> list[int]:
+        """The token ids whose keys and values are in the caches now, position by position."""
+        return list(self._history)
+
+    @property
+    def stages(self) -> list[Stage]:
+        return list(self._stages)
+
+    def _attach(self, stages: Sequence[Stage]) -> None:
+        _check_stages(stages)
+        self._stages, self._clients, self._caches, self._dtypes, self.load_sources = [], [], [], [], []
+        try:
+            for stage in stages:
+                self._stages.append(stage)
+                if isinstance(stage, ModelPart):
+                    self._clients.append(None)
+                    self._caches.append(stage.new_cache(self.max_seq_len))
+                    self._dtypes.append(stage.dtype)
+                    self.load_sources.append("local")
+                    continue
+                client = StageClient(stage.address, stage.port, self.keys, name=stage.name,
+                                     heartbeat_s=self.heartbeat_s, timeout_s=self.timeout_s, context=self._context)
+                self._clients.append(client)
+                self._caches.append(None)
+                self._dtypes.append(None)
+                progress = None
+                if self.on_progress is not None:
+                    progress = lambda sent, total, label=client.label: self.on_progress(label, sent, total)
+                reply = client.load_part(self.model_dir, stage.part, max_seq_len=self.max_seq_len, dtype=self.dtype,
+                                         fingerprint=self.fingerprint, allow_transfer=self.allow_transfer,
+                                         on_progress=progress)
+                self.load_sources.append(reply.source)
+                self._dtypes[-1] = wire.DTYPES[reply.dtype]
+        except BaseException:
+            self._close_clients(end_session=False)
+            raise
+        self.stage_seconds = [0.0] * len(self._stages)
+
+    def forward(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
+        if not token_ids:
+            raise ValueError("forward needs at least one token")
+        if start_pos < 0 or start_pos + len(token_ids) > self.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + len(token_ids)} exceed the context "
+                             f"of {self.max_seq_len} tokens")
+        if start_pos > len(self._history):
+            raise ValueError(f"start_pos {start_pos} is beyond the {len(self._history)} tokens in the caches")
+        move_to: Sequence[Stage] | None = None
+        for attempt in itertools.count():
+            try:
+                if move_to is not None:
+                    self.rebuild(move_to)
+                logits = self._run(list(token_ids), start_pos)
+                break
+            except StageRefused as refusal:
+                if refusal.code not in ("unknown_session", "unknown_part") or attempt >= self.max_recoveries:
+                    raise
+                self.recoveries.append(f"{refusal}; replaying the session on the same stages")
+                move_to = self.stages  # the stage restarted or expired the session: refill its cache
+            except MeshError as error:
+                recoverable = self.on_lost is not None and attempt < self.max_recoveries
+                move_to = self.on_lost(error, self.stages) if recoverable else None
+                if not move_to:
+                    raise
+                self.recoveries.append(f"{error}; continuing on {len(move_to)} stages")
+                log.warning("%s; moving the session to %d stages", error, len(move_to))
+        self._chunks.append((start_pos, list(token_ids)))
+        del self._history[start_pos:]
+        self._history.extend(token_ids)
+        return logits
+
+    def _run(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
+        x = torch.tensor(token_ids, dtype=torch.int64)
+        self._step += 1
+        for index, (stage, client) in enumerate(zip(self._stages, self._clients)):
+            began = time.perf_counter()
+            if client is None:
+                x = stage(x, start_pos, self._caches[index], last_only=stage.part.has_head)
+            else:
+                if not stage.part.has_embedding and x.dtype != self._dtypes[index]:
+                    x = x.to(self._dtypes[index])  # stages may hold different dtypes (e.g. a GPU in bf16)
+                x = client.forward(self.session_id, part_ref(self.fingerprint, stage.part), self._step, start_pos, x)
+            self.stage_seconds[index] += time.perf_counter() - began
+        return x[-1].float()
+
+    def rebuild(self, new_stages: Sequence[Stage], exact: bool = True) -> None:
+        """Move the session to `new_stages` (e.g. after a peer was lost): load the parts, then refill the caches.
+
+        exact=True replays every forward in its original chunks (caches bit-identical to an undisturbed run, so
+        greedy output is too); exact=False replays the history as one prefill (faster, may differ in the last bits).
+        """
+        self._close_clients(end_session=True)
+        self.session_id = uuid.uuid4().hex
+        self._attach(new_stages)
+        if not exact and self._history:
+            self._chunks = [(0, list(self._history))]
+        for start_pos, token_ids in self._chunks:
+            self._run(token_ids, start_pos)
+
+    def close(self) -> None:
+        self._close_clients(end_session=True)
+        self._caches = []
+
+    def _close_clients(self, end_session: bool) -> None:
+        for client in self._clients:
+            if client is None:
+                continue
+            if end_session and not client.lost:
+                try:
+                    client.end_session(self.session_id, timeout_s=min(5.0, self.timeout_s))
+                except MeshError as error:  # the stage may be gone; its session expires by itself
+                    log.info("could not end session on %s: %s", client.label, error)
+            client.close()
+        self._clients = []
+
+
+def stages_for_plan(plan, endpoints: Mapping[str, tuple[str, int]], local_node_id: str | None = None,
+                    load_local: Callable[[PartSpec], ModelPart] | None = None) -> list[Stage]:
+    """The pipeline stages of a planner.Plan, in order.
+
+    `endpoints` maps node ids to the (address, port) their StageServer listens on. The planner gives the initiator's
+    stage both the embedding and the head (a ring): its head becomes a last, layer-less stage on the same node, so
+    the hidden state comes back to it. Stages on `local_node_id` run in-process as `load_local(spec)` when given.
+    """
+    stages: list[Stage] = []
+    tail: list[Stage] = []
+    num_layers = max(stage.end for stage in plan.stages)
+    for index, stage in enumerate(plan.stages):
+        last = index == len(plan.stages) - 1
+        spec = PartSpec(stage.start, stage.end, stage.holds_embedding, stage.holds_head and last)
+        stages.append(_plan_stage(stage, spec, endpoints, local_node_id, load_local))
+        if stage.holds_head and not last:
+            tail.append(_plan_stage(stage, PartSpec(num_layers, num_layers, False, True), endpoints, local_node_id,
+                                    load_local))
+    return stages + tail
+
+
+def _plan_stage(stage, spec: PartSpec, endpoints: Mapping[str, tuple[str, int]], local_node_id: str | None,
+                load_local: Callable[[PartSpec], ModelPart] | None) -> Stage:
+    if stage.node_id == local_node_id and load_local is not None:
+        return load_local(spec)
+    if stage.node_id not in endpoints:
+        raise MeshError(f"no address known for node {stage.name}; check `cakep2p peers` and re-plan")
+    address, port = endpoints[stage.node_id]
+    return RemoteStage(address, port, spec, stage.name)
+
+
+def _check_stages(stages: Sequence[Stage]) -> None:
+    specs = [stage.part for stage in stages]
+    if not specs or not specs[0].has_embedding or not specs[-1].has_head:
+        raise MeshError("a pipeline's first stage must hold the embedding and its last the head; re-plan")
+    for before, after in zip(specs, specs[1:]):
+        if before.has_head or after.has_embedding or before.end != after.start:
+            raise MeshError(f"stages {before} and {after} do not follow one another; re-plan")

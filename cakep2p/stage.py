@@ -1,0 +1,576 @@
+"""A stage server: hosts model parts behind a CURVE ZeroMQ ROUTER and runs forward passes for remote initiators,
+with compute in an executor thread so pings and heartbeats keep flowing; sessions, limits and weight transfers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import zmq
+import zmq.asyncio
+
+from cakep2p import PROTOCOL_VERSION, paths, security, wire
+from cakep2p.engine.config import ModelArgs
+from cakep2p.engine.part import ModelPart, expected_shapes, part_tensor_names, resolve_dtype
+from cakep2p.errors import CakeError
+from cakep2p.mesh import (PARTS_DIR, find_model_dir, kv_cache_bytes, part_spec, read_cached_part, weight_bytes,
+                          write_cached_part)
+from cakep2p.security import ClusterKeys
+
+log = logging.getLogger(__name__)
+
+assert PROTOCOL_VERSION == wire.PROTOCOL_VERSION, "cakep2p.PROTOCOL_VERSION and wire.PROTOCOL_VERSION disagree"
+
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+MAX_EXTRA_TASKS = 8  # requests in flight beyond one per session (loads, transfers) before refusing more
+TRANSFER_STALL_S = 30.0  # a transfer without a chunk for this long may be taken over by another initiator
+RECEIVE_QUEUE_MESSAGES = 64  # bounds what a peer can make this node buffer (with wire's per-op size limits)
+
+
+# -- server state ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LoadedPart:
+    model: ModelPart
+    max_seq_len: int
+    weight_bytes: int
+    source: str
+
+
+@dataclass
+class _Session:
+    session_id: str
+    ref: wire.PartRef
+    max_seq_len: int
+    kv_bytes: int
+    cache: object | None = None
+    position: int = 0
+    busy: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Transfer:
+    """A part being streamed in by `peer`: tensors arrive in part_tensor_names order, each in offset order."""
+
+    peer: bytes
+    request: wire.LoadPart
+    args: ModelArgs
+    names: list[str]
+    reserved_bytes: int
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffer: bytearray | None = None
+    received: int = 0
+    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class StageLimits:
+    """What a node lends: memory for weights + KV caches + transfers, and how many sessions it keeps."""
+
+    budget_bytes: int
+    max_sessions: int = 8
+    session_idle_s: float = 600.0
+    max_frame_bytes: int = wire.MAX_FRAME_BYTES
+
+
+class StageServer:
+    """Serves model parts on tcp://address:port; lives on one asyncio loop (start/stop from that loop)."""
+
+    def __init__(self, *, node_id: str, name: str, keys: ClusterKeys | None, limits: StageLimits,
+                 address: str = "127.0.0.1", port: int = 0, models_dirs: Sequence[str | Path] = (),
+                 parts_dir: str | Path | None = None, device: str = "auto",
+                 on_refused: Callable[[str], None] | None = None) -> None:
+        self.node_id, self.name, self.keys, self.limits = node_id, name, keys, limits
+        self.address, self.port = address, port
+        self.models_dirs = [Path(path) for path in models_dirs]
+        self.parts_dir = Path(parts_dir) if parts_dir is not None else paths.cache_dir() / PARTS_DIR
+        self.device = device
+        self.on_refused = on_refused
+        self.refused_requests = 0  # malformed or refused messages answered with an error
+        self._parts: dict[wire.PartRef, _LoadedPart] = {}
+        self._sessions: dict[tuple[str, wire.PartRef], _Session] = {}
+        self._transfers: dict[wire.PartRef, _Transfer] = {}
+        self._pending: dict[wire.PartRef, asyncio.Event] = {}  # parts being loaded; set when done or failed
+        self._tasks: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cakep2p-compute")
+        self._context: zmq.asyncio.Context | None = None
+        self._router: zmq.asyncio.Socket | None = None
+        self._authenticator: security.Authenticator | None = None
+        self._log_budget = _LogLimiter()
+
+    # -- life -----------------------------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Bind the ROUTER (CURVE server unless keys is None) and start serving; returns the bound port."""
+        self._context = zmq.asyncio.Context()
+        router = self._context.socket(zmq.ROUTER)
+        router.linger = 0
+        router.maxmsgsize = self.limits.max_frame_bytes
+        router.sndhwm, router.rcvhwm = 1000, RECEIVE_QUEUE_MESSAGES
+        if self.keys is not None:
+            self._authenticator = security.start_authenticator(self._context, self.keys, self.on_refused)
+        else:
+            log.warning(security.insecure_warning())
+        security.configure_server(router, self.keys)
+        if self._authenticator is not None:
+            self._authenticator.watch(router)
+        try:
+            if self.port:
+                router.bind(f"tcp://{_host(self.address)}:{self.port}")
+            else:
+                self.port = router.bind_to_random_port(f"tcp://{_host(self.address)}")
+        except zmq.ZMQError as error:
+            router.close(linger=0)
+            self._shutdown_context()
+            raise CakeError(f"cannot listen on {self.address}:{self.port} ({error}); pick another --port") from None
+        self._router = router
+        self._spawn(self._receive_loop())
+        self._spawn(self._expiry_loop())
+        log.info("stage server %s listening on %s:%d (%s)", self.name, self.address, self.port,
+                 "CURVE" if self.keys else "INSECURE")
+        return self.port
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._router is not None:
+            self._router.close(linger=0)
+            self._router = None
+        self._shutdown_context()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._parts.clear()
+        self._sessions.clear()
+        self._transfers.clear()
+
+    def _shutdown_context(self) -> None:
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- accounting -----------------------------------------------------------------------------------------
+
+    def set_budget(self, budget_bytes: int) -> None:
+        """A new offered memory (e.g. --max-memory changed); applies to later loads and sessions."""
+        self.limits = dataclasses.replace(self.limits, budget_bytes=budget_bytes)
+
+    def used_bytes(self) -> int:
+        return (sum(part.weight_bytes for part in self._parts.values())
+                + sum(session.kv_bytes for session in self._sessions.values())
+                + sum(transfer.reserved_bytes for transfer in self._transfers.values()))
+
+    def free_bytes(self) -> int:
+        return max(0, self.limits.budget_bytes - self.used_bytes())
+
+    def stats(self) -> dict:
+        """A snapshot for status displays and tests."""
+        return {"parts": len(self._parts), "sessions": len(self._sessions),
+                "kv_bytes": sum(session.kv_bytes for session in list(self._sessions.values())),
+                "used_bytes": self.used_bytes(), "free_bytes": self.free_bytes(),
+                "transfers": len(self._transfers), "refused_requests": self.refused_requests}
+
+    # -- the socket -----------------------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        while True:
+            frames = await self._router.recv_multipart(copy=False)
+            peer, body = frames[0].bytes, frames[1:]
+            try:
+                message = wire.decode(body)
+            except wire.WireError as error:
+                await self._refuse(peer, error.request_id, error.code, f"malformed request: {error}")
+                continue
+            try:
+                await self._dispatch(peer, message)
+            except wire.WireError as error:  # e.g. a reply that fails to encode: answer, keep serving
+                await self._refuse(peer, message.request_id, error.code, str(error))
+
+    async def _send(self, peer: bytes, message: wire.Message) -> None:
+        if self._router is not None:
+            await self._router.send_multipart([peer, *wire.encode(message)], copy=False)
+
+    async def _refuse(self, peer: bytes, request_id: int, code: str, text: str) -> None:
+        self.refused_requests += 1
+        self._log_budget.warning("refused a request from peer %s: %s", peer.hex()[:10], text)
+        text = "".join(char if char.isprintable() else " " for char in text)[:300]
+        await self._send(peer, wire.Error(request_id=request_id, code=code, message=text))
+
+    async def _dispatch(self, peer: bytes, message: wire.Message) -> None:
+        if isinstance(message, wire.Heartbeat):
+            await self._send(peer, wire.Heartbeat(request_id=message.request_id))
+        elif isinstance(message, wire.Ping):
+            await self._send(peer, self._pong(message.request_id))
+        elif isinstance(message, (wire.Forward, wire.LoadPart, wire.TransferEnd)):
+            if len(self._tasks) >= self.limits.max_sessions + MAX_EXTRA_TASKS:
+                await self._refuse(peer, message.request_id, "over_budget",
+                                   f"{message.type}: this node is busy with too many requests; retry later")
+                return
+            handler = {"forward": self._forward, "load_part": self._load, "transfer_end": self._finish_transfer}
+            self._spawn(self._guarded(peer, message, handler[message.type](peer, message)))
+        elif isinstance(message, wire.TensorChunk):
+            await self._chunk(peer, message)
+        elif isinstance(message, wire.EndSession):
+            for key in [key for key in self._sessions if key[0] == message.session_id]:
+                del self._sessions[key]
+            await self._send(peer, wire.Ack(request_id=message.request_id))
+        elif isinstance(message, wire.Unload):
+            if self._parts.pop(message.part, None) is None:
+                await self._refuse(peer, message.request_id, "unknown_part", "unload: this node lacks that part")
+                return
+            for key in [key for key in self._sessions if key[1] == message.part]:
+                del self._sessions[key]
+            await self._send(peer, wire.Ack(request_id=message.request_id))
+        else:
+            await self._refuse(peer, message.request_id, "bad_request", f"{message.type} is not a request")
+
+    async def _guarded(self, peer: bytes, request: wire.Message, work) -> None:
+        try:
+            await work
+        except _Refusal as refusal:
+            await self._refuse(peer, request.request_id, refusal.code, str(refusal))
+        except (CakeError, ValueError) as error:
+            await self._refuse(peer, request.request_id, "bad_request", f"{request.type}: {error}")
+        except Exception as error:
+            log.exception("stage server failed on %s", request.type)
+            await self._refuse(peer, request.request_id, "internal", f"{request.type} failed: {type(error).__name__}")
+
+    def _pong(self, request_id: int) -> wire.Pong:
+        return wire.Pong(request_id=request_id, node_id=self.node_id, name=self.name[:64],
+                         loaded_parts=tuple(self._parts)[:wire.MAX_PARTS_LISTED], free_budget=self.free_bytes(),
+                         sessions=len(self._sessions), max_sessions=self.limits.max_sessions)
+
+    async def _compute(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    # -- forward --------------------------------------------------------------------------------------------
+
+    async def _forward(self, peer: bytes, request: wire.Forward) -> None:
+        loaded = self._parts.get(request.part)
+        if loaded is None:
+            raise _Refusal("unknown_part", "forward: this node does not hold that part; send load_part first")
+        inputs = _checked_inputs(loaded.model, request.tensor)
+        session = self._sessions.get((request.session_id, request.part))
+        if session is None and request.start_pos > 0:
+            raise _Refusal("unknown_session", f"forward: session {request.session_id} is not on this node "
+                                              "(expired or never started); replay it from position 0")
+        max_seq_len = session.max_seq_len if session is not None else loaded.max_seq_len
+        if request.start_pos + request.positions > max_seq_len:
+            raise _Refusal("bad_request", f"forward: positions up to {request.start_pos + request.positions} "
+                                          f"exceed the session's max_seq_len {max_seq_len}")
+        session = session or self._new_session(request.session_id, request.part, loaded)
+        if session.busy:
+            raise _Refusal("bad_request", f"forward: session {request.session_id} is already computing")
+        if request.start_pos > session.position:
+            raise _Refusal("bad_request", f"forward: start_pos {request.start_pos} is beyond the "
+                                          f"{session.position} positions cached for the session")
+        session.busy = True
+        try:
+            output = await self._compute(_run_part, loaded, session, inputs, request.start_pos)
+        finally:
+            session.busy = False
+            session.last_used = time.monotonic()
+        session.position = request.start_pos + request.positions
+        await self._send(peer, wire.ForwardResult(request_id=request.request_id, session_id=request.session_id,
+                                                  step=request.step, tensor=output))
+
+    def _new_session(self, session_id: str, ref: wire.PartRef, loaded: _LoadedPart) -> _Session:
+        if len(self._sessions) >= self.limits.max_sessions:
+            raise _Refusal("too_many_sessions", f"this node already serves its maximum of "
+                                                f"{self.limits.max_sessions} sessions; retry when one ends")
+        model = loaded.model
+        kv_bytes = kv_cache_bytes(model.args, model.part, model.dtype, loaded.max_seq_len)
+        if kv_bytes > self.free_bytes():
+            raise _Refusal("over_budget", f"a KV cache of {kv_bytes} bytes exceeds the {self.free_bytes()} "
+                                          "bytes this node still offers")
+        session = _Session(session_id, ref, loaded.max_seq_len, kv_bytes)
+        self._sessions[(session_id, ref)] = session
+        return session
+
+    async def _expiry_loop(self) -> None:
+        interval = max(0.05, min(1.0, self.limits.session_idle_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            deadline = time.monotonic() - self.limits.session_idle_s
+            # comprehensions only: a loop variable left holding a session would keep its KV cache alive
+            for key in [key for key, session in self._sessions.items()
+                        if not session.busy and session.last_used < deadline]:
+                del self._sessions[key]
+                log.info("session %s expired after %.0f s idle", key[0], self.limits.session_idle_s)
+            for key in [key for key, transfer in self._transfers.items() if transfer.last_used < deadline]:
+                self._drop_transfer(key)
+                log.info("abandoned weight transfer of layers %d-%d dropped", key.start, key.end)
+
+    # -- loading --------------------------------------------------------------------------------------------
+
+    async def _load(self, peer: bytes, request: wire.LoadPart) -> None:
+        ref = request.part
+        while True:
+            loaded = self._parts.get(ref)
+            if loaded is not None:
+                loaded.max_seq_len = max(loaded.max_seq_len, request.max_seq_len)
+                await self._send(peer, _ready(request.request_id, "memory", loaded.model))
+                return
+            pending = self._pending.get(ref)
+            if pending is None:
+                break
+            transfer = self._transfers.get(ref)
+            stalled = transfer is not None and time.monotonic() - transfer.last_used > TRANSFER_STALL_S
+            if transfer is not None and (transfer.peer == peer or stalled):
+                self._drop_transfer(ref)  # the same initiator starts over, or takes over a stalled transfer
+                continue
+            try:  # another initiator is loading this part: share its result
+                await asyncio.wait_for(pending.wait(), timeout=TRANSFER_STALL_S / 4)
+            except asyncio.TimeoutError:
+                pass
+        self._pending[ref] = asyncio.Event()
+        transfer_follows = False
+        try:
+            source = await self._load_local(request)
+            if source is not None:
+                await self._send(peer, _ready(request.request_id, source, self._parts[ref].model))
+                return
+            if request.source != "transfer":
+                raise _Refusal("not_found", f"this node has no copy of model {request.model_name} "
+                                            f"({ref.model_fingerprint}); send it with source 'transfer'")
+            args = _args_from_json(request.config_json)
+            spec = part_spec(ref)
+            reserved = weight_bytes(args, spec, resolve_dtype(request.dtype, args))
+            self._reserve(reserved)
+            self._transfers[ref] = _Transfer(peer, request, args, part_tensor_names(args, spec), reserved)
+            transfer_follows = True
+            await self._send(peer, wire.LoadReply(request_id=request.request_id, status="send"))
+        finally:
+            if not transfer_follows:
+                self._end_pending(ref)
+
+    def _end_pending(self, ref: wire.PartRef) -> None:
+        pending = self._pending.pop(ref, None)
+        if pending is not None:
+            pending.set()
+
+    def _drop_transfer(self, ref: wire.PartRef) -> None:
+        self._transfers.pop(ref, None)
+        self._end_pending(ref)
+
+    async def _load_local(self, request: wire.LoadPart) -> str | None:
+        """Load from the parts cache or a models dir; the source name, or None if this node has no copy."""
+        ref, spec = request.part, part_spec(request.part)
+        cached = await self._compute(read_cached_part, ref, self.parts_dir)
+        if cached is not None:
+            config_json, tensors = cached
+            args = _args_from_json(config_json)
+            self._reserve(weight_bytes(args, spec, resolve_dtype(request.dtype, args)))
+            model = await self._compute(ModelPart.from_tensors, args, spec, tensors, request.dtype, self.device)
+            self._register(request, model, "cache")
+            return "cache"
+        model_dir = await self._compute(find_model_dir, self.models_dirs, ref.model_fingerprint)
+        if model_dir is None:
+            return None
+        args = ModelArgs.from_dir(model_dir)
+        self._reserve(weight_bytes(args, spec, resolve_dtype(request.dtype, args)))
+        model = await self._compute(ModelPart.load, model_dir, spec, request.dtype, self.device)
+        self._register(request, model, "models_dir")
+        return "models_dir"
+
+    def _reserve(self, nbytes: int) -> None:
+        if nbytes > self.free_bytes():
+            raise _Refusal("over_budget", f"loading needs {nbytes} bytes but this node offers only "
+                                          f"{self.free_bytes()} more; plan with fewer layers here")
+
+    def _register(self, request: wire.LoadPart, model: ModelPart, source: str) -> None:
+        nbytes = weight_bytes(model.args, model.part, model.dtype)
+        self._parts[request.part] = _LoadedPart(model, request.max_seq_len, nbytes, source)
+        log.info("loaded layers %d-%d of %s from %s", request.part.start, request.part.end, request.model_name, source)
+
+    async def _chunk(self, peer: bytes, chunk: wire.TensorChunk) -> None:
+        transfer = self._transfers.get(chunk.part)
+        if transfer is None or transfer.peer != peer:
+            await self._refuse(peer, chunk.request_id, "transfer_failed", "tensor_chunk: no transfer of that part "
+                                                                         "in progress from you; send load_part")
+            return
+        try:
+            _accept_chunk(transfer, chunk)
+        except _Refusal as refusal:
+            self._drop_transfer(chunk.part)
+            await self._refuse(peer, chunk.request_id, refusal.code, str(refusal))
+            return
+        await self._send(peer, wire.Ack(request_id=chunk.request_id))
+
+    async def _finish_transfer(self, peer: bytes, end: wire.TransferEnd) -> None:
+        transfer = self._transfers.get(end.part)
+        if transfer is None or transfer.peer != peer:
+            raise _Refusal("transfer_failed", "transfer_end: no transfer of that part in progress from you")
+        transfer.last_used = float("inf")  # being built: neither stalled nor abandoned
+        try:  # the transfer keeps its memory reservation until the part is registered
+            if len(transfer.tensors) != len(transfer.names) or end.tensor_count != len(transfer.names):
+                raise _Refusal("transfer_failed", f"transfer_end after {len(transfer.tensors)} of "
+                                                  f"{len(transfer.names)} tensors")
+            if transfer.digest.hexdigest() != end.sha256:
+                raise _Refusal("transfer_failed", "transfer_end: sha256 of the received tensors does not match")
+            request = transfer.request
+            await self._compute(write_cached_part, end.part, request.config_json, transfer.tensors, end.sha256,
+                                 self.parts_dir)
+            model = await self._compute(ModelPart.from_tensors, transfer.args, part_spec(end.part),
+                                        transfer.tensors, request.dtype, self.device)
+            self._transfers.pop(end.part, None)
+            self._register(request, model, "transfer")
+        finally:
+            self._drop_transfer(end.part)
+        await self._send(peer, _ready(end.request_id, "transfer", model))
+
+
+class _Refusal(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _accept_chunk(transfer: _Transfer, chunk: wire.TensorChunk) -> None:
+    index = len(transfer.tensors)
+    if index >= len(transfer.names) or chunk.name != transfer.names[index]:
+        expected = transfer.names[index] if index < len(transfer.names) else "nothing more"
+        raise _Refusal("transfer_failed", f"tensor_chunk: expected {expected}, got {chunk.name}")
+    if transfer.buffer is None:
+        expected_shape = expected_shapes(transfer.args, part_spec(chunk.part))[chunk.name]
+        if chunk.offset != 0 or chunk.shape != expected_shape or chunk.dtype not in WEIGHT_DTYPES:
+            raise _Refusal("transfer_failed", f"tensor_chunk: {chunk.name} must start at offset 0 with shape "
+                                              f"{list(expected_shape)} and a float dtype")
+        transfer.buffer, transfer.received = bytearray(chunk.total), 0
+    if chunk.offset != transfer.received or len(transfer.buffer) != chunk.total:
+        raise _Refusal("transfer_failed", f"tensor_chunk: {chunk.name} offset {chunk.offset} out of order")
+    data = memoryview(chunk.data)
+    transfer.buffer[chunk.offset:chunk.offset + data.nbytes] = data
+    transfer.digest.update(data)
+    transfer.received += data.nbytes
+    transfer.last_used = time.monotonic()
+    if transfer.received == chunk.total:
+        tensor = torch.frombuffer(transfer.buffer, dtype=wire.DTYPES[chunk.dtype]).reshape(chunk.shape)
+        transfer.tensors[chunk.name] = tensor
+        transfer.buffer = None
+
+
+def _ready(request_id: int, source: str, model: ModelPart) -> wire.LoadReply:
+    return wire.LoadReply(request_id=request_id, status="ready", source=source, dtype=wire.DTYPE_NAMES[model.dtype])
+
+
+def _checked_inputs(model: ModelPart, tensor: torch.Tensor) -> torch.Tensor:
+    args = model.args
+    if model.part.has_embedding:
+        if tensor.dim() != 1 or tensor.dtype != torch.int64:
+            raise _Refusal("shape_mismatch", f"forward: this part takes int64 token ids [T], got "
+                                             f"{wire.DTYPE_NAMES[tensor.dtype]}{list(tensor.shape)}")
+        if int(tensor.min()) < 0 or int(tensor.max()) >= args.vocab_size:
+            raise _Refusal("shape_mismatch", f"forward: token ids must lie in [0, {args.vocab_size})")
+        return tensor
+    if tensor.dim() != 2 or tensor.shape[1] != args.hidden_size or tensor.dtype != model.dtype:
+        raise _Refusal("shape_mismatch", f"forward: this part takes {wire.DTYPE_NAMES[model.dtype]} hidden states "
+                                         f"[T, {args.hidden_size}], got {wire.DTYPE_NAMES[tensor.dtype]}"
+                                         f"{list(tensor.shape)}")
+    return tensor
+
+
+def _run_part(loaded: _LoadedPart, session: _Session, inputs: torch.Tensor, start_pos: int) -> torch.Tensor:
+    if session.cache is None:
+        session.cache = loaded.model.new_cache(session.max_seq_len)
+    return loaded.model(inputs, start_pos, session.cache, last_only=loaded.model.part.has_head)
+
+
+def _args_from_json(config_json: str) -> ModelArgs:
+    try:
+        config = json.loads(config_json)
+    except ValueError:
+        raise _Refusal("bad_request", "load_part: config_json is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise _Refusal("bad_request", "load_part: config_json must be a JSON object")
+    return ModelArgs.from_config(config, source="the initiator's config.json")
+
+
+def _host(address: str) -> str:
+    if address in ("", "0.0.0.0", "*"):
+        return "*"
+    return f"[{address}]" if ":" in address else address
+
+
+class _LogLimiter:
+    """At most `burst` warnings per `window_s`; then one summary line per window with the count suppressed."""
+
+    def __init__(self, burst: int = 20, window_s: float = 10.0):
+        self.burst, self.window_s = burst, window_s
+        self.window_start, self.count, self.suppressed = time.monotonic(), 0, 0
+
+    def warning(self, text: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.window_start > self.window_s:
+            if self.suppressed:
+                log.warning("... %d more refused requests in the last %.0f s", self.suppressed, self.window_s)
+            self.window_start, self.count, self.suppressed = now, 0, 0
+        self.count += 1
+        if self.count <= self.burst:
+            log.warning(text, *args)
+        else:
+            self.suppressed += 1
+
+
+class ServerThread:
+    """A StageServer on its own asyncio loop in a background thread (for tests and headless hosts)."""
+
+    def __init__(self, server: StageServer) -> None:
+        self.server = server
+        self._loop = asyncio.SelectorEventLoop()  # zmq.asyncio needs a selector loop (Windows too)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"cakep2p-stage-{server.name}", daemon=True)
+
+    def start(self) -> int:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self.server.port
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self.server.start())
+        except BaseException as error:
+            self._error = error
+            self._ready.set()
+            self._loop.close()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self.server.stop())
+        self._loop.close()
+
+    def call(self, function: Callable, *args):
+        """Run function(*args) on the server's loop and return its result (for inspection in tests)."""
+        async def run():
+            return function(*args)
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=30)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
