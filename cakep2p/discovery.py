@@ -1,0 +1,503 @@
+"""Zero-configuration discovery over mDNS/DNS-SD: announce this node's capacity and keep a live directory of peers.
+
+Records carry a short TTL (120 s; tests lower it with env CAKEP2P_MDNS_TTL=<seconds>). A clean stop sends
+goodbye packets; a node that vanishes is dropped when its SRV record expires: we re-query each peer's SRV/TXT
+at 75% of its TTL (python-zeroconf's browser only refreshes PTR records, whose TTL it raises to 1125 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Literal
+
+import psutil
+from zeroconf import (DNSOutgoing, DNSQuestion, InterfaceChoice, IPVersion, ServiceInfo, ServiceStateChange,
+                      current_time_millis)
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+from zeroconf.const import _CLASS_IN, _FLAGS_QR_QUERY, _TYPE_A, _TYPE_PTR, _TYPE_SRV, _TYPE_TXT
+
+from cakep2p import PROTOCOL_VERSION
+
+log = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_cakep2p._tcp.local."
+TTL_ENV = "CAKEP2P_MDNS_TTL"
+DEFAULT_TTL = 120
+MAX_TXT_BYTES = 1300                   # ours is ~300; anything near an Ethernet frame is not from cakep2p
+ADDRESS_CHECK_INTERVAL_S = 3.0
+VIRTUAL_INTERFACE_PREFIXES = ("docker", "virbr", "veth", "br-", "cni", "flannel", "vboxnet", "vmnet", "podman")
+# TXT keys: id node id, pv protocol, v version, cf cluster fingerprint, rt/ra RAM total/available, vt/vf VRAM
+# total/free, ac accelerator, dn device, om offered bytes, gf GFLOP/s, bw bytes/s, sv serving, p mesh port, t start ms
+REQUIRED_KEYS = ("id", "pv", "v", "cf", "rt", "ra", "vt", "vf", "ac", "dn", "om", "gf", "bw", "sv", "p", "t")
+
+Status = Literal["ok", "other_cluster", "incompatible"]
+Event = Literal["added", "updated", "removed"]
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    name: str
+    node_id: str
+    address: str
+    port: int
+    version: str
+    protocol_version: int
+    cluster_fingerprint: str
+    accelerator: str
+    device_name: str
+    ram_total: int
+    ram_available: int
+    vram_total: int
+    vram_free: int
+    offered_memory: int
+    gflops: float
+    bandwidth: float
+    serving: bool
+    status: Status = "ok"
+    addresses: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        """The object `cakep2p peers --json` prints."""
+        data = asdict(self)
+        data["id"] = data.pop("node_id")
+        data["addresses"] = list(self.addresses)
+        data["cluster_ok"] = self.status != "other_cluster"
+        return data
+
+
+class PeerDirectory:
+    """The live peers, keyed by mDNS instance name; thread-safe, listeners run on the discovery loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._peers: dict[str, PeerInfo] = {}
+        self._listeners: list[Callable[[str, PeerInfo], None]] = []
+
+    def add_listener(self, callback: Callable[[str, PeerInfo], None]) -> None:
+        with self._lock:
+            self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[str, PeerInfo], None]) -> None:
+        with self._lock:
+            if callback in self._listeners:
+                self._listeners.remove(callback)
+
+    def peers(self) -> list[PeerInfo]:
+        with self._lock:
+            return sorted(self._peers.values(), key=lambda peer: (peer.name.lower(), peer.node_id))
+
+    def usable(self) -> list[PeerInfo]:
+        """Peers that may be planned: same cluster, same protocol, serving."""
+        return [peer for peer in self.peers() if peer.status == "ok" and peer.serving]
+
+    def get(self, node_id: str) -> PeerInfo | None:
+        return next((peer for peer in self.peers() if peer.node_id == node_id), None)
+
+    def put(self, key: str, peer: PeerInfo) -> Event | None:
+        with self._lock:
+            previous = self._peers.get(key)
+            if previous == peer:
+                return None
+            self._peers[key] = peer
+        event: Event = "added" if previous is None else "updated"
+        self._notify(event, peer)
+        return event
+
+    def remove(self, key: str) -> PeerInfo | None:
+        with self._lock:
+            peer = self._peers.pop(key, None)
+        if peer is not None:
+            self._notify("removed", peer)
+        return peer
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._peers)
+
+    def _notify(self, event: Event, peer: PeerInfo) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(event, peer)
+            except Exception:  # a broken listener must not break discovery
+                log.exception("peer listener %r failed on %s %s", listener, event, peer.name)
+
+
+# ---- TXT records ---------------------------------------------------------------------------------------------
+
+def encode_txt(info: PeerInfo, started_at_ms: int) -> dict[str, str]:
+    """Compact TXT properties for our announcement (each value well under 255 bytes)."""
+    return {
+        "id": info.node_id, "pv": str(info.protocol_version), "v": info.version[:32],
+        "cf": info.cluster_fingerprint[:64], "rt": str(info.ram_total), "ra": str(info.ram_available),
+        "vt": str(info.vram_total), "vf": str(info.vram_free), "ac": info.accelerator[:16],
+        "dn": info.device_name[:96], "om": str(info.offered_memory), "gf": f"{info.gflops:.2f}",
+        "bw": f"{info.bandwidth:.0f}", "sv": "1" if info.serving else "0", "p": str(info.port),
+        "t": str(started_at_ms),
+    }
+
+
+def parse_txt(raw: bytes) -> dict[str, str]:
+    """DNS-SD TXT wire bytes -> {key: value}; ValueError on anything malformed (lengths, non-UTF-8, size)."""
+    if len(raw) > MAX_TXT_BYTES:
+        raise ValueError(f"TXT record of {len(raw)} bytes is too large")
+    properties: dict[str, str] = {}
+    position = 0
+    while position < len(raw):
+        length = raw[position]
+        entry = raw[position + 1:position + 1 + length]
+        if len(entry) != length:
+            raise ValueError("TXT entry runs past the end of the record")
+        position += 1 + length
+        key, _, value = entry.decode("utf-8").partition("=")   # UnicodeDecodeError is a ValueError
+        if key:
+            properties.setdefault(key.lower(), value)
+    return properties
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0 or value >= 1 << 64:
+        raise ValueError(f"{text!r} is out of range")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1e30:
+        raise ValueError(f"{text!r} is out of range")
+    return value
+
+
+def peer_from_txt(name: str, properties: dict[str, str], addresses: list[str], srv_port: int,
+                  cluster_fingerprint: str) -> tuple[PeerInfo, int]:
+    """(PeerInfo, start time in ms) from parsed TXT; ValueError/KeyError when it is not a cakep2p record."""
+    node_id, protocol_version = properties["id"], int(properties["pv"])
+    if not node_id or len(node_id) > 64 or not node_id.isalnum():
+        raise ValueError(f"bad node id {node_id!r}")
+    if protocol_version != PROTOCOL_VERSION:
+        # another protocol may use other keys: list it as incompatible with whatever we can read
+        values = {key: properties.get(key, "") for key in REQUIRED_KEYS}
+        lenient = {key: values[key] if values[key].replace(".", "", 1).isdigit() else "0"
+                   for key in ("rt", "ra", "vt", "vf", "om", "gf", "bw", "t")}
+        values.update(lenient)
+        status: Status = "incompatible"
+    else:
+        values = {key: properties[key] for key in REQUIRED_KEYS}
+        status = "ok" if values["cf"] == cluster_fingerprint else "other_cluster"
+    port = srv_port
+    if values.get("p", "").isdigit() and 0 < int(values["p"]) < 65536:
+        port = int(values["p"])
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port {port}")
+    peer = PeerInfo(
+        name=name, node_id=node_id, address=pick_address(addresses), port=port,
+        version=values["v"], protocol_version=protocol_version, cluster_fingerprint=values["cf"],
+        accelerator=values["ac"], device_name=values["dn"],
+        ram_total=_non_negative_int(values["rt"]), ram_available=_non_negative_int(values["ra"]),
+        vram_total=_non_negative_int(values["vt"]), vram_free=_non_negative_int(values["vf"]),
+        offered_memory=_non_negative_int(values["om"]), gflops=_non_negative_float(values["gf"]),
+        bandwidth=_non_negative_float(values["bw"]), serving=values["sv"] == "1", status=status,
+        addresses=tuple(addresses),
+    )
+    return peer, _non_negative_int(values["t"] or "0")
+
+
+# ---- addresses -----------------------------------------------------------------------------------------------
+
+def is_virtual_interface(name: str) -> bool:
+    return name == "lo" or name.startswith(VIRTUAL_INTERFACE_PREFIXES)
+
+
+def announce_addresses(interfaces: list[str] | None) -> list[str]:
+    """IPv4 addresses to announce: the pinned ones, else every up, non-loopback, non-virtual interface's."""
+    if interfaces:
+        return list(interfaces)
+    stats = psutil.net_if_stats()
+    found = []
+    for interface, addresses in sorted(psutil.net_if_addrs().items()):
+        if is_virtual_interface(interface) or not getattr(stats.get(interface), "isup", False):
+            continue
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith(("127.", "169.254.")):
+                found.append(address.address)
+    return found
+
+
+def _local_networks() -> list[ipaddress.IPv4Network]:
+    networks = []
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and address.netmask:
+                networks.append(ipaddress.IPv4Network(f"{address.address}/{address.netmask}", strict=False))
+    return networks
+
+
+def pick_address(addresses: list[str]) -> str:
+    """The address of a peer to dial: one on a local subnet first, loopback last."""
+    if not addresses:
+        return ""
+    networks = _local_networks()
+
+    def rank(text: str) -> int:
+        address = ipaddress.ip_address(text)
+        if address.is_loopback:
+            return 2
+        return 0 if any(address in network for network in networks) else 1
+    return min(addresses, key=rank)
+
+
+def mdns_ttl() -> int:
+    """Record TTL in seconds: CAKEP2P_MDNS_TTL (tests only) or the RFC 6762 host default of 120 s."""
+    try:
+        return max(1, int(os.environ.get(TTL_ENV, DEFAULT_TTL)))
+    except ValueError:
+        return DEFAULT_TTL
+
+
+# ---- the service -----------------------------------------------------------------------------------------------
+
+class Discovery:
+    """Announces one node and browses for others; all methods run on one asyncio loop."""
+
+    def __init__(self, directory: PeerDirectory, cluster_fingerprint: str, interfaces: list[str] | None = None,
+                 on_duplicate_id: Callable[[PeerInfo], None] | None = None,
+                 on_addresses_changed: Callable[[list[str]], None] | None = None) -> None:
+        self.directory = directory
+        self.cluster_fingerprint = cluster_fingerprint
+        self.interfaces = list(interfaces) if interfaces else None
+        self.on_duplicate_id = on_duplicate_id
+        self.on_addresses_changed = on_addresses_changed
+        self.instance_name: str | None = None          # our final mDNS instance name once announced
+        self.addresses: list[str] = announce_addresses(self.interfaces)
+        self.started_at_ms = int(time.time() * 1000)
+        self._ttl = mdns_ttl()
+        self._host = f"cakep2p-{secrets.token_hex(6)}.local."   # per run: clones never fight over an A record
+        self._zeroconf: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._service: ServiceInfo | None = None
+        self._announced: PeerInfo | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._last_query_ms: dict[str, float] = {}
+        self._ignored: dict[str, str] = {}
+        self._duplicate_reported: set[str] = set()
+        self._lock = asyncio.Lock()
+        self._stopping = False
+
+    @property
+    def full_name(self) -> str | None:
+        return self._service.name if self._service else None
+
+    async def start(self) -> None:
+        if self.interfaces:
+            self._zeroconf = AsyncZeroconf(interfaces=self.interfaces)
+        else:
+            self._zeroconf = AsyncZeroconf(interfaces=InterfaceChoice.All, ip_version=IPVersion.V4Only)
+        self._browser = AsyncServiceBrowser(self._zeroconf.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
+        self._spawn(self._maintain())
+
+    async def announce(self, info: PeerInfo) -> None:
+        """Register our service (first call; probes for a unique instance name) or update its TXT in place."""
+        assert self._zeroconf is not None, "Discovery.start() first"
+        async with self._lock:
+            if not self.addresses:
+                log.warning("no network interface is up: announcing 127.0.0.1, only this machine can join")
+                self.addresses = ["127.0.0.1"]
+            if self._service is None:
+                self._service = self._service_info(f"{info.name}.{SERVICE_TYPE}", info)
+                self.instance_name = info.name
+                await self._zeroconf.async_register_service(self._service, allow_name_change=True)
+                self.instance_name = self._service.name[:-len(SERVICE_TYPE) - 1]
+            else:
+                self._service = self._service_info(self._service.name, info)
+                await self._zeroconf.async_update_service(self._service)
+            if self._announced is None or self._announced.node_id != info.node_id:
+                self._duplicate_reported.clear()
+            self._announced = info
+
+    def _service_info(self, full_name: str, info: PeerInfo) -> ServiceInfo:
+        return ServiceInfo(SERVICE_TYPE, full_name, port=info.port, properties=encode_txt(info, self.started_at_ms),
+                           server=self._host, host_ttl=self._ttl, other_ttl=self._ttl,
+                           parsed_addresses=self.addresses)
+
+    async def withdraw(self) -> None:
+        """Send goodbye packets so peers drop us at once."""
+        async with self._lock:
+            if self._service is not None and self._zeroconf is not None:
+                sent = await self._zeroconf.async_unregister_service(self._service)
+                await sent
+            self._service = None
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._zeroconf is not None:
+            await self.withdraw()
+            if self._browser is not None:
+                await self._browser.async_cancel()
+            await self._zeroconf.async_close()
+            self._zeroconf = None
+
+    # ---- browsing --------------------------------------------------------------------------------------------
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_change(self, zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if self._stopping:
+            return
+        if state_change is ServiceStateChange.Removed:
+            self._forget(name, "said goodbye")
+        else:
+            self._spawn(self._resolve(name))
+
+    async def _resolve(self, name: str) -> None:
+        if name == self.full_name or self._stopping or self._reconcile(name):
+            return
+        try:
+            await AsyncServiceInfo(SERVICE_TYPE, name).async_request(self._zeroconf.zeroconf, 1500)
+        except Exception as error:  # shutting down, or the network went away: the next tick retries
+            log.debug("could not resolve %s: %s", name, error)
+            return
+        if not self._stopping:
+            self._reconcile(name)
+
+    def _forget(self, name: str, why: str) -> None:
+        self._last_query_ms.pop(name, None)
+        self._ignored.pop(name, None)
+        if self.directory.remove(name) is not None:
+            log.debug("%s %s", name, why)
+
+    def _reconcile(self, name: str) -> bool:
+        """Make the directory match the cache for one instance; False while its records are incomplete."""
+        cache = self._zeroconf.zeroconf.cache
+        now = current_time_millis()
+        service = _newest(cache.get_all_by_details(name, _TYPE_SRV, _CLASS_IN), now)
+        text = _newest(cache.get_all_by_details(name, _TYPE_TXT, _CLASS_IN), now)
+        if service is None:
+            self._forget(name, "expired")
+            return False
+        addresses = [socket.inet_ntoa(record.address)
+                     for record in cache.get_all_by_details(service.server, _TYPE_A, _CLASS_IN)
+                     if not record.is_expired(now) and len(record.address) == 4]
+        if text is None or not addresses:
+            return False
+        short_name = name[:-len(SERVICE_TYPE) - 1] if name.endswith("." + SERVICE_TYPE) else name
+        try:
+            peer, started_at_ms = peer_from_txt(short_name, parse_txt(text.text), sorted(set(addresses)),
+                                                service.port, self.cluster_fingerprint)
+        except (ValueError, KeyError) as error:
+            if self._ignored.get(name) != str(error):
+                log.debug("ignoring %s: not a valid cakep2p announcement (%s)", name, error)
+                self._ignored[name] = str(error)
+            self.directory.remove(name)
+            return True
+        self._ignored.pop(name, None)
+        self._check_duplicate(peer, started_at_ms)
+        self.directory.put(name, peer)
+        return True
+
+    def _check_duplicate(self, peer: PeerInfo, started_at_ms: int) -> None:
+        """Two live nodes with one id (a copied config folder): the later-started one regenerates its id."""
+        own = self._announced
+        if own is None or peer.node_id != own.node_id or peer.name in self._duplicate_reported:
+            return
+        self._duplicate_reported.add(peer.name)
+        we_are_later = (self.started_at_ms, self.instance_name or "") > (started_at_ms, peer.name)
+        log.warning("node %r at %s shares our node id %s (copied config folder?); %s", peer.name, peer.address,
+                    own.node_id[:8], "we started later and take a new id" if we_are_later else "it will take a new id")
+        if we_are_later and self.on_duplicate_id is not None:
+            self.on_duplicate_id(peer)
+
+    async def _maintain(self) -> None:
+        """Every tick: drop peers whose records expired, refresh those about to, follow our own address changes."""
+        tick_s = 1.0
+        next_address_check = time.monotonic() + ADDRESS_CHECK_INTERVAL_S
+        while True:
+            await asyncio.sleep(tick_s)
+            check_addresses = self.interfaces is None and time.monotonic() >= next_address_check
+            if check_addresses:
+                next_address_check = time.monotonic() + ADDRESS_CHECK_INTERVAL_S
+            try:
+                tick_s = await self._maintain_once(check_addresses)
+            except Exception:  # one bad tick must not end expiry checks for good
+                log.exception("discovery maintenance failed; retrying")
+                tick_s = 1.0
+
+    async def _maintain_once(self, check_addresses: bool) -> float:
+        cache = self._zeroconf.zeroconf.cache
+        now = current_time_millis()
+        names = {record.alias for record in cache.get_all_by_details(SERVICE_TYPE, _TYPE_PTR, _CLASS_IN)
+                 if not record.is_expired(now)} | set(self.directory.keys())
+        shortest_ttl_s = float(DEFAULT_TTL)
+        for name in names - {self.full_name}:
+            shortest_ttl_s = min(shortest_ttl_s, self._refresh_if_aging(name, now))
+            self._reconcile(name)
+        if check_addresses:
+            await self._follow_address_change()
+        return min(1.0, max(0.1, shortest_ttl_s / 10))   # several looks inside each refresh window
+
+    def _refresh_if_aging(self, name: str, now: float) -> float:
+        """Query SRV+TXT again from 75% of their TTL on (RFC 6762 5.2); returns that TTL in seconds."""
+        service = _newest(self._zeroconf.zeroconf.cache.get_all_by_details(name, _TYPE_SRV, _CLASS_IN), now)
+        if service is None:
+            return float(DEFAULT_TTL)
+        ttl_ms = service.ttl * 1000
+        if now - service.created < 0.75 * ttl_ms or now - self._last_query_ms.get(name, 0) < 0.1 * ttl_ms:
+            return float(service.ttl)
+        self._last_query_ms[name] = now
+        query = DNSOutgoing(_FLAGS_QR_QUERY)
+        query.add_question(DNSQuestion(name, _TYPE_SRV, _CLASS_IN))
+        query.add_question(DNSQuestion(name, _TYPE_TXT, _CLASS_IN))
+        self._zeroconf.zeroconf.async_send(query)
+        return float(service.ttl)
+
+    async def _follow_address_change(self) -> None:
+        addresses = announce_addresses(None)
+        if not addresses or addresses == self.addresses:
+            return
+        log.info("network addresses changed from %s to %s: re-announcing", ", ".join(self.addresses),
+                 ", ".join(addresses))
+        self.addresses = addresses
+        async with self._lock:       # first the records, so the re-announce on new sockets carries the new address
+            if self._service is not None and self._announced is not None:
+                self._service = self._service_info(self._service.name, self._announced)
+                await self._zeroconf.async_update_service(self._service)
+        await self._zeroconf.async_update_interfaces()
+        if self.on_addresses_changed is not None:
+            self.on_addresses_changed(addresses)
+
+
+def _newest(records, now: float):
+    alive = [record for record in records if not record.is_expired(now)]
+    # a superseded unique record is re-stamped to expire in 1 s (RFC 6762 10.2): the live one expires last
+    return max(alive, key=lambda record: (record.created + record.ttl * 1000, record.created)) if alive else None
+
+
+def snapshot_peers(interfaces: list[str] | None, wait_s: float, cluster_fingerprint: str) -> list[PeerInfo]:
+    """Browse for wait_s seconds (announcing nothing) and return what was seen; for command-line tools."""
+    async def browse() -> list[PeerInfo]:
+        directory = PeerDirectory()
+        discovery = Discovery(directory, cluster_fingerprint, interfaces)
+        await discovery.start()
+        try:
+            await asyncio.sleep(wait_s)
+        finally:
+            await discovery.stop()
+        return directory.peers()
+
+    return asyncio.run(browse())
+
