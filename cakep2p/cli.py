@@ -56,12 +56,16 @@ def build_serve_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool) -> None:
+    from cakep2p.security import install_log_redaction
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        install_log_redaction(handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,3 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cakep2p: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # the edge: a bug must not show the user a traceback (or a secret)
+        from cakep2p.security import redact
+
+        if "-v" in argv or "--verbose" in argv:
+            raise
+        print(f"cakep2p: internal error: {type(error).__name__}: {redact(str(error))} "
+              "(run again with -v for details, and please report it)", file=sys.stderr)
+        return 1
