@@ -1,0 +1,518 @@
+"""The desktop window, offscreen, over the real core: peers from real `--serve` processes, the Join toggle seen by a
+real `cakep2p peers`, and a streaming chat with the trained stories260K model."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+
+import pytest
+
+pytest.importorskip("PySide6", reason="the window needs PySide6: pip install 'cakep2p[gui]'")
+pytest.importorskip("pytestqt", reason="GUI tests need pytest-qt")
+
+from cakep2p.gui import broken_qt_binding  # noqa: E402
+
+if broken_qt_binding():
+    pytest.skip(broken_qt_binding(), allow_module_level=True)
+
+import torch  # noqa: E402
+from PySide6.QtCore import QTimer  # noqa: E402
+
+from cakep2p.discovery import PeerInfo  # noqa: E402
+from cakep2p.gui.state import PlanSegment, PlanView  # noqa: E402
+from cakep2p.gui.history import ChatHistory, ChatLog  # noqa: E402
+from cakep2p.gui.models import ChatModel, PeersFilter, PeersModel  # noqa: E402
+from cakep2p.gui.recent import RecentModels  # noqa: E402
+from cakep2p.gui.window import MainWindow  # noqa: E402
+from cakep2p.security import new_code  # noqa: E402
+from tests._discovery_helpers import free_port, loopback_multicast_on, seed_benchmark, start_serve  # noqa: E402
+from tests._gui_helpers import CLUSTER_CODE, peers_json, pump_until, reference_greedy  # noqa: E402
+
+RUN = uuid.uuid4().hex[:6]
+
+
+def make_peer(index: int, **changes) -> PeerInfo:
+    fields = dict(name=f"peer-{index}", node_id=f"id-{index}", address="127.0.0.1", port=5770 + index,
+                  version="0.1.0", protocol_version=1, cluster_fingerprint="f" * 16, accelerator="cpu",
+                  device_name="Test CPU", ram_total=16 << 30, ram_available=8 << 30, vram_total=0, vram_free=0,
+                  offered_memory=4 << 30, gflops=10.0, bandwidth=5e9, serving=True, status="ok")
+    fields.update(changes)
+    return PeerInfo(**fields)
+
+
+# ---- models --------------------------------------------------------------------------------------------------
+
+def test_peers_model_passes_qtmodeltester_through_adds_updates_and_removals(qtmodeltester):
+    model = PeersModel()
+    for index in range(3):
+        model.apply_event("added", make_peer(index))
+    model.apply_event("updated", make_peer(1, serving=False, status="other_cluster"))
+    model.set_layers({"id-0": "0–3", "id-2": "4–7"})
+    model.apply_event("removed", make_peer(0))
+    qtmodeltester.check(model, force_py=True)
+    assert model.node_ids() == ["id-1", "id-2"]
+    shown = PeersFilter(model)
+    shown.set_show_foreign(False)
+    qtmodeltester.check(shown, force_py=True)
+    assert [shown.index(row, 0).data() for row in range(shown.rowCount())] == ["peer-2"]
+    serving = model.index(0, [column.header for column in model.columns].index("Serving")).data()
+    layers = model.index(1, len(model.columns) - 1).data()
+    assert (serving, layers) == ("no", "4–7")
+
+
+def test_chat_model_passes_qtmodeltester_while_streaming(qtmodeltester, qtbot):
+    model = ChatModel(render_interval_ms=10)
+    model.append("user", "Hello")
+    model.append("assistant", "", streaming=True)
+    with qtbot.waitSignal(model.dataChanged, timeout=2000):
+        for piece in ("Hi", " there", "!"):
+            model.append_text(piece)
+    model.finish_streaming("first token 1 ms")
+    model.append("notice", "peer-2 left the cluster.")
+    qtmodeltester.check(model, force_py=True)
+    assert [message.text for message in model.messages()] == ["Hello", "Hi there!", "peer-2 left the cluster."]
+    assert model.index(1, 0).data(ChatModel.StatusRole) == "first token 1 ms"
+
+
+def test_chat_model_throttles_view_updates_while_tokens_stream(qtbot):
+    model = ChatModel(render_interval_ms=100)
+    model.append("assistant", "", streaming=True)
+    changes = []
+    model.dataChanged.connect(lambda *args: changes.append(args))
+    for _ in range(200):
+        model.append_text("x")
+    qtbot.waitUntil(lambda: len(changes) == 1, timeout=2000)
+    assert model.message(0).text == "x" * 200
+
+
+# ---- history -------------------------------------------------------------------------------------------------
+
+def test_history_replays_after_a_crash_that_tore_the_last_line(tmp_path):
+    log = ChatHistory(tmp_path).new_chat(model="stories260K")
+    log.append("user", "Once upon a time")
+    log.append("assistant", "there was a cat.")
+    with open(log.path, "a", encoding="utf-8") as handle:
+        handle.write('{"type": "message", "role": "user", "cont')   # the process died mid-write
+    reread = ChatHistory(tmp_path).chats()[0]
+    assert [(message.role, message.content) for message in reread.messages] == [
+        ("user", "Once upon a time"), ("assistant", "there was a cat.")]
+
+
+def test_history_records_regenerate_and_dropped_turns(tmp_path):
+    log = ChatLog(tmp_path / "chat.jsonl")
+    for role, text in (("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")):
+        log.append(role, text)
+    log.truncate(3)
+    log.append("assistant", "d2")
+    log.drop_first(2)
+    assert [message.content for message in ChatLog(tmp_path / "chat.jsonl").messages] == ["c", "d2"]
+
+
+def test_recent_models_remembers_newest_first_without_duplicates(tmp_path):
+    recent = RecentModels(tmp_path / "recent.json")
+    for name in ("a", "b", "a"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        recent.remember(tmp_path / name)
+    assert RecentModels(tmp_path / "recent.json").load() == [str(tmp_path / "a"), str(tmp_path / "b")]
+
+
+# ---- the window over a real node --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gui_home(tmp_path_factory):
+    """The window's own CAKEP2P_HOME (identity, pairing code, history), with the speed benchmark pre-seeded."""
+    home = tmp_path_factory.mktemp("gui-home")
+    seed_benchmark(home)
+    previous = os.environ.get("CAKEP2P_HOME")
+    os.environ["CAKEP2P_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("CAKEP2P_HOME", None)
+    else:
+        os.environ["CAKEP2P_HOME"] = previous
+
+
+@pytest.fixture(scope="module")
+def window(qapp, gui_home):
+    loopback_multicast_on()
+    torch.set_num_threads(1)
+    options = {"name": f"gui-{RUN}", "port": free_port(), "interfaces": ["127.0.0.1"], "cluster_code": CLUSTER_CODE}
+    main_window = MainWindow(options, history=ChatHistory(gui_home / "chats"),
+                             recent=RecentModels(gui_home / "recent.json"))
+    failures = []
+    main_window.bridge.nodeFailed.connect(failures.append)
+    main_window.show()
+    try:
+        pump_until(lambda: main_window.bridge.node is not None or failures, message="the window's node to start")
+        assert not failures, failures
+        yield main_window
+    finally:
+        main_window.close()
+        main_window.deleteLater()
+
+
+@pytest.fixture(scope="module")
+def chat_window(window, stories_dir):
+    """The window with stories260K loaded (raw completion: the model has no chat template)."""
+    window.load_model(str(stories_dir))
+    pump_until(lambda: window.model_info is not None, timeout=60, message="stories260K to load")
+    return window
+
+
+@pytest.fixture
+def greedy(chat_window, qtbot):
+    """A fresh chat at temperature 0."""
+    chat_window.new_chat()
+    qtbot.waitUntil(lambda: not chat_window.bridge.generating)
+    chat_window.settings.temperature.setValue(0.0)
+    return chat_window
+
+
+def send(window, text: str, max_tokens: int) -> None:
+    window.settings.max_tokens.setValue(max_tokens)
+    window.input.setPlainText(text)
+    window.send_button.click()
+
+
+def table_names(window) -> set[str]:
+    return {peer.name for peer in window.peers_model.peers()}
+
+
+def test_peers_table_fills_when_serve_nodes_start_and_empties_when_they_stop(window, qtbot, tmp_path):
+    names = [f"guipeer-{letter}-{RUN}" for letter in "ab"]
+    nodes = [start_serve(tmp_path, name, free_port(), code=CLUSTER_CODE) for name in names]
+    try:
+        qtbot.waitUntil(lambda: set(names) <= table_names(window), timeout=30000)
+        view = window.peers_panel.table
+        rows = {view.model().index(row, 0).data(): row for row in range(view.model().rowCount())}
+        cluster_column = [column.header for column in window.peers_model.columns].index("Cluster")
+        assert all(view.model().index(rows[name], cluster_column).data() == "ok" for name in names)
+        for node in nodes:
+            node.stop()
+        qtbot.waitUntil(lambda: not set(names) & table_names(window), timeout=15000)
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+def test_join_toggle_makes_this_node_appear_and_disappear_for_a_peers_process(window, qtbot, tmp_path):
+    own_id = window.bridge.node.node_id
+    toggle = window.peers_panel.join_toggle
+    assert toggle.isChecked()
+    assert own_id in {peer["id"] for peer in peers_json(tmp_path / "browser")}
+    with qtbot.waitSignal(window.bridge.servingChanged, timeout=10000) as changed:
+        toggle.click()
+    assert changed.args == [False] and not toggle.isChecked()
+    assert own_id not in {peer["id"] for peer in peers_json(tmp_path / "browser")}
+    with qtbot.waitSignal(window.bridge.servingChanged, timeout=10000) as changed:
+        toggle.click()
+    assert changed.args == [True]
+
+
+def test_loaded_model_shows_its_plan_bar_and_raw_completion_mode(chat_window):
+    plan = chat_window.model_panel.plan_bar.plan
+    assert plan is not None and plan.num_layers == 5
+    assert [(segment.start, segment.end, segment.is_self) for segment in plan.segments] == [(0, 5, True)]
+    assert chat_window.settings.completion_mode.isChecked()
+
+
+def test_chat_streams_the_reference_greedy_tokens_into_the_view(greedy, qtbot, stories_dir):
+    reference = reference_greedy(stories_dir)
+    pieces = []
+    greedy.bridge.tokenArrived.connect(pieces.append)
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000) as finished:
+        send(greedy, reference["prompt"], len(reference["new_token_ids"]))
+    greedy.bridge.tokenArrived.disconnect(pieces.append)
+    outcome = finished.args[0]
+    assert list(outcome.token_ids) == reference["new_token_ids"]
+    assert len(pieces) > 10 and "".join(pieces) == reference["text"]
+    rows = greedy.chat_model.messages()
+    assert [(row.role, row.text) for row in rows] == [("user", reference["prompt"]), ("assistant", reference["text"])]
+    rendered, *_ = greedy.chat_view.delegate._layout(greedy.chat_model.index(1, 0), greedy.chat_view.viewport().width())
+    assert "little girl named Lily" in rendered.toPlainText()
+    assert "tok/s" in rows[1].status
+    qtbot.waitUntil(lambda: greedy.context_bar.value() == outcome.context_used > len(reference["new_token_ids"]))
+
+
+def test_stop_ends_generation_within_one_token(greedy, qtbot):
+    with qtbot.waitSignal(greedy.bridge.tokenArrived, timeout=60000):
+        send(greedy, "Once upon a time", 400)
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000) as finished:
+        greedy.stop_button.click()
+    outcome = finished.args[0]
+    assert outcome.stats.finish_reason == "cancelled"
+    assert outcome.tokens_after_stop is not None and outcome.tokens_after_stop <= 1
+    assert "stopped" in greedy.chat_model.messages()[-1].status
+
+
+def test_event_loop_keeps_a_timer_firing_at_20_hz_during_generation(greedy, qtbot):
+    ticks = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.monotonic()))
+    with qtbot.waitSignal(greedy.bridge.replyStarted, timeout=60000):
+        send(greedy, "Once upon a time", 400)
+    started = time.monotonic()
+    timer.start()
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=120000):
+        pass
+    timer.stop()
+    elapsed = time.monotonic() - started
+    assert len(ticks) >= 20 * elapsed - 1, f"{len(ticks)} timer ticks in {elapsed:.2f} s of generation"
+
+
+def test_history_is_persisted_as_it_goes_and_exports_as_markdown(greedy, qtbot, tmp_path):
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000) as finished:
+        send(greedy, "Once upon a time", 16)
+    answer = finished.args[0].text
+    stored = ChatLog(greedy.chat_log.path)   # read back as a restarted app would
+    assert [(message.role, message.content) for message in stored.messages] == [
+        ("user", "Once upon a time"), ("assistant", answer)]
+    exported = greedy.export_chat(str(tmp_path / "chat.md")).read_text()
+    assert "## You\n\nOnce upon a time" in exported and answer.strip() in exported
+
+
+def test_context_full_offers_new_chat_or_dropping_the_oldest_turn(greedy, qtbot):
+    with qtbot.waitSignal(greedy.bridge.contextFull, timeout=60000):
+        send(greedy, "the cat sat on the mat. " * 200, 16)
+    assert greedy.banner.isVisible()
+    assert greedy.banner.button("New chat") is not None and greedy.banner.button("Drop oldest turn") is not None
+    assert greedy.chat_model.rowCount() == 0 and not greedy.bridge.generating
+
+
+def test_a_folder_without_a_model_shows_a_message_not_a_crash(window, qtbot, tmp_path):
+    with qtbot.waitSignal(window.bridge.modelFailed, timeout=30000) as failed:
+        window.bridge.load_model(str(tmp_path))
+    assert "config.json" in failed.args[0]
+    assert window.banner.isVisible() and "config.json" in window.banner.label.text()
+
+
+def test_plan_bar_legend_names_each_node_and_its_layers(qtbot):
+    from cakep2p.gui.plan_bar import PlanBar
+
+    bar = PlanBar()
+    qtbot.addWidget(bar)
+    bar.set_plan(PlanView(22, (PlanSegment("a", "laptop", 0, 12, 3 << 30, True),
+                               PlanSegment("b", "desktop", 12, 22, 2 << 30, False))))
+    assert bar.legend_lines() == ["laptop (this machine): layers 0–11, 3 GiB", "desktop: layers 12–21, 2 GiB"]
+    assert bar.color_of("a") != bar.color_of("b")
+
+
+def test_markdown_answers_render_code_in_a_monospaced_font(qapp):
+    from PySide6.QtGui import QFont
+
+    from cakep2p.gui.chat_view import MONOSPACE_FAMILIES, markdown_document
+
+    document = markdown_document("Run **this**:\n\n```\nprint(1)\n```\n\nthen `x`.", QFont())
+    families = {}
+    block = document.begin()
+    while block.isValid():
+        fragments = block.begin()
+        while not fragments.atEnd():
+            fragment = fragments.fragment()
+            families[fragment.text()] = fragment.charFormat().fontFamilies() or []
+            fragments += 1
+        block = block.next()
+    assert families["print(1)"][0] == MONOSPACE_FAMILIES[0] and families["x"][0] == MONOSPACE_FAMILIES[0]
+    assert families["this"][:1] != MONOSPACE_FAMILIES[:1]
+
+
+def test_chat_view_follows_new_text_until_the_user_scrolls_up(qtbot):
+    from cakep2p.gui.chat_view import ChatView
+
+    model = ChatModel(render_interval_ms=0)
+    view = ChatView()
+    view.setModel(model)
+    view.resize(400, 300)
+    qtbot.addWidget(view)
+    view.show()
+    scroll_bar = view.verticalScrollBar()
+    for index in range(30):
+        model.append("assistant", f"answer number {index}")
+    qtbot.waitUntil(lambda: scroll_bar.maximum() > 0 and scroll_bar.value() == scroll_bar.maximum())
+    scroll_bar.setValue(0)                      # the user scrolls up to read
+    old_maximum = scroll_bar.maximum()
+    for index in range(10):
+        model.append("assistant", f"later answer {index}")
+    qtbot.waitUntil(lambda: scroll_bar.maximum() > old_maximum)
+    assert scroll_bar.value() == 0 and not view.follow
+    scroll_bar.setValue(scroll_bar.maximum())   # back at the end: following again
+    model.append("assistant", "newest")
+    qtbot.waitUntil(lambda: scroll_bar.value() == scroll_bar.maximum())
+    assert view.follow
+
+
+def test_model_preview_says_when_the_cluster_cannot_hold_the_model(stories_dir):
+    from cakep2p.gui.state import preview_model
+    from cakep2p.planner import NodeBudget
+
+    too_small = preview_model(stories_dir, NodeBudget("me", "laptop", 200_000), [make_peer(1, offered_memory=100_000)])
+    roomy = preview_model(stories_dir, NodeBudget("me", "laptop", 1 << 30), [make_peer(1)])
+    assert not too_small.fits and "too big" in too_small.verdict and too_small.plan is None
+    assert roomy.fits and {segment.node_id for segment in roomy.plan.segments} == {"me", "id-1"}
+
+
+def test_hub_download_without_huggingface_hub_explains_what_is_needed(window, qtbot, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)   # as if the optional package were not installed
+    with qtbot.waitSignal(window.bridge.modelFailed, timeout=5000) as failed:
+        window.model_panel.hub_edit.setText("Qwen/Qwen3-0.6B")
+        window.model_panel.download_button.click()
+    assert "huggingface_hub" in failed.args[0] and "model folder" in failed.args[0]
+    assert window.banner.isVisible()
+
+
+def test_regenerate_replaces_the_last_answer(greedy, qtbot):
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000) as first:
+        send(greedy, "Once upon a time", 12)
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000) as second:
+        greedy.regenerate_button.click()
+    assert second.args[0].text == first.args[0].text        # temperature 0: the same answer again
+    assert [row.role for row in greedy.chat_model.messages()] == ["user", "assistant"]
+    assert [message.role for message in ChatLog(greedy.chat_log.path).messages] == ["user", "assistant"]
+
+
+def test_dropping_the_oldest_turn_lets_a_full_chat_continue(greedy, qtbot):
+    greedy.settings.completion_mode.setChecked(False)        # chat mode: every turn stays in the prompt
+    try:
+        for _ in range(2):                                   # ~150 tokens each: two turns fit in 512
+            with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000):
+                send(greedy, "the cat sat on the mat. " * 15, 8)
+        with qtbot.waitSignal(greedy.bridge.contextFull, timeout=60000):
+            send(greedy, "and then? " + "the dog ran to the park. " * 20, 8)
+        with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000):
+            greedy.banner.button("Drop oldest turn").click()
+        texts = [(row.role, row.text[:9]) for row in greedy.chat_model.messages()]
+        assert [role for role, _ in texts] == ["user", "assistant", "user", "assistant"]
+        assert texts[2] == ("user", "and then?")
+        assert len(ChatLog(greedy.chat_log.path).messages) == 4
+    finally:
+        greedy.settings.completion_mode.setChecked(True)
+
+
+def test_losing_a_peer_that_holds_layers_adds_a_notice_and_the_chat_goes_on(greedy, qtbot):
+    plan = greedy.plan
+    greedy.plan = PlanView(5, (PlanSegment("me", "laptop", 0, 3, 0, True), PlanSegment("id-7", "peer-7", 3, 5, 0, False)))
+    try:
+        greedy.bridge.peerEvent.emit("removed", make_peer(7))
+    finally:
+        greedy.plan = plan
+    assert [(row.role, row.text) for row in greedy.chat_model.messages()] == [
+        ("notice", "peer-7 (layers 3–4) left the cluster.")]
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000):
+        send(greedy, "Once upon a time", 4)
+    assert [row.role for row in greedy.chat_model.messages()] == ["notice", "user", "assistant"]
+
+
+def test_new_chat_while_an_answer_streams_leaves_the_new_chat_empty(greedy, qtbot):
+    with qtbot.waitSignal(greedy.bridge.tokenArrived, timeout=60000):
+        send(greedy, "Once upon a time", 400)
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000):
+        greedy.new_chat_button.click()
+    assert greedy.chat_model.rowCount() == 0 and greedy.chat_log.messages == []
+    assert greedy.send_button.isEnabled()
+
+
+def test_a_message_typed_while_the_model_loads_is_answered_once_it_is_loaded(chat_window, qtbot, stories_dir):
+    chat_window.settings.temperature.setValue(0.0)
+    with qtbot.waitSignal(chat_window.bridge.replyFinished, timeout=60000):
+        chat_window.load_model(str(stories_dir))
+        assert chat_window.model_panel.progress.isVisible()
+        send(chat_window, "Once upon a time", 8)
+    assert [row.role for row in chat_window.chat_model.messages()] == ["user", "assistant"]
+
+
+def test_an_earlier_chat_reopens_from_history_and_continues(greedy, qtbot):
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000):
+        send(greedy, "Once upon a time", 8)
+    stored_path = greedy.chat_log.path
+    greedy.new_chat()
+    earlier = next(log for log in greedy.history.chats() if log.path == stored_path)
+    greedy.open_chat(earlier)
+    assert [row.role for row in greedy.chat_model.messages()] == ["user", "assistant"]
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000):
+        send(greedy, "The little dog", 8)
+    assert [message.role for message in ChatLog(stored_path).messages] == ["user", "assistant"] * 2
+
+
+def test_without_pyside6_the_app_prints_an_install_hint_and_exits_2(monkeypatch, capsys):
+    from cakep2p.gui import run_app
+
+    for module in ("PySide6.QtGui", "PySide6.QtWidgets"):
+        monkeypatch.setitem(sys.modules, module, None)   # as if PySide6 were not installed
+    assert run_app() == 2
+    assert "pip install 'cakep2p[gui]'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def cluster_peers(chat_window, tmp_path_factory, stories_dir):
+    """Two `--serve` peers in the window's cluster and stories260K reloaded over all three nodes; afterwards the
+    peers stop and the model is reloaded on this machine alone, for the tests that follow."""
+    names = [f"layerpeer-{letter}-{RUN}" for letter in "ab"]
+    base = tmp_path_factory.mktemp("cluster-peers")
+    nodes = [start_serve(base, name, free_port(), code=CLUSTER_CODE) for name in names]
+    loaded = []
+    chat_window.bridge.modelLoaded.connect(loaded.append)
+    try:
+        pump_until(lambda: set(names) <= table_names(chat_window), timeout=30, message="the peers in the table")
+        chat_window.load_model(str(stories_dir))
+        pump_until(lambda: loaded, timeout=60, message="the model over three nodes")
+        chat_window.new_chat()
+        chat_window.settings.temperature.setValue(0.0)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+        try:
+            pump_until(lambda: not set(names) & table_names(chat_window), timeout=15, message="the peers to go")
+            loaded.clear()
+            chat_window.load_model(str(stories_dir))
+            pump_until(lambda: loaded, timeout=60, message="the model on this machine")
+        finally:
+            chat_window.bridge.modelLoaded.disconnect(loaded.append)
+            for node in nodes:
+                node.kill()
+
+
+def test_a_chat_over_two_serve_peers_spreads_the_layers_and_matches_the_reference(cluster_peers, chat_window,
+                                                                                   qtbot, stories_dir):
+    reference = reference_greedy(stories_dir)
+    plan = chat_window.model_panel.plan_bar.plan
+    holders = {segment.name for segment in plan.segments if segment.end > segment.start}
+    assert len(holders) == 3, plan
+    layers_column = len(chat_window.peers_model.columns) - 1
+    peer_rows = [row for row in range(chat_window.peers_model.rowCount())
+                 if chat_window.peers_model.index(row, 0).data() in holders]
+    assert all(chat_window.peers_model.index(row, layers_column).data() != "—" for row in peer_rows)
+    with qtbot.waitSignal(chat_window.bridge.replyFinished, timeout=60000) as finished:
+        send(chat_window, reference["prompt"], len(reference["new_token_ids"]))
+    assert list(finished.args[0].token_ids) == reference["new_token_ids"]
+
+
+def test_a_lost_peer_gives_a_notice_and_the_next_answer_still_comes(cluster_peers, chat_window, qtbot):
+    chat_window.new_chat()
+    with qtbot.waitSignal(chat_window.bridge.replyFinished, timeout=60000):
+        send(chat_window, "Once upon a time", 8)
+    lost = next(node for node in cluster_peers
+                if node.name in {segment.name for segment in chat_window.plan.segments})
+    lost.stop()
+    with qtbot.waitSignal(chat_window.bridge.replyFinished, timeout=90000) as finished:
+        send(chat_window, "The little dog", 8)
+    assert finished.args[0].completion_tokens == 8
+    notices = [row.text for row in chat_window.chat_model.messages() if row.role == "notice"]
+    assert any(lost.name in notice for notice in notices), notices
+    assert lost.name not in {segment.name for segment in chat_window.model_panel.plan_bar.plan.segments}
+
+
+def test_changing_the_pairing_code_moves_this_node_to_the_other_cluster(window, qtbot):
+    old_fingerprint = window.bridge.node.fingerprint
+    other_code = new_code()
+    with qtbot.waitSignal(window.bridge.nodeStarted, timeout=30000) as started:
+        window.peers_panel.code_edit.setText(other_code)
+        window.peers_panel.join_code_button.setEnabled(True)
+        window.peers_panel.join_code_button.click()
+    state = started.args[0]
+    assert state.code == other_code and state.fingerprint != old_fingerprint
+    assert window.peers_panel.code_edit.text() == other_code
