@@ -1,164 +1,41 @@
 """The initiator's side of the mesh: a DEALER per stage (heartbeats, timeouts) and RemotePipeline, the engine's
-Pipeline over remote stages; plus what both sides share: model fingerprints and the cache of received parts.
+Pipeline over remote stages. What both sides share about weights (fingerprints, the parts cache) is in weights.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import logging
-import math
-import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import zmq
 
-from cakep2p import paths, security, wire
-from cakep2p.engine.checkpoint import DTYPES as CHECKPOINT_DTYPES, load_tensor, read_tensor_index
-from cakep2p.engine.config import ModelArgs
-from cakep2p.engine.part import ModelPart, PartSpec, expected_shapes, part_tensor_names
-from cakep2p.errors import MeshError, ModelError, ProtocolError
+from cakep2p import security, wire
+from cakep2p.engine.part import ModelPart, PartSpec
+from cakep2p.errors import MeshError, ProtocolError
 from cakep2p.security import ClusterKeys
+from cakep2p.weights import (PARTS_DIR, Progress, cached_part_path, content_sha256, find_model_dir,
+                             kv_cache_bytes, model_fingerprint, part_ref, part_spec, read_cached_part,
+                             send_part_tensors, weight_bytes, write_cached_part)
+
+__all__ = [  # the weights helpers are re-exported: callers may import them from either module
+    "StageRefused", "StageClient", "RemoteStage", "Stage", "RemotePipeline", "stages_for_plan", "ping",
+    "PARTS_DIR", "Progress", "cached_part_path", "content_sha256", "find_model_dir", "kv_cache_bytes",
+    "model_fingerprint", "part_ref", "part_spec", "read_cached_part", "send_part_tensors", "weight_bytes",
+    "write_cached_part",
+]
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 8 * 1024 * 1024
 PROTOCOL_CODES = ("bad_request", "unsupported_version", "shape_mismatch")
-PARTS_DIR = "parts"
-FINGERPRINT_CHARS = 32
-Progress = Callable[[int, int], None]  # (bytes sent, bytes in all)
 
-
-# -- model identity and the cache of received parts --------------------------------------------------------
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """A cheap identity of a checkpoint: sha256 of config.json and the safetensors headers (and index), 32 hex."""
-    model_dir = Path(model_dir)
-    digest = hashlib.sha256(b"cakep2p-model/v1\0")
-    try:
-        digest.update((model_dir / "config.json").read_bytes())
-        if (model_dir / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            index = (model_dir / "model.safetensors.index.json").read_bytes()
-            digest.update(index)
-            files = sorted(set(json.loads(index)["weight_map"].values()))
-        for name in files:
-            with (model_dir / name).open("rb") as handle:
-                length_bytes = handle.read(8)
-                length = int.from_bytes(length_bytes, "little")
-                digest.update(length_bytes + handle.read(min(length, 100 * 1024 * 1024)))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ModelError(f"cannot identify the checkpoint in {model_dir} ({type(error).__name__}); "
-                         "is it a Hugging Face model folder with config.json and safetensors?") from None
-    return digest.hexdigest()[:FINGERPRINT_CHARS]
-
-
-def part_ref(fingerprint: str, spec: PartSpec) -> wire.PartRef:
-    return wire.PartRef(model_fingerprint=fingerprint, start=spec.start, end=spec.end,
-                        has_embedding=spec.has_embedding, has_head=spec.has_head)
-
-
-def part_spec(ref: wire.PartRef) -> PartSpec:
-    return PartSpec(ref.start, ref.end, ref.has_embedding, ref.has_head)
-
-
-def cached_part_path(ref: wire.PartRef, parts_dir: Path | None = None) -> Path:
-    """Where a part received from a peer is kept: cache_dir()/parts/<fingerprint>-<start>-<end>.safetensors."""
-    parts_dir = parts_dir if parts_dir is not None else paths.cache_dir() / PARTS_DIR
-    return parts_dir / f"{ref.model_fingerprint}-{ref.start}-{ref.end}.safetensors"
-
-
-def weight_bytes(args: ModelArgs, spec: PartSpec, dtype: torch.dtype) -> int:
-    return sum(math.prod(shape) for shape in expected_shapes(args, spec).values()) * dtype.itemsize
-
-
-def kv_cache_bytes(args: ModelArgs, spec: PartSpec, dtype: torch.dtype, max_seq_len: int) -> int:
-    return 2 * (spec.end - spec.start) * args.num_kv_heads * args.head_dim * max_seq_len * dtype.itemsize
-
-
-def raw_bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's bytes in memory order (what travels in a tensor_chunk and what sha256 covers)."""
-    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def write_cached_part(ref: wire.PartRef, config_json: str, tensors: dict[str, torch.Tensor], sha256: str,
-                      parts_dir: Path | None = None) -> Path:
-    """Store a received part (tensors in part_tensor_names order) with its config and checksum in the metadata."""
-    from safetensors.torch import save_file
-
-    path = cached_part_path(ref, parts_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"cakep2p_fingerprint": ref.model_fingerprint, "cakep2p_sha256": sha256,
-                "cakep2p_config": config_json, "cakep2p_part": json.dumps(_ref_fields(ref)),
-                "cakep2p_order": json.dumps(list(tensors))}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file(tensors, str(temporary), metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
-def read_cached_part(ref: wire.PartRef, parts_dir: Path | None = None) -> tuple[str, dict[str, torch.Tensor]] | None:
-    """(config_json, tensors) of a cached part whose checksum still matches; None (and the file removed) if not."""
-    from safetensors import safe_open
-
-    path = cached_part_path(ref, parts_dir)
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            order = json.loads(metadata["cakep2p_order"])
-            tensors = {name: handle.get_tensor(name) for name in order}
-        valid = (metadata["cakep2p_fingerprint"] == ref.model_fingerprint
-                 and json.loads(metadata["cakep2p_part"]) == _ref_fields(ref)
-                 and content_sha256(tensors.values()) == metadata["cakep2p_sha256"])
-    except Exception as error:  # a damaged cache file is re-fetched, never trusted
-        log.warning("cached part %s is unreadable (%s); it will be transferred again", path.name, error)
-        valid = False
-    if not valid:
-        log.warning("cached part %s does not match its checksum; removing it", path.name)
-        path.unlink(missing_ok=True)
-        return None
-    return metadata["cakep2p_config"], tensors
-
-
-def content_sha256(tensors: Iterable[torch.Tensor]) -> str:
-    """sha256 over the tensors' raw bytes, in order (what a transfer_end carries)."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(raw_bytes(tensor))
-    return digest.hexdigest()
-
-
-def find_model_dir(models_dirs: Sequence[Path], fingerprint: str) -> Path | None:
-    """A folder under the given models dirs (itself, children, grandchildren) whose checkpoint has this fingerprint."""
-    for root in models_dirs:
-        candidates = [Path(root)] + sorted(Path(root).glob("*/")) + sorted(Path(root).glob("*/*/"))
-        for candidate in candidates:
-            if (candidate / "config.json").is_file():
-                try:
-                    if model_fingerprint(candidate) == fingerprint:
-                        return candidate
-                except ModelError:
-                    continue
-    return None
-
-
-def _ref_fields(ref: wire.PartRef) -> list:
-    return [ref.start, ref.end, ref.has_embedding, ref.has_head]
 
 
 class StageRefused(MeshError):
@@ -312,40 +189,6 @@ class StageClient:
         if not isinstance(reply, wire.LoadReply) or reply.status != "ready":
             raise ProtocolError(f"stage {self.label} did not confirm loading layers {ref.start}-{ref.end}")
         return reply
-
-
-def send_part_tensors(client: StageClient, model_dir: Path, ref: wire.PartRef,
-                      on_progress: Progress | None = None) -> wire.Message:
-    """Stream exactly the part's tensors in chunks, then transfer_end with the sha256 of all their bytes.
-
-    Returns the stage's reply to transfer_end (a ready load_reply once it has built the part)."""
-    args = ModelArgs.from_dir(model_dir)
-    index = read_tensor_index(model_dir)
-    names = part_tensor_names(args, PartSpec(ref.start, ref.end, ref.has_embedding, ref.has_head))
-    missing = [name for name in names if name not in index]
-    if missing:
-        raise MeshError(f"model folder {model_dir} lacks tensor {missing[0]}; cannot send it to {client.label}")
-    total = sum(index[name].nbytes for name in names)
-    sent = 0
-    digest = hashlib.sha256()
-    for name in names:
-        info = index[name]
-        dtype = CHECKPOINT_DTYPES[info.dtype][0]
-        if dtype not in wire.DTYPE_NAMES or dtype in (torch.int64, torch.int32):
-            dtype = torch.float32
-        data = raw_bytes(load_tensor(info, dtype))
-        digest.update(data)
-        for offset in range(0, data.nbytes, CHUNK_BYTES):
-            piece = data[offset:offset + CHUNK_BYTES]
-            reply = client.request(wire.TensorChunk(part=ref, name=name, dtype=wire.DTYPE_NAMES[dtype],
-                                                    shape=tuple(info.shape), offset=offset, total=data.nbytes,
-                                                    data=piece))
-            if not isinstance(reply, wire.Ack):
-                raise ProtocolError(f"stage {client.label} answered tensor_chunk with {reply.type}")
-            sent += piece.nbytes
-            if on_progress is not None:
-                on_progress(sent, total)
-    return client.request(wire.TransferEnd(part=ref, sha256=digest.hexdigest(), tensor_count=len(names)))
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------
@@ -551,3 +394,31 @@ def _check_stages(stages: Sequence[Stage]) -> None:
     for before, after in zip(specs, specs[1:]):
         if before.has_head or after.has_embedding or before.end != after.start:
             raise MeshError(f"stages {before} and {after} do not follow one another; re-plan")
+
+
+async def ping(context, address: str, port: int, keys: ClusterKeys | None, timeout_s: float) -> wire.Pong | None:
+    """Ask a stage server for its capabilities from an asyncio loop (`context` is a zmq.asyncio.Context); None when it
+    does not answer in time, answers garbage, or refuses our keys (a failed CURVE handshake simply never answers)."""
+    socket = context.socket(zmq.DEALER)
+    socket.linger = 0
+    socket.maxmsgsize = 1 << 20
+    try:
+        security.configure_client(socket, keys)
+        socket.connect(f"tcp://{f'[{address}]' if ':' in address else address}:{port}")
+        await socket.send_multipart(wire.encode(wire.Ping(request_id=1)))
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not await socket.poll(int(left * 1000) + 1):
+                break
+            try:
+                reply = wire.decode(await socket.recv_multipart())
+            except wire.WireError:
+                return None
+            if isinstance(reply, wire.Pong):
+                return reply
+        return None
+    except zmq.ZMQError as error:
+        log.debug("ping %s:%d failed: %s", address, port, error)
+        return None
+    finally:
+        socket.close(linger=0)

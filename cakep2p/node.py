@@ -1,7 +1,7 @@
-"""The core both shells share: one node's identity, capacity, cluster keys, discovery and asyncio loop thread.
+"""The core both shells share: one node's identity, capacity, cluster keys, discovery, mesh server and loop thread.
 
-`cakep2p --serve` calls `Node.run_forever()`; the window calls `start()`/`stop()` and listens to
-`node.directory`. The mesh plugs in here (see `Node`'s docstring for the seam).
+`cakep2p --serve` calls `Node.run_forever()`; the window calls `start()`/`stop()`, listens to `node.directory`
+and opens models with `node.open_model(...)` (cakep2p/cluster.py: plans over the peers, runs the stages).
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import logging
 import signal
 import socket
 import threading
+import uuid
 from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
@@ -22,10 +25,18 @@ from cakep2p.capacity import Capacity, offered_memory, probe
 from cakep2p.discovery import Discovery, PeerDirectory, PeerInfo, announce_addresses
 from cakep2p.errors import CakeError
 
+if TYPE_CHECKING:
+    from cakep2p.loaded_model import LoadedModel
+    from cakep2p.security import ClusterKeys
+    from cakep2p.stage import StageServer
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 5770
 PORT_SEARCH_SPAN = 100
+STATIC_PEER_REFRESH_S = 2.0   # how often static --peers are pinged over the mesh
+STATIC_PEER_TIMEOUT_S = 3.0   # a ping unanswered this long is a miss; two misses in a row drop the peer
+STATIC_PEER_MISSES = 2
 
 
 def port_is_free(port: int, host: str = "") -> bool:
@@ -73,6 +84,19 @@ def resolve_interfaces(interfaces: list[str] | None) -> list[str] | None:
     return list(dict.fromkeys(resolved))
 
 
+class NodeDirectory(PeerDirectory):
+    """The node's peers: mDNS entries, which Discovery manages through keys()/put()/remove(), plus static --peers
+    entries (keys starting with STATIC_KEY), which only the node's pinger adds and removes."""
+
+    STATIC_KEY = "static "
+
+    def keys(self) -> list[str]:
+        return [key for key in self.all_keys() if not key.startswith(self.STATIC_KEY)]
+
+    def all_keys(self) -> list[str]:
+        return super().keys()
+
+
 def cluster_fingerprint(code: str | None) -> str:
     """The announced fingerprint of the cluster whose pairing code is `code` (or the stored one)."""
     from cakep2p.security import cluster_keys
@@ -81,17 +105,18 @@ def cluster_fingerprint(code: str | None) -> str:
 
 
 class Node:
-    """One node's life: identity, capacity, cluster fingerprint, discovery, one asyncio loop in its own thread.
+    """One node's life: identity, capacity, cluster keys, discovery, the mesh's StageServer, one asyncio loop.
 
-    Seam for the mesh (added by the mesh work, on `self.loop`): bind the ROUTER on `self.port` in `_main`
-    before announcing; `static_peers` to dial for capabilities (TODO until the mesh exists: they are only
-    logged); methods `load_part(...)`, `forward(...)`, `end_session(...)`, `unload(...)` and the initiator's
-    `open_pipeline(plan)`; stop the mesh in `_main`'s finally before discovery says goodbye.
+    The StageServer (cakep2p/stage.py) listens on `port` at the --interface address (else all interfaces) with the
+    cluster's CURVE keys, lends at most the offered memory and refuses new work while `serving` is off. Static
+    `--peers` are pinged over the mesh and kept in `directory` beside the peers mDNS finds.
     """
 
     def __init__(self, name: str | None = None, port: int | None = None, interfaces: list[str] | None = None,
                  max_memory: int | None = None, cluster_code: str | None = None, discovery: bool = True,
-                 serving: bool = True, static_peers: list[tuple[str, int]] | None = None) -> None:
+                 serving: bool = True, static_peers: list[tuple[str, int]] | None = None,
+                 insecure_open: bool = False, models_dirs: list[str | Path] | None = None,
+                 node_id: str | None = None) -> None:
         self.name = identity.clean_node_name(name) if name else identity.default_node_name()
         if not self.name:
             raise CakeError(f"node name {name!r} has no usable characters: pass --name with letters or digits")
@@ -101,9 +126,14 @@ class Node:
         self.cluster_code = cluster_code
         self.discovery_enabled = discovery
         self.static_peers = list(static_peers or [])
-        self.directory = PeerDirectory()
+        self.insecure_open = insecure_open
+        self.models_dirs = [paths.data_dir() / "models", *(Path(path) for path in models_dirs or [])]
+        self.keys: ClusterKeys | None = None
+        self.server: StageServer | None = None
+        self.directory = NodeDirectory()
         self.config_dir = paths.config_dir()
-        self.node_id = identity.node_id(self.config_dir)
+        self.node_id = node_id or identity.node_id(self.config_dir)  # an explicit id: a throwaway identity
+        self._stored_identity = node_id is None
         self.capacity: Capacity | None = None
         self.fingerprint = ""
         self.info: PeerInfo | None = None
@@ -114,13 +144,14 @@ class Node:
         self._ready = threading.Event()
         self._stopping: asyncio.Event | None = None
         self._error: BaseException | None = None
+        self._static_task: asyncio.Task | None = None
 
     # ---- life cycle -------------------------------------------------------------------------------------------
 
     def start(self, timeout: float = 60.0) -> None:
         """Probe, derive the cluster fingerprint, start the loop thread and announce; returns once announced."""
         self.capacity = probe(self.max_memory)
-        self.fingerprint = cluster_fingerprint(self.cluster_code)
+        self._use_cluster(self.cluster_code)
         self.info = self._own_info()
         self._thread = threading.Thread(target=self._run_loop, name=f"cakep2p-node-{self.name}", daemon=True)
         self._thread.start()
@@ -172,29 +203,123 @@ class Node:
         self.loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         try:
-            if self.discovery_enabled:
-                self.discovery = Discovery(self.directory, self.fingerprint, self.interfaces,
-                                           on_duplicate_id=self._on_duplicate_id,
-                                           on_addresses_changed=self._on_addresses_changed)
-                await self.discovery.start()
-                await self.discovery.announce(self.info)
-                self.name = self.discovery.instance_name or self.name
-                self.info = replace(self.info, name=self.name, address=self.discovery.addresses[0],
-                                    addresses=tuple(self.discovery.addresses))
-            for host, port in self.static_peers:
-                log.info("static peer %s:%d noted (contacted over the mesh once it exists)", host, port)
+            await self._start_services()
             self._ready.set()
             await self._stopping.wait()
         finally:
-            if self.discovery is not None:
-                await self.discovery.stop()
+            await self._stop_services()
+
+    async def _start_services(self) -> None:
+        """The mesh server first (peers may dial as soon as we announce), then discovery, then static peers."""
+        from cakep2p.stage import StageLimits, StageServer
+        from cakep2p.weights import PARTS_DIR
+
+        self.server = StageServer(node_id=self.node_id, name=self.name, keys=self.keys,
+                                  limits=StageLimits(budget_bytes=self.info.offered_memory),
+                                  address=self.interfaces[0] if self.interfaces else "", port=self.port,
+                                  models_dirs=self.models_dirs, parts_dir=paths.cache_dir() / PARTS_DIR,
+                                  serving=self._serving)
+        await self.server.start()
+        if self.discovery_enabled:
+            self.discovery = Discovery(self.directory, self.fingerprint, self.interfaces,
+                                       on_duplicate_id=self._on_duplicate_id,
+                                       on_addresses_changed=self._on_addresses_changed)
+            await self.discovery.start()
+            await self.discovery.announce(self.info)
+            self.name = self.server.name = self.discovery.instance_name or self.name
+            self.info = replace(self.info, name=self.name, address=self.discovery.addresses[0],
+                                addresses=tuple(self.discovery.addresses))
+        if self.static_peers:
+            self._static_task = asyncio.get_running_loop().create_task(self._poll_static_peers())
+
+    async def _stop_services(self) -> None:
+        """The reverse of _start_services: static peers, the mesh server, then discovery's goodbye."""
+        if self._static_task is not None:
+            self._static_task.cancel()
+            await asyncio.gather(self._static_task, return_exceptions=True)
+            self._static_task = None
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        if self.discovery is not None:
+            await self.discovery.stop()
+            self.discovery = None
+
+    async def _poll_static_peers(self) -> None:
+        """Ping each --peers host:port over the mesh; answers become directory entries, silence removes them."""
+        import zmq.asyncio
+
+        from cakep2p.mesh import ping
+
+        context, misses = zmq.asyncio.Context(), {peer: 0 for peer in self.static_peers}
+        try:
+            while True:
+                pongs = await asyncio.gather(*(ping(context, host, port, self.keys, STATIC_PEER_TIMEOUT_S)
+                                               for host, port in self.static_peers))
+                for (host, port), pong in zip(self.static_peers, pongs):
+                    key = f"{NodeDirectory.STATIC_KEY}{host}:{port}"
+                    misses[host, port] = 0 if pong is not None else misses[host, port] + 1
+                    if pong is not None and pong.node_id != self.node_id:
+                        self.directory.put(key, self._static_peer_info(host, port, pong))
+                    elif pong is not None or misses[host, port] >= STATIC_PEER_MISSES:
+                        if self.directory.remove(key) is not None:
+                            log.info("static peer %s:%d stopped answering", host, port)
+                await asyncio.sleep(STATIC_PEER_REFRESH_S)
+        finally:
+            context.destroy(linger=0)
+
+    def _static_peer_info(self, host: str, port: int, pong) -> PeerInfo:
+        """A static peer as the directory lists it: what its Pong says (a successful CURVE ping proves the cluster)."""
+        return PeerInfo(
+            name=pong.name or f"{host}:{port}", node_id=pong.node_id, address=host, port=port, version="",
+            protocol_version=pong.protocol_version, cluster_fingerprint=self.fingerprint, accelerator="unknown",
+            device_name="static peer", ram_total=0, ram_available=0, vram_total=0, vram_free=0,
+            offered_memory=pong.free_budget, gflops=0.0, bandwidth=0.0, serving=pong.max_sessions > 0,
+            status="ok", addresses=(host,))
+
+    def _use_cluster(self, code: str | None) -> None:
+        from cakep2p.security import cluster_keys
+
+        keys = cluster_keys(code)
+        self.cluster_code, self.fingerprint = code, keys.fingerprint
+        self.keys = None if self.insecure_open else keys
 
     # ---- state changes (thread-safe) ----------------------------------------------------------------------------
 
     def set_serving(self, serving: bool) -> concurrent.futures.Future | None:
-        """Offer (or stop offering) this node for other nodes' plans; peers see the change within a second."""
+        """Offer (or stop offering) this node for other nodes' plans; peers see the change within a second.
+
+        Off: the announcement says "not serving" (never planned) and the StageServer refuses new loads and
+        sessions from others; this node's own chats run in-process and are not disturbed.
+        """
         self._serving = serving
+        if self.server is not None:
+            self.server.serving = serving
         return self._reannounce()
+
+    def set_cluster_code(self, code: str) -> concurrent.futures.Future | None:
+        """Join the cluster of `code` (stored for next time): new keys, so the mesh server and discovery restart."""
+        from cakep2p.security import load_or_create_code
+
+        code = load_or_create_code(code)
+        if self.loop is None or self.loop.is_closed():
+            self.cluster_code = code
+            return None
+
+        async def switch() -> None:
+            await self._stop_services()
+            for key in self.directory.all_keys():   # judged against the old cluster's fingerprint
+                self.directory.remove(key)
+            self._use_cluster(code)
+            self.info = replace(self._own_info(), name=self.name)
+            await self._start_services()
+        return asyncio.run_coroutine_threadsafe(switch(), self.loop)
+
+    def open_model(self, model_dir: str | Path, **options) -> "LoadedModel":
+        """The model over this node's cluster (see cakep2p.cluster.open_model for the keywords)."""
+        from cakep2p import cluster
+
+        return cluster.open_model(self, model_dir, **options)
 
     def set_max_memory(self, max_memory: int | None) -> concurrent.futures.Future | None:
         """Change the --max-memory cap; the offered memory is re-announced."""
@@ -230,19 +355,32 @@ class Node:
         if self.capacity is None:
             return None
         self.info = replace(self._own_info(), name=self.name)
+        if self.server is not None:
+            self.server.set_budget(self.info.offered_memory)
         if self.discovery is None or self.loop is None or self.loop.is_closed():
             return None
         return asyncio.run_coroutine_threadsafe(self._announce(), self.loop)
+
+    @property
+    def offered_bytes(self) -> int:
+        """What this node lends to model parts now (its --max-memory cap applied)."""
+        assert self.capacity is not None, "start() first"
+        return offered_memory(self.capacity, self.max_memory)
 
     async def _announce(self) -> None:
         """(Re-)announce self.info; after a withdraw the name is probed again and may change."""
         await self.discovery.announce(self.info)
         if self.discovery.instance_name and self.discovery.instance_name != self.name:
             self.name = self.discovery.instance_name
+            if self.server is not None:
+                self.server.name = self.name
             self.info = replace(self.info, name=self.name)
 
     def _on_duplicate_id(self, clone: PeerInfo) -> None:
-        old_id, self.node_id = self.node_id, identity.regenerate_node_id(self.config_dir)
+        old_id = self.node_id
+        self.node_id = identity.regenerate_node_id(self.config_dir) if self._stored_identity else uuid.uuid4().hex
+        if self.server is not None:
+            self.server.node_id = self.node_id
         log.warning("node id %s is also used by %r (%s): this node now has id %s", old_id[:8], clone.name,
                     clone.address, self.node_id[:8])
         self._reannounce()
@@ -271,8 +409,11 @@ class Node:
         info = self.info
         assert info is not None
         endpoint = f"{info.address}:{info.port}"
+        security_mode = "INSECURE, no encryption" if self.keys is None else "CURVE-encrypted"
+        listening = self.interfaces[0] if self.interfaces else "all interfaces"
         how = ("other machines running `cakep2p --serve` on this network join automatically; "
                if self.discovery_enabled else "discovery is off (--no-discovery); ")
         return (f"node {info.name!r} (id {info.node_id[:8]}) serving at {endpoint}, offering "
                 f"{format_size(info.offered_memory)} ({info.accelerator}: {info.device_name}), cluster "
-                f"{info.cluster_fingerprint}; {how}where multicast is blocked use --peers {endpoint}")
+                f"{info.cluster_fingerprint}; mesh on {listening} port {info.port} ({security_mode}); {how}"
+                f"where multicast is blocked use --peers {endpoint}")

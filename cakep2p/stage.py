@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import logging
 import threading
@@ -22,19 +21,19 @@ import zmq.asyncio
 
 from cakep2p import PROTOCOL_VERSION, paths, security, wire
 from cakep2p.engine.config import ModelArgs
-from cakep2p.engine.part import ModelPart, expected_shapes, part_tensor_names, resolve_dtype
+from cakep2p.engine.part import ModelPart, part_tensor_names, resolve_dtype
 from cakep2p.errors import CakeError
-from cakep2p.mesh import (PARTS_DIR, find_model_dir, kv_cache_bytes, part_spec, read_cached_part, weight_bytes,
-                          write_cached_part)
+from cakep2p.weights import (PARTS_DIR, Transfer, TransferRejected, accept_chunk, find_model_dir, kv_cache_bytes,
+                             part_spec, read_cached_part, weight_bytes, write_cached_part)
 from cakep2p.security import ClusterKeys
 
 log = logging.getLogger(__name__)
 
 assert PROTOCOL_VERSION == wire.PROTOCOL_VERSION, "cakep2p.PROTOCOL_VERSION and wire.PROTOCOL_VERSION disagree"
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 MAX_EXTRA_TASKS = 8  # requests in flight beyond one per session (loads, transfers) before refusing more
 TRANSFER_STALL_S = 30.0  # a transfer without a chunk for this long may be taken over by another initiator
+NOT_SERVING = "{op}: this node does not take work now (its owner turned serving off); re-plan without it"
 RECEIVE_QUEUE_MESSAGES = 64  # bounds what a peer can make this node buffer (with wire's per-op size limits)
 
 
@@ -61,22 +60,6 @@ class _Session:
     last_used: float = field(default_factory=time.monotonic)
 
 
-@dataclass
-class _Transfer:
-    """A part being streamed in by `peer`: tensors arrive in part_tensor_names order, each in offset order."""
-
-    peer: bytes
-    request: wire.LoadPart
-    args: ModelArgs
-    names: list[str]
-    reserved_bytes: int
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    buffer: bytearray | None = None
-    received: int = 0
-    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
-    last_used: float = field(default_factory=time.monotonic)
-
-
 @dataclass(frozen=True)
 class StageLimits:
     """What a node lends: memory for weights + KV caches + transfers, and how many sessions it keeps."""
@@ -93,17 +76,18 @@ class StageServer:
     def __init__(self, *, node_id: str, name: str, keys: ClusterKeys | None, limits: StageLimits,
                  address: str = "127.0.0.1", port: int = 0, models_dirs: Sequence[str | Path] = (),
                  parts_dir: str | Path | None = None, device: str = "auto",
-                 on_refused: Callable[[str], None] | None = None) -> None:
+                 on_refused: Callable[[str], None] | None = None, serving: bool = True) -> None:
         self.node_id, self.name, self.keys, self.limits = node_id, name, keys, limits
         self.address, self.port = address, port
         self.models_dirs = [Path(path) for path in models_dirs]
         self.parts_dir = Path(parts_dir) if parts_dir is not None else paths.cache_dir() / PARTS_DIR
         self.device = device
         self.on_refused = on_refused
+        self.serving = serving  # False: refuse new loads, transfers and sessions (running sessions go on)
         self.refused_requests = 0  # malformed or refused messages answered with an error
         self._parts: dict[wire.PartRef, _LoadedPart] = {}
         self._sessions: dict[tuple[str, wire.PartRef], _Session] = {}
-        self._transfers: dict[wire.PartRef, _Transfer] = {}
+        self._transfers: dict[wire.PartRef, Transfer] = {}
         self._pending: dict[wire.PartRef, asyncio.Event] = {}  # parts being loaded; set when done or failed
         self._tasks: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cakep2p-compute")
@@ -222,6 +206,8 @@ class StageServer:
             await self._send(peer, wire.Heartbeat(request_id=message.request_id))
         elif isinstance(message, wire.Ping):
             await self._send(peer, self._pong(message.request_id))
+        elif isinstance(message, (wire.LoadPart, wire.TensorChunk, wire.TransferEnd)) and not self.serving:
+            await self._refuse(peer, message.request_id, "over_budget", NOT_SERVING.format(op=message.type))
         elif isinstance(message, (wire.Forward, wire.LoadPart, wire.TransferEnd)):
             if len(self._tasks) >= self.limits.max_sessions + MAX_EXTRA_TASKS:
                 await self._refuse(peer, message.request_id, "over_budget",
@@ -257,9 +243,11 @@ class StageServer:
             await self._refuse(peer, request.request_id, "internal", f"{request.type} failed: {type(error).__name__}")
 
     def _pong(self, request_id: int) -> wire.Pong:
+        """Capabilities; a node that is not serving offers no memory and no sessions (max_sessions 0)."""
         return wire.Pong(request_id=request_id, node_id=self.node_id, name=self.name[:64],
-                         loaded_parts=tuple(self._parts)[:wire.MAX_PARTS_LISTED], free_budget=self.free_bytes(),
-                         sessions=len(self._sessions), max_sessions=self.limits.max_sessions)
+                         loaded_parts=tuple(self._parts)[:wire.MAX_PARTS_LISTED],
+                         free_budget=self.free_bytes() if self.serving else 0, sessions=len(self._sessions),
+                         max_sessions=self.limits.max_sessions if self.serving else 0)
 
     async def _compute(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -296,6 +284,8 @@ class StageServer:
                                                   step=request.step, tensor=output))
 
     def _new_session(self, session_id: str, ref: wire.PartRef, loaded: _LoadedPart) -> _Session:
+        if not self.serving:
+            raise _Refusal("over_budget", NOT_SERVING.format(op="forward"))
         if len(self._sessions) >= self.limits.max_sessions:
             raise _Refusal("too_many_sessions", f"this node already serves its maximum of "
                                                 f"{self.limits.max_sessions} sessions; retry when one ends")
@@ -358,7 +348,7 @@ class StageServer:
             spec = part_spec(ref)
             reserved = weight_bytes(args, spec, resolve_dtype(request.dtype, args))
             self._reserve(reserved)
-            self._transfers[ref] = _Transfer(peer, request, args, part_tensor_names(args, spec), reserved)
+            self._transfers[ref] = Transfer(peer, request, args, part_tensor_names(args, spec), reserved)
             transfer_follows = True
             await self._send(peer, wire.LoadReply(request_id=request.request_id, status="send"))
         finally:
@@ -411,10 +401,10 @@ class StageServer:
                                                                          "in progress from you; send load_part")
             return
         try:
-            _accept_chunk(transfer, chunk)
-        except _Refusal as refusal:
+            accept_chunk(transfer, chunk)
+        except TransferRejected as rejection:
             self._drop_transfer(chunk.part)
-            await self._refuse(peer, chunk.request_id, refusal.code, str(refusal))
+            await self._refuse(peer, chunk.request_id, "transfer_failed", str(rejection))
             return
         await self._send(peer, wire.Ack(request_id=chunk.request_id))
 
@@ -445,30 +435,6 @@ class _Refusal(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
-
-
-def _accept_chunk(transfer: _Transfer, chunk: wire.TensorChunk) -> None:
-    index = len(transfer.tensors)
-    if index >= len(transfer.names) or chunk.name != transfer.names[index]:
-        expected = transfer.names[index] if index < len(transfer.names) else "nothing more"
-        raise _Refusal("transfer_failed", f"tensor_chunk: expected {expected}, got {chunk.name}")
-    if transfer.buffer is None:
-        expected_shape = expected_shapes(transfer.args, part_spec(chunk.part))[chunk.name]
-        if chunk.offset != 0 or chunk.shape != expected_shape or chunk.dtype not in WEIGHT_DTYPES:
-            raise _Refusal("transfer_failed", f"tensor_chunk: {chunk.name} must start at offset 0 with shape "
-                                              f"{list(expected_shape)} and a float dtype")
-        transfer.buffer, transfer.received = bytearray(chunk.total), 0
-    if chunk.offset != transfer.received or len(transfer.buffer) != chunk.total:
-        raise _Refusal("transfer_failed", f"tensor_chunk: {chunk.name} offset {chunk.offset} out of order")
-    data = memoryview(chunk.data)
-    transfer.buffer[chunk.offset:chunk.offset + data.nbytes] = data
-    transfer.digest.update(data)
-    transfer.received += data.nbytes
-    transfer.last_used = time.monotonic()
-    if transfer.received == chunk.total:
-        tensor = torch.frombuffer(transfer.buffer, dtype=wire.DTYPES[chunk.dtype]).reshape(chunk.shape)
-        transfer.tensors[chunk.name] = tensor
-        transfer.buffer = None
 
 
 def _ready(request_id: int, source: str, model: ModelPart) -> wire.LoadReply:

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
     parser.add_argument("--system", default=None, metavar="TEXT", help="system message (implies --chat)")
     parser.add_argument("--json", action="store_true",
-                        help='print one JSON object: prompt_tokens, tokens, text, ttft_s, tokens_per_s')
+                        help='print one JSON object: prompt_tokens, tokens, text, ttft_s, tokens_per_s, plan '
+                             '(null on one machine), stages (where each ran, its weights\' source, its seconds)')
     add_cluster_options(parser)
 
 
@@ -140,6 +141,25 @@ def _stream_to(out: TextIO) -> Callable[[str], None]:
     return write
 
 
+def cluster_report(model, pipeline: "Pipeline") -> dict:
+    """What --json adds: the plan (None on one machine) and, per pipeline stage, where it ran, the source of its
+    weights (local, memory, cache, models_dir, transfer) and the seconds spent in it; plus any notices."""
+    plan = getattr(model, "plan", None)
+    stage_seconds = list(getattr(pipeline, "stage_seconds", []))
+    sources = list(getattr(pipeline, "load_sources", []))
+    stages = []
+    for index, stage in enumerate(getattr(pipeline, "stages", [])):
+        where = {"name": stage.name, "address": stage.address, "port": stage.port} if hasattr(stage, "port") \
+            else {"name": "local", "address": None, "port": None}
+        stages.append({**where, "start": stage.part.start, "end": stage.part.end,
+                       "embedding": stage.part.has_embedding, "head": stage.part.has_head,
+                       "source": sources[index] if index < len(sources) else "local",
+                       "seconds": round(stage_seconds[index], 6) if index < len(stage_seconds) else 0.0})
+    return {"plan": plan.to_json() if plan is not None else None, "stages": stages,
+            "stage_seconds": [round(seconds, 6) for seconds in stage_seconds], "load_sources": sources,
+            "notices": list(getattr(model, "notices", []))}
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise CakeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -147,12 +167,14 @@ def run(args: argparse.Namespace) -> int:
 
     ModelArgs.from_dir(args.model)  # config problems fail here, before torch is imported
     check_device(args.device)
+    sampling_params(args, str(args.model), frozenset())  # bad flags fail before any peer is contacted
     model = open_model(args)
-    pipeline = model.new_pipeline()
+    pipeline = None
     try:
+        pipeline = model.new_pipeline()
         if args.json:
             completion = complete(pipeline, model.tokenizer, args, str(args.model))
-            print(json.dumps(completion.to_json(), ensure_ascii=False))
+            print(json.dumps({**completion.to_json(), **cluster_report(model, pipeline)}, ensure_ascii=False))
         else:
             complete(pipeline, model.tokenizer, args, str(args.model), on_text=_stream_to(sys.stdout))
             sys.stdout.write("\n")
@@ -160,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `cakep2p generate ... | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
-        pipeline.close()
+        if pipeline is not None:
+            pipeline.close()
         model.close()
     return 0

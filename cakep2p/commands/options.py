@@ -1,8 +1,16 @@
-"""Command-line options shared by every command that talks to the cluster."""
+"""Command-line options shared by every command that talks to the cluster, and opening the model they ask for."""
+
+from __future__ import annotations
 
 import argparse
+import logging
+import sys
+import uuid
+from typing import Any, Callable
 
-from cakep2p.units import parse_size
+from cakep2p.units import format_size, parse_size
+
+DEFAULT_WAIT_S = 2.0
 
 
 def _size(text: str) -> int:
@@ -51,10 +59,90 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     parser.add_argument("--context", type=int, default=None, metavar="N", help="tokens of KV cache to reserve (default: min(4096, model max))")
     parser.add_argument("--local", action="store_true", help="run on this machine only, no cluster")
+    parser.add_argument("--wait", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
+                        help=f"listen up to this long for peers before planning (default {DEFAULT_WAIT_S:g})")
 
 
-def open_model(args: argparse.Namespace):
-    """The model the command asked for, as a LoadedModel: local now; over the cluster once the mesh is wired."""
+def open_model(args: argparse.Namespace, *, on_notice: Callable[[str], None] | None = None,
+               on_progress: Callable[[str, int, int], None] | None = None):
+    """The model the command asked for, as a LoadedModel: over the cluster, or on this machine with --local.
+
+    For the cluster a Node is started here, NOT serving: a process that only runs `generate`, `chat` or `api` uses
+    the peers' memory but takes no work from others (run `cakep2p --serve` for that). It has a throwaway node id,
+    so a `cakep2p --serve` of the same install on this machine is a peer like any other. It listens up to --wait
+    seconds for peers, then plans; closing the returned model unloads the peers' parts and stops the node.
+    Notices (a lost peer) and finished weight transfers go to stderr unless callbacks are given.
+    """
+    from cakep2p import cluster
     from cakep2p.loaded_model import LocalModel
 
-    return LocalModel(args.model, dtype=args.dtype, device=args.device, context=args.context)
+    if getattr(args, "local", False):
+        return LocalModel(args.model, dtype=args.dtype, device=args.device, context=args.context)
+    from cakep2p.node import Node
+
+    check_model_folder(args.model, args.dtype)  # a broken folder fails here, before any network activity
+    if not getattr(args, "verbose", False):  # an initiator's user wants the text and notices, not the node's log
+        for name in ("cakep2p.node", "cakep2p.stage", "cakep2p.discovery", "cakep2p.cluster", "cakep2p.security"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("cakep2p.mesh").setLevel(logging.ERROR)  # its "moving the session" is our notice
+    def option(name: str, default: Any = None) -> Any:  # each command adds the options it needs
+        return getattr(args, name, default)
+
+    node = Node(interfaces=option("interface"), max_memory=option("max_memory"), cluster_code=option("cluster"),
+                serving=False, static_peers=option("peers", []), insecure_open=option("insecure_open", False),
+                node_id=uuid.uuid4().hex)
+    node.start()
+    try:
+        model = cluster.open_model(node, args.model, dtype=args.dtype, device=args.device,
+                                   strategy=option("strategy", "proportional"), context=args.context,
+                                   max_memory=option("max_memory"), wait_s=option("wait", DEFAULT_WAIT_S),
+                                   on_progress=on_progress or _print_transfers(), on_notice=on_notice or _print_notice)
+    except BaseException:
+        node.stop()
+        raise
+    return ModelWithNode(model, node)
+
+
+def check_model_folder(model_dir: str, dtype: str = "auto") -> None:
+    """ModelError unless every tensor of the whole model is in the checkpoint with the shape config.json implies."""
+    from cakep2p.engine.checkpoint import read_tensor_index
+    from cakep2p.engine.config import ModelArgs
+    from cakep2p.engine.part import PartSpec, expected_shapes
+    from cakep2p.engine.sizes import model_spec
+    from cakep2p.errors import ModelError
+
+    model_spec(model_dir, dtype)  # config, dtype, safetensors headers, missing tensors
+    model_args = ModelArgs.from_dir(model_dir)
+    index = read_tensor_index(model_dir)
+    whole = PartSpec(0, model_args.num_layers, has_embedding=True, has_head=True)
+    for name, shape in expected_shapes(model_args, whole).items():
+        if tuple(index[name].shape) != tuple(shape):
+            raise ModelError(f"model {model_dir}: tensor {name} has shape {list(index[name].shape)}, "
+                             f"expected {list(shape)}")
+
+
+class ModelWithNode:
+    """A LoadedModel (every attribute passes through) whose close() also stops the node it was opened on."""
+
+    def __init__(self, model: Any, node: Any) -> None:
+        self.model, self.node = model, node
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def close(self) -> None:
+        try:
+            self.model.close()
+        finally:
+            self.node.stop()
+
+
+def _print_notice(text: str) -> None:
+    print(f"cakep2p: note: {text}", file=sys.stderr, flush=True)
+
+
+def _print_transfers() -> Callable[[str, int, int], None]:
+    def progress(label: str, done: int, total: int) -> None:
+        if done >= total > 0:
+            print(f"cakep2p: sent {format_size(total)} of weights to {label}", file=sys.stderr, flush=True)
+    return progress

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cap on the memory this machine offers for model parts (e.g. 8GB, 512MiB)")
     parser.add_argument("--no-discovery", action="store_true",
                         help="do not announce or browse over mDNS (use --peers on the other machines)")
+    parser.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                        help="also look here for models a peer asks for (default: the data dir's models/)")
     add_network_options(parser)
 
 
@@ -60,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if args.insecure_open:
         log.warning("--insecure-open: the mesh will accept anyone on this network; DEBUG ONLY")
     node = Node(name=args.name, port=args.port, interfaces=args.interface, max_memory=args.max_memory,
-                cluster_code=args.cluster, discovery=not args.no_discovery, static_peers=args.peers)
+                cluster_code=args.cluster, discovery=not args.no_discovery, static_peers=args.peers,
+                insecure_open=args.insecure_open, models_dirs=args.models_dir)
     node.directory.add_listener(_log_peer_event)
     node.run_forever()
     return 0

@@ -1,0 +1,239 @@
+"""The cluster end to end: `cakep2p --serve` processes on 127.0.0.1, `cakep2p generate` planning over them, weights
+sent to nodes that lack them, a stage SIGKILLed mid-generation, concurrent sessions, static peers, serving off."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import threading
+
+import pytest
+import torch
+
+from cakep2p import cluster, security
+from cakep2p import node as node_module
+from cakep2p.engine.generate import generate
+from cakep2p.engine.part import PartSpec
+from cakep2p.engine.sampling import SamplingParams
+from cakep2p.errors import MeshError, PlanError
+from cakep2p.loaded_model import LocalModel
+from cakep2p.mesh import StageClient, StageRefused
+from cakep2p.node import Node
+from cakep2p.testing import cached_random_model
+from cakep2p.units import parse_size
+from tests._cluster_helpers import (INITIATOR_MEMORY, REPO, child_env, generate_command, greedy_tokens, local_tokens,
+                                    remote_names, run_generate, serve_nodes)
+from tests._discovery_helpers import free_port, loopback_multicast_on, seed_benchmark, wait_until
+from tests._discovery_helpers import no_leaked_threads  # noqa: F401  (a fixture)
+
+SUFFIX = f"-{os.getpid()}"
+TRIO = [f"alpha{SUFFIX}", f"bravo{SUFFIX}", f"charlie{SUFFIX}"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def code() -> str:
+    return security.new_code()
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory, code):
+    loopback_multicast_on()
+    with serve_nodes(tmp_path_factory.mktemp("trio"), code, TRIO) as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="module")
+def reference(stories_dir) -> dict:
+    greedy = json.loads((stories_dir / "REFERENCE.json").read_text())["greedy"]
+    return next(item for item in greedy if item["prompt"] == "Once upon a time")
+
+
+@pytest.fixture(scope="module")
+def first_run(trio, code, stories_dir, tmp_path_factory) -> tuple[dict, str]:
+    """The first stories260K generation over the trio (the nodes have no copy of the model yet)."""
+    return run_generate(tmp_path_factory.mktemp("initiator"), code, stories_dir)
+
+
+def test_generate_over_three_serve_nodes_gives_the_reference_tokens(first_run, reference):
+    result, _ = first_run
+    assert result["tokens"] == reference["new_token_ids"]
+    assert remote_names(result) == set(TRIO)
+
+
+@pytest.fixture(scope="module")
+def initiator(trio, code, tmp_path_factory):
+    """An in-process initiator Node (not serving) that sees the trio."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        node = start_node(tmp_path_factory.mktemp("in-process"), monkeypatch, code, serving=False,
+                          max_memory=INITIATOR_MEMORY)
+    try:
+        wait_until(lambda: {peer.name for peer in node.directory.usable()} >= set(TRIO), 15, message="the trio")
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_random_model_of_each_family_over_three_nodes_gives_the_local_tokens(family, first_run, initiator):
+    path = cached_random_model(family, "tiny")
+    model = initiator.open_model(path, wait_s=2)
+    try:
+        assert greedy_tokens(model) == local_tokens(path)
+        assert {stage.name for stage in model.plan.stages if stage.end > stage.start} == set(TRIO)
+    finally:
+        model.close()
+
+
+def test_nodes_without_the_model_receive_its_tensors_and_a_second_run_sends_nothing(first_run, trio, code,
+                                                                                   stories_dir, tmp_path):
+    result, stderr = first_run
+    remote_sources = [stage["source"] for stage in result["stages"] if stage["address"]]
+    assert remote_sources == ["transfer"] * 3 and stderr.count("of weights to") == 3
+    assert all(list((node.home / "cache" / "parts").glob("*.safetensors")) for node in trio)
+    again, stderr = run_generate(tmp_path / "initiator", code, stories_dir)
+    assert {stage["source"] for stage in again["stages"] if stage["address"]} <= {"cache", "memory"}
+    assert "of weights to" not in stderr and again["tokens"] == result["tokens"]
+
+
+def test_two_concurrent_sessions_through_the_same_stages_equal_each_alone(first_run, initiator, stories_dir,
+                                                                        no_leaked_threads):
+    prompts = [[1, 403, 407, 261, 378], [1, 365, 289, 401]]
+    params = SamplingParams(max_new_tokens=24)
+    whole = LocalModel(stories_dir, device="cpu", context=64)
+    expected = []
+    for prompt in prompts:
+        pipeline = whole.new_pipeline()
+        expected.append(list(generate(pipeline, prompt, params)))
+        pipeline.close()
+    model = initiator.open_model(stories_dir, context=64, wait_s=2)
+    try:
+        assert isinstance(model, cluster.ClusterModel)
+        results: dict[int, list[int]] = {}
+        barrier = threading.Barrier(2)
+
+        def run(index: int) -> None:
+            pipeline = model.new_pipeline()
+            try:
+                barrier.wait(30)
+                results[index] = list(generate(pipeline, prompts[index], params))
+            finally:
+                pipeline.close()
+
+        threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert [results.get(0), results.get(1)] == expected
+    finally:
+        model.close()
+
+
+def test_sigkilled_stage_mid_generation_is_replaced_and_the_text_is_unchanged(first_run, trio, code, stories_dir,
+                                                                            reference, tmp_path):
+    """Kills one of the trio: keep it the LAST test in this file that uses the trio."""
+    victim = trio[1]
+    process = subprocess.Popen(generate_command(stories_dir), cwd=REPO, env=child_env(tmp_path / "initiator", code),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    try:
+        first = os.read(process.stdout.fileno(), 4096)  # the first streamed text: generation has begun
+        still_generating = process.poll() is None
+        os.kill(victim.process.pid, signal.SIGKILL)
+        rest, stderr = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr.decode()[-3000:]
+    assert still_generating and first
+    assert (first + rest).decode() == reference["text"] + "\n"
+    assert f"peer {victim.name} lost; continuing on" in stderr.decode()
+
+
+def test_static_peer_with_discovery_off_is_used_by_generate(stories_dir, reference, tmp_path):
+    loopback_multicast_on()
+    other_code = security.new_code()
+    with serve_nodes(tmp_path, other_code, [f"static{SUFFIX}"], args=("--no-discovery", "--max-memory", "8MiB"),
+                     see_each_other=False) as [static]:
+        result, _ = run_generate(tmp_path / "initiator", other_code, stories_dir, "--peers", f"127.0.0.1:{static.port}")
+    assert result["tokens"] == reference["new_token_ids"]
+    assert remote_names(result) == {static.name}
+
+
+def test_static_peer_is_listed_from_its_pong_and_dropped_when_it_stops_answering(tmp_path, monkeypatch,
+                                                                                 no_leaked_threads):
+    monkeypatch.setattr(node_module, "STATIC_PEER_REFRESH_S", 0.2)
+    monkeypatch.setattr(node_module, "STATIC_PEER_TIMEOUT_S", 0.5)
+    shared_code = security.new_code()
+    lender = start_node(tmp_path / "lender", monkeypatch, shared_code, name=f"pinged{SUFFIX}", max_memory="8MiB",
+                        discovery=False)
+    asker = start_node(tmp_path / "asker", monkeypatch, shared_code, discovery=False, serving=False,
+                       max_memory=INITIATOR_MEMORY, static_peers=[("127.0.0.1", lender.port)])
+    try:
+        peer = wait_until(lambda: asker.directory.get(lender.node_id), 10, message="the static peer")
+        assert (peer.name, peer.port, peer.serving, peer.offered_memory) == (lender.name, lender.port, True, 8 << 20)
+        lender.stop()
+        wait_until(lambda: asker.directory.get(lender.node_id) is None, 10, message="the static peer to be dropped")
+    finally:
+        asker.stop()
+        lender.stop()
+
+
+def test_node_with_serving_off_refuses_new_work_and_is_not_planned(stories_dir, tmp_path, monkeypatch,
+                                                                  no_leaked_threads):
+    loopback_multicast_on()
+    other_code = security.new_code()
+    lender = start_node(tmp_path / "lender", monkeypatch, other_code, name=f"lender{SUFFIX}", max_memory="8MiB")
+    initiator = start_node(tmp_path / "initiator", monkeypatch, other_code, serving=False, max_memory=INITIATOR_MEMORY)
+    client = StageClient("127.0.0.1", lender.port, lender.keys)
+    try:
+        wait_until(lambda: lender.node_id in {peer.node_id for peer in initiator.directory.usable()}, 15,
+                   message="the initiator to see the lender")
+        lender.set_serving(False).result(10)
+        wait_until(lambda: lender.node_id not in {peer.node_id for peer in initiator.directory.usable()}, 15,
+                   message="the initiator to see the lender stop serving")
+        with pytest.raises(PlanError):
+            initiator.open_model(stories_dir, context=64)
+        with pytest.raises(StageRefused, match="serving off"):
+            client.load_part(stories_dir, PartSpec(0, 2, False, False), max_seq_len=64)
+        assert client.ping().max_sessions == 0
+    finally:
+        client.close()
+        initiator.stop()
+        lender.stop()
+
+
+def test_new_cluster_code_restarts_the_mesh_with_the_new_keys(tmp_path, monkeypatch, no_leaked_threads):
+    loopback_multicast_on()
+    old_code, new_code = security.new_code(), security.new_code()
+    node = start_node(tmp_path / "node", monkeypatch, old_code, max_memory="8MiB")
+    try:
+        node.set_cluster_code(new_code).result(30)
+        assert node.fingerprint == security.derive_keys(new_code).fingerprint
+        with contextlib.closing(StageClient("127.0.0.1", node.port, security.derive_keys(new_code))) as member:
+            assert member.ping(10).node_id == node.node_id
+        with contextlib.closing(StageClient("127.0.0.1", node.port, security.derive_keys(old_code),
+                                            heartbeat_s=0.2)) as stranger:
+            with pytest.raises(MeshError):
+                stranger.ping(2)
+    finally:
+        node.stop()
+
+
+def start_node(home, monkeypatch, code: str, *, max_memory: str, **options) -> Node:
+    """An in-process Node on 127.0.0.1 with its own home (the caller stops it)."""
+    seed_benchmark(home)
+    monkeypatch.setenv("CAKEP2P_HOME", str(home))
+    node = Node(port=free_port(), interfaces=["127.0.0.1"], cluster_code=code, max_memory=parse_size(max_memory),
+                **options)
+    node.start()
+    return node
