@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import errno
 import logging
+import os
 import signal
 import socket
 import threading
@@ -65,8 +66,17 @@ def choose_port(requested: int | None, host: str = "") -> int:
     raise CakeError(f"no free TCP port in {DEFAULT_PORT}-{DEFAULT_PORT + PORT_SEARCH_SPAN - 1}: pass --port")
 
 
+INTERFACE_ENV = "CAKEP2P_INTERFACE"
+
+
 def resolve_interfaces(interfaces: list[str] | None) -> list[str] | None:
-    """--interface values (IPv4 addresses or interface names such as eth0) -> this machine's IPv4 addresses."""
+    """--interface values (IPv4 addresses or interface names such as eth0) -> this machine's IPv4 addresses.
+
+    Without --interface, $CAKEP2P_INTERFACE (comma-separated) applies if set — the test suite pins it to
+    127.0.0.1 so no test process ever announces beyond loopback — else None: all interfaces.
+    """
+    if not interfaces:
+        interfaces = [item.strip() for item in os.environ.get(INTERFACE_ENV, "").split(",") if item.strip()]
     if not interfaces:
         return None
     local = {name: [item.address for item in items if item.family == socket.AF_INET]

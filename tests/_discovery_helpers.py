@@ -103,6 +103,9 @@ def start_serve(tmp_path: Path, name: str | None, port: int | None, *, interface
     log_path = tmp_path / f"{name or 'default'}.log"
     child_env = {**os.environ, "CAKEP2P_HOME": str(home), "CAKEP2P_CLUSTER_CODE": code, "PYTHONUNBUFFERED": "1",
                  "OMP_NUM_THREADS": "1", **(env or {})}
+    if not interface:  # the all-interfaces default: announced only inside a namespace the test made
+        assert netns or "--no-discovery" in args, "a node on all interfaces must run in a test network namespace"
+        child_env.pop("CAKEP2P_INTERFACE", None)
     command = [sys.executable, "-m", "cakep2p", "--serve", *args]
     command += ["--name", name] if name else []
     command += ["--port", str(port)] if port else []

@@ -9,6 +9,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEST_MODEL = REPO.parent / "shared" / "models" / "stories260K"
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# The network rule: every node a test starts without --interface (in-process or a child process) stays on
+# loopback. Tests that want the all-interfaces default run it inside a network namespace and drop this.
+os.environ["CAKEP2P_INTERFACE"] = "127.0.0.1"
 
 
 @pytest.fixture(scope="session")

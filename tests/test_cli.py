@@ -14,7 +14,15 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "cakep2p"
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors")
 
 
+def local_only(arguments: tuple[str, ...]) -> tuple[str, ...]:
+    """These tests exercise one machine; `generate` without --local would browse every interface."""
+    if arguments and arguments[0] == "generate" and "--local" not in arguments:
+        return ("generate", "--local", *arguments[1:])
+    return arguments
+
+
 def run_cakep2p(*arguments: str, home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    arguments = local_only(arguments)
     env = {**os.environ, "CAKEP2P_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
     return subprocess.run([sys.executable, "-m", "cakep2p", *arguments], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -170,7 +178,7 @@ def generate_in_process(capsys, *arguments: str) -> dict:
     """The same entry point in this process (no torch start-up per call) for option wiring checks."""
     from cakep2p.cli import main
 
-    assert main(["generate", *arguments, "--json"]) == 0
+    assert main(["generate", "--local", *arguments, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 

@@ -80,7 +80,7 @@ def peer_budgets(args: argparse.Namespace, exclude: str) -> list[planner.NodeBud
 
     fingerprint = cluster_keys(args.cluster).fingerprint
     budgets: dict[str, planner.NodeBudget] = {}
-    for peer in snapshot_peers(args.interface, args.wait, fingerprint):
+    for peer in snapshot_peers(resolve_interfaces(args.interface), args.wait, fingerprint):
         if peer.status != "ok" or not peer.serving or peer.node_id == exclude or peer.node_id in budgets:
             continue
         budgets[peer.node_id] = planner.NodeBudget(peer.node_id, peer.name, int(peer.offered_memory),
