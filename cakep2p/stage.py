@@ -24,7 +24,7 @@ from cakep2p.engine.config import ModelArgs
 from cakep2p.engine.part import ModelPart, part_tensor_names, resolve_dtype
 from cakep2p.errors import CakeError
 from cakep2p.weights import (PARTS_DIR, Transfer, TransferRejected, accept_chunk, find_model_dir, kv_cache_bytes,
-                             part_spec, read_cached_part, weight_bytes, write_cached_part)
+                             part_spec, read_cached_part, store_transfer, weight_bytes)
 from cakep2p.security import ClusterKeys
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,8 @@ class StageServer:
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._parts.clear()
         self._sessions.clear()
+        for transfer in self._transfers.values():
+            transfer.close()
         self._transfers.clear()
 
     def _shutdown_context(self) -> None:
@@ -348,7 +350,8 @@ class StageServer:
             spec = part_spec(ref)
             reserved = weight_bytes(args, spec, resolve_dtype(request.dtype, args))
             self._reserve(reserved)
-            self._transfers[ref] = Transfer(peer, request, args, part_tensor_names(args, spec), reserved)
+            self._transfers[ref] = Transfer(peer, request, args, part_tensor_names(args, spec), reserved,
+                                            spool_dir=self.parts_dir)
             transfer_follows = True
             await self._send(peer, wire.LoadReply(request_id=request.request_id, status="send"))
         finally:
@@ -361,7 +364,9 @@ class StageServer:
             pending.set()
 
     def _drop_transfer(self, ref: wire.PartRef) -> None:
-        self._transfers.pop(ref, None)
+        transfer = self._transfers.pop(ref, None)
+        if transfer is not None:
+            transfer.close()
         self._end_pending(ref)
 
     async def _load_local(self, request: wire.LoadPart) -> str | None:
@@ -414,16 +419,20 @@ class StageServer:
             raise _Refusal("transfer_failed", "transfer_end: no transfer of that part in progress from you")
         transfer.last_used = float("inf")  # being built: neither stalled nor abandoned
         try:  # the transfer keeps its memory reservation until the part is registered
-            if len(transfer.tensors) != len(transfer.names) or end.tensor_count != len(transfer.names):
-                raise _Refusal("transfer_failed", f"transfer_end after {len(transfer.tensors)} of "
+            if transfer.complete_tensors != len(transfer.names) or end.tensor_count != len(transfer.names):
+                raise _Refusal("transfer_failed", f"transfer_end after {transfer.complete_tensors} of "
                                                   f"{len(transfer.names)} tensors")
             if transfer.digest.hexdigest() != end.sha256:
                 raise _Refusal("transfer_failed", "transfer_end: sha256 of the received tensors does not match")
             request = transfer.request
-            await self._compute(write_cached_part, end.part, request.config_json, transfer.tensors, end.sha256,
-                                 self.parts_dir)
-            model = await self._compute(ModelPart.from_tensors, transfer.args, part_spec(end.part),
-                                        transfer.tensors, request.dtype, self.device)
+            await self._compute(store_transfer, transfer, end.sha256, self.parts_dir)
+            transfer.close()
+            cached = await self._compute(read_cached_part, end.part, self.parts_dir)  # built from the file, one
+            # tensor at a time: the part is in memory once, never twice
+            if cached is None:
+                raise _Refusal("transfer_failed", "transfer_end: the received part could not be stored; retry")
+            model = await self._compute(ModelPart.from_tensors, transfer.args, part_spec(end.part), cached[1],
+                                        request.dtype, self.device)
             self._transfers.pop(end.part, None)
             self._register(request, model, "transfer")
         finally:

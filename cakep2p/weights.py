@@ -8,17 +8,21 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from cakep2p import paths, wire
-from cakep2p.engine.checkpoint import DTYPES as CHECKPOINT_DTYPES, load_tensor, read_tensor_index
+from cakep2p.engine.checkpoint import (DTYPES as CHECKPOINT_DTYPES, TensorInfo, load_tensor, read_safetensors_header,
+                                      read_tensor_index)
 from cakep2p.engine.config import ModelArgs
 from cakep2p.engine.part import PartSpec, expected_shapes, part_tensor_names
 from cakep2p.errors import MeshError, ModelError, ProtocolError
@@ -33,6 +37,7 @@ PARTS_DIR = "parts"
 FINGERPRINT_CHARS = 32
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 Progress = Callable[[int, int], None]  # (bytes sent, bytes in all)
+SAFETENSORS_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 # -- model identity and the cache of received parts --------------------------------------------------------
 
@@ -90,38 +95,79 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 def write_cached_part(ref: wire.PartRef, config_json: str, tensors: dict[str, torch.Tensor], sha256: str,
                       parts_dir: Path | None = None) -> Path:
-    """Store a received part (tensors in part_tensor_names order) with its config and checksum in the metadata."""
-    from safetensors.torch import save_file
+    """Store a received part (tensors in part_tensor_names order) with its config and checksum in the metadata.
 
+    Written as safetensors one tensor at a time, straight from the tensors' memory: no second copy of the part.
+    """
     path = cached_part_path(ref, parts_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"cakep2p_fingerprint": ref.model_fingerprint, "cakep2p_sha256": sha256,
                 "cakep2p_config": config_json, "cakep2p_part": json.dumps(_ref_fields(ref)),
                 "cakep2p_order": json.dumps(list(tensors))}
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_CODES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        save_file(tensors, str(temporary), metadata=metadata)
+        with temporary.open("wb") as handle:
+            handle.write(len(header_bytes).to_bytes(8, "little"))
+            handle.write(header_bytes)
+            for tensor in tensors.values():
+                handle.write(raw_bytes(tensor))
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
     return path
 
 
-def read_cached_part(ref: wire.PartRef, parts_dir: Path | None = None) -> tuple[str, dict[str, torch.Tensor]] | None:
-    """(config_json, tensors) of a cached part whose checksum still matches; None (and the file removed) if not."""
-    from safetensors import safe_open
+class FileTensors(Mapping):
+    """The tensors of a safetensors file, each read from disk when asked for and not kept: filling a ModelPart from
+    it holds one tensor at a time besides the part (memory-mapped reads, as ModelPart.load does)."""
 
+    def __init__(self, index: dict[str, TensorInfo], order: Sequence[str]) -> None:
+        self._index, self._order = index, list(order)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """A tensor over a private memory map of the file (no heap copy; unmapped when the tensor is freed)."""
+        info = self._index[name]
+        dtype = CHECKPOINT_DTYPES[info.dtype][0]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+        with info.file.open("rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), info.offset + info.nbytes - start, offset=start,
+                               access=mmap.ACCESS_COPY)
+        return torch.frombuffer(mapped, dtype=dtype, count=info.nbytes // dtype.itemsize,
+                                offset=info.offset - start).view(info.shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+def read_cached_part(ref: wire.PartRef, parts_dir: Path | None = None) -> tuple[str, FileTensors] | None:
+    """(config_json, tensors read on demand) of a cached part whose checksum still matches; None (and the file
+    removed) if not. The checksum is computed by streaming the file, so the part is never all in memory here."""
     path = cached_part_path(ref, parts_dir)
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            order = json.loads(metadata["cakep2p_order"])
-            tensors = {name: handle.get_tensor(name) for name in order}
+        index = read_safetensors_header(path)
+        with path.open("rb") as handle:  # read_safetensors_header has checked the length against the file
+            metadata = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))["__metadata__"]
+        order = json.loads(metadata["cakep2p_order"])
         valid = (metadata["cakep2p_fingerprint"] == ref.model_fingerprint
                  and json.loads(metadata["cakep2p_part"]) == _ref_fields(ref)
-                 and content_sha256(tensors.values()) == metadata["cakep2p_sha256"])
+                 and sorted(order) == sorted(index)
+                 and _file_sha256(path, [index[name] for name in order]) == metadata["cakep2p_sha256"])
     except Exception as error:  # a damaged cache file is re-fetched, never trusted
         log.warning("cached part %s is unreadable (%s); it will be transferred again", path.name, error)
         valid = False
@@ -129,7 +175,23 @@ def read_cached_part(ref: wire.PartRef, parts_dir: Path | None = None) -> tuple[
         log.warning("cached part %s does not match its checksum; removing it", path.name)
         path.unlink(missing_ok=True)
         return None
-    return metadata["cakep2p_config"], tensors
+    return metadata["cakep2p_config"], FileTensors(index, order)
+
+
+def _file_sha256(path: Path, infos: Sequence[TensorInfo]) -> str:
+    """sha256 over the tensors' bytes in the file, in the given order, read CHUNK_BYTES at a time."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for info in infos:
+            handle.seek(info.offset)
+            left = info.nbytes
+            while left:
+                piece = handle.read(min(left, CHUNK_BYTES))
+                if not piece:
+                    raise ModelError(f"{path} is truncated")
+                digest.update(piece)
+                left -= len(piece)
+    return digest.hexdigest()
 
 
 def content_sha256(tensors: Iterable[torch.Tensor]) -> str:
@@ -204,40 +266,88 @@ class TransferRejected(ValueError):
 
 @dataclass
 class Transfer:
-    """A part being streamed in by `peer`: tensors arrive in part_tensor_names order, each in offset order."""
+    """A part being streamed in by `peer`: tensors arrive in part_tensor_names order, each in offset order, and go
+    straight to a spool file in `spool_dir` (never all in memory: the part is built from the stored file)."""
 
     peer: bytes
     request: wire.LoadPart
     args: ModelArgs
     names: list[str]
     reserved_bytes: int
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    buffer: bytearray | None = None
+    spool_dir: Path | None = None
+    received_tensors: dict[str, tuple[str, tuple[int, ...], int]] = field(default_factory=dict)  # dtype, shape, bytes
+    current: str | None = None  # the tensor whose chunks are arriving
     received: int = 0
     digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
     last_used: float = field(default_factory=time.monotonic)
+    spool: BinaryIO | None = None
+
+    @property
+    def complete_tensors(self) -> int:
+        return len(self.received_tensors) - (self.current is not None)
+
+    def close(self) -> None:
+        """Drop the spool file (a transfer that ends, fails or is abandoned)."""
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
 
 
 def accept_chunk(transfer: Transfer, chunk: wire.TensorChunk) -> None:
-    """Copy one chunk into the transfer; TransferRejected when it is not the next one expected."""
-    index = len(transfer.tensors)
+    """Append one chunk to the transfer's spool; TransferRejected when it is not the next one expected."""
+    index = transfer.complete_tensors
     if index >= len(transfer.names) or chunk.name != transfer.names[index]:
         expected = transfer.names[index] if index < len(transfer.names) else "nothing more"
         raise TransferRejected(f"tensor_chunk: expected {expected}, got {chunk.name}")
-    if transfer.buffer is None:
+    if transfer.current is None:
         expected_shape = expected_shapes(transfer.args, part_spec(chunk.part))[chunk.name]
         if chunk.offset != 0 or chunk.shape != expected_shape or chunk.dtype not in WEIGHT_DTYPES:
             raise TransferRejected(f"tensor_chunk: {chunk.name} must start at offset 0 with shape "
                                    f"{list(expected_shape)} and a float dtype")
-        transfer.buffer, transfer.received = bytearray(chunk.total), 0
-    if chunk.offset != transfer.received or len(transfer.buffer) != chunk.total:
+        if transfer.spool is None:
+            directory = transfer.spool_dir if transfer.spool_dir is not None else paths.cache_dir() / PARTS_DIR
+            directory.mkdir(parents=True, exist_ok=True)
+            transfer.spool = tempfile.TemporaryFile(dir=directory, prefix=".transfer-")
+        transfer.current, transfer.received = chunk.name, 0
+        transfer.received_tensors[chunk.name] = (chunk.dtype, chunk.shape, chunk.total)
+    _, _, total = transfer.received_tensors[chunk.name]
+    if chunk.offset != transfer.received or chunk.total != total:
         raise TransferRejected(f"tensor_chunk: {chunk.name} offset {chunk.offset} out of order")
     data = memoryview(chunk.data)
-    transfer.buffer[chunk.offset:chunk.offset + data.nbytes] = data
+    if transfer.received + data.nbytes > total:
+        raise TransferRejected(f"tensor_chunk: {chunk.name} runs past its {total} bytes")
+    transfer.spool.write(data)
     transfer.digest.update(data)
     transfer.received += data.nbytes
     transfer.last_used = time.monotonic()
-    if transfer.received == chunk.total:
-        tensor = torch.frombuffer(transfer.buffer, dtype=wire.DTYPES[chunk.dtype]).reshape(chunk.shape)
-        transfer.tensors[chunk.name] = tensor
-        transfer.buffer = None
+    if transfer.received == total:
+        transfer.current = None
+
+
+def store_transfer(transfer: Transfer, sha256: str, parts_dir: Path | None = None) -> Path:
+    """Write a complete transfer as the part's cache file (safetensors, as write_cached_part), copying the spool."""
+    ref, request = transfer.request.part, transfer.request
+    path = cached_part_path(ref, parts_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header: dict[str, object] = {"__metadata__": {
+        "cakep2p_fingerprint": ref.model_fingerprint, "cakep2p_sha256": sha256,
+        "cakep2p_config": request.config_json, "cakep2p_part": json.dumps(_ref_fields(ref)),
+        "cakep2p_order": json.dumps(list(transfer.received_tensors))}}
+    offset = 0
+    for name, (dtype, shape, nbytes) in transfer.received_tensors.items():
+        header[name] = {"dtype": SAFETENSORS_CODES[wire.DTYPES[dtype]], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with temporary.open("wb") as handle:
+            handle.write(len(header_bytes).to_bytes(8, "little"))
+            handle.write(header_bytes)
+            transfer.spool.seek(0)
+            shutil.copyfileobj(transfer.spool, handle, CHUNK_BYTES)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
