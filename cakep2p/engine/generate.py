@@ -1,0 +1,104 @@
+"""Token generation over any Pipeline (local parts here, remote stages in the mesh): prefill, then token by token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+
+from cakep2p.engine.config import ModelArgs
+from cakep2p.engine.part import ModelPart, PartSpec
+from cakep2p.engine.sampling import Sampler, SamplingParams
+from cakep2p.errors import ModelError
+
+
+class Pipeline(Protocol):
+    """The whole model, however it is spread; it owns the KV caches of one session."""
+
+    max_seq_len: int
+
+    def forward(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
+        """Run tokens at positions start_pos.. and return float32 logits [vocab] of the last one."""
+
+    def close(self) -> None:
+        """Release the caches (and, remotely, the session)."""
+
+
+class LocalPipeline:
+    """One or more ModelParts chained in-process; owns their KV caches."""
+
+    def __init__(self, parts: list[ModelPart], max_seq_len: int) -> None:
+        _check_chain(parts)
+        self.parts = list(parts)
+        self.max_seq_len = max_seq_len
+        self.caches = [part.new_cache(max_seq_len) for part in self.parts]
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, max_seq_len: int, dtype: str = "auto",
+                 device: str = "auto") -> "LocalPipeline":
+        """The whole model of `model_dir` as one part."""
+        part = ModelPart.load(model_dir, _whole(model_dir), dtype=dtype, device=device)
+        return cls([part], max_seq_len)
+
+    def forward(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
+        if not token_ids:
+            raise ValueError("forward needs at least one token")
+        if not self.caches:
+            raise ValueError("this pipeline is closed; open a new one")
+        if start_pos < 0 or start_pos + len(token_ids) > self.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + len(token_ids)} exceed the context "
+                             f"of {self.max_seq_len} tokens")
+        x = torch.tensor(token_ids, dtype=torch.long)
+        for part, cache in zip(self.parts, self.caches):
+            x = part(x, start_pos, cache, last_only=True)
+        return x[-1].float()
+
+    def close(self) -> None:
+        self.caches = []
+
+
+def _whole(model_dir: str | Path) -> PartSpec:
+    return PartSpec(0, ModelArgs.from_dir(model_dir).num_layers, has_embedding=True, has_head=True)
+
+
+def _check_chain(parts: list[ModelPart]) -> None:
+    if not parts:
+        raise ModelError("a pipeline needs at least one model part")
+    if not parts[0].part.has_embedding or not parts[-1].part.has_head:
+        raise ModelError("the first part must hold the embedding and the last the LM head")
+    for before, after in zip(parts, parts[1:]):
+        if before.part.has_head or after.part.has_embedding or before.part.end != after.part.start:
+            raise ModelError(f"parts {before.part} and {after.part} do not follow one another")
+    if parts[-1].part.end != parts[-1].args.num_layers or parts[0].part.start != 0:
+        raise ModelError(f"the parts cover layers {parts[0].part.start}..{parts[-1].part.end}, "
+                         f"not all {parts[-1].args.num_layers}")
+
+
+def generate(pipeline: Pipeline, prompt_ids: list[int], params: SamplingParams,
+             start_pos: int = 0) -> Iterator[int]:
+    """Yield new token ids as they come; a stop token is yielded, then generation ends.
+
+    `prompt_ids[:start_pos]` must already be in the pipeline's caches (a reused prefix).
+    """
+    prompt_ids = list(prompt_ids)
+    if not prompt_ids:
+        raise ValueError("the prompt is empty; generation needs at least one token (e.g. BOS)")
+    if not 0 <= start_pos < len(prompt_ids):
+        raise ValueError(f"start_pos {start_pos} must leave at least one of the {len(prompt_ids)} prompt tokens to run")
+    if params.max_new_tokens == 0:
+        return
+    needed = len(prompt_ids) + params.max_new_tokens - 1
+    if needed > pipeline.max_seq_len:
+        raise ModelError(f"{len(prompt_ids)} prompt tokens + {params.max_new_tokens} new tokens exceed the context "
+                         f"of {pipeline.max_seq_len}; shorten the prompt or lower max_new_tokens")
+    sampler = Sampler(params)
+    history = prompt_ids
+    logits = pipeline.forward(prompt_ids[start_pos:], start_pos)
+    for produced in range(params.max_new_tokens):
+        token = sampler.next_token(logits, history)
+        yield token
+        if token in params.stop_token_ids or produced + 1 == params.max_new_tokens:
+            return
+        history.append(token)
+        logits = pipeline.forward([token], len(history) - 1)

@@ -1,0 +1,70 @@
+"""Choosing the next token from logits: greedy, or temperature / top-k / top-p with a seeded generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens; temperature 0 is greedy (argmax)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+class Sampler:
+    """Applies repetition penalty, then temperature, top-k and top-p (the order transformers uses), then draws."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generator = torch.Generator(device="cpu")
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    def next_token(self, logits: torch.Tensor, history: list[int]) -> int:
+        """The next token id from float logits [vocab]; `history` is the context so far (for the penalty)."""
+        params = self.params
+        scores = logits.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+        if params.repetition_penalty != 1.0 and history:
+            seen = torch.tensor(sorted(set(history)), dtype=torch.long)
+            seen = seen[seen < scores.numel()]
+            picked = scores[seen]
+            scores = scores.clone()
+            scores[seen] = torch.where(picked < 0, picked * params.repetition_penalty,
+                                       picked / params.repetition_penalty)
+        if params.temperature == 0.0:
+            return int(torch.argmax(scores))
+        scores = scores / params.temperature
+        if 0 < params.top_k < scores.numel():
+            threshold = torch.topk(scores, params.top_k).values[-1]
+            scores = scores.masked_fill(scores < threshold, float("-inf"))
+        if params.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=True)
+            cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+            # drop a token when the ones before it already reach top_p; the first one always stays
+            drop = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= params.top_p
+            scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        probabilities = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probabilities, 1, generator=self.generator))
