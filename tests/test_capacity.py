@@ -122,6 +122,13 @@ def test_choose_port_refuses_a_requested_port_in_use():
 def test_interface_names_resolve_to_their_addresses():
     assert resolve_interfaces(["lo"]) == ["127.0.0.1"]
     assert resolve_interfaces(["127.0.0.1", "lo"]) == ["127.0.0.1"]
+
+
+
+def test_without_interfaces_the_environment_default_applies_else_all(monkeypatch):
+    monkeypatch.setenv("CAKEP2P_INTERFACE", "lo")
+    assert resolve_interfaces(None) == ["127.0.0.1"]
+    monkeypatch.delenv("CAKEP2P_INTERFACE")
     assert resolve_interfaces(None) is None
 
 

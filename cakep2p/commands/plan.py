@@ -71,11 +71,8 @@ def peer_budgets(args: argparse.Namespace, exclude: str) -> list[planner.NodeBud
         print("cakep2p: note: plan does not query static --peers yet; it uses mDNS only", file=sys.stderr)
     if args.wait <= 0:
         return []
-    try:
-        from cakep2p.discovery import snapshot_peers
-    except ImportError:
-        print("cakep2p: note: discovery is not available; planning for this machine alone", file=sys.stderr)
-        return []
+    from cakep2p.discovery import snapshot_peers
+    from cakep2p.node import resolve_interfaces
     from cakep2p.security import cluster_keys
 
     fingerprint = cluster_keys(args.cluster).fingerprint
