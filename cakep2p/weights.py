@@ -93,23 +93,19 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def write_cached_part(ref: wire.PartRef, config_json: str, tensors: dict[str, torch.Tensor], sha256: str,
-                      parts_dir: Path | None = None) -> Path:
-    """Store a received part (tensors in part_tensor_names order) with its config and checksum in the metadata.
-
-    Written as safetensors one tensor at a time, straight from the tensors' memory: no second copy of the part.
-    """
+def _write_part_file(ref: wire.PartRef, config_json: str, sha256: str,
+                     entries: list[tuple[str, torch.dtype, list[int], int]], write_data: Callable[[BinaryIO], None],
+                     parts_dir: Path | None) -> Path:
+    """Atomically write a part's cache file: a safetensors header for `entries` (name, dtype, shape, nbytes) with
+    the part's config and checksum in the metadata, then the tensors' bytes as `write_data` streams them."""
     path = cached_part_path(ref, parts_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"cakep2p_fingerprint": ref.model_fingerprint, "cakep2p_sha256": sha256,
-                "cakep2p_config": config_json, "cakep2p_part": json.dumps(_ref_fields(ref)),
-                "cakep2p_order": json.dumps(list(tensors))}
-    header: dict[str, object] = {"__metadata__": metadata}
+    header: dict[str, object] = {"__metadata__": {
+        "cakep2p_fingerprint": ref.model_fingerprint, "cakep2p_sha256": sha256, "cakep2p_config": config_json,
+        "cakep2p_part": json.dumps(_ref_fields(ref)), "cakep2p_order": json.dumps([entry[0] for entry in entries])}}
     offset = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": SAFETENSORS_CODES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + nbytes]}
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
@@ -118,12 +114,27 @@ def write_cached_part(ref: wire.PartRef, config_json: str, tensors: dict[str, to
         with temporary.open("wb") as handle:
             handle.write(len(header_bytes).to_bytes(8, "little"))
             handle.write(header_bytes)
-            for tensor in tensors.values():
-                handle.write(raw_bytes(tensor))
+            write_data(handle)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+def write_cached_part(ref: wire.PartRef, config_json: str, tensors: dict[str, torch.Tensor], sha256: str,
+                      parts_dir: Path | None = None) -> Path:
+    """Store a part (tensors in part_tensor_names order) with its config and checksum in the metadata.
+
+    Written as safetensors one tensor at a time, straight from the tensors' memory: no second copy of the part.
+    """
+    entries = [(name, tensor.dtype, list(tensor.shape), tensor.numel() * tensor.element_size())
+               for name, tensor in tensors.items()]
+
+    def write_data(handle: BinaryIO) -> None:
+        for tensor in tensors.values():
+            handle.write(raw_bytes(tensor))
+
+    return _write_part_file(ref, config_json, sha256, entries, write_data, parts_dir)
 
 
 class FileTensors(Mapping):
@@ -326,28 +337,12 @@ def accept_chunk(transfer: Transfer, chunk: wire.TensorChunk) -> None:
 
 def store_transfer(transfer: Transfer, sha256: str, parts_dir: Path | None = None) -> Path:
     """Write a complete transfer as the part's cache file (safetensors, as write_cached_part), copying the spool."""
-    ref, request = transfer.request.part, transfer.request
-    path = cached_part_path(ref, parts_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header: dict[str, object] = {"__metadata__": {
-        "cakep2p_fingerprint": ref.model_fingerprint, "cakep2p_sha256": sha256,
-        "cakep2p_config": request.config_json, "cakep2p_part": json.dumps(_ref_fields(ref)),
-        "cakep2p_order": json.dumps(list(transfer.received_tensors))}}
-    offset = 0
-    for name, (dtype, shape, nbytes) in transfer.received_tensors.items():
-        header[name] = {"dtype": SAFETENSORS_CODES[wire.DTYPES[dtype]], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with temporary.open("wb") as handle:
-            handle.write(len(header_bytes).to_bytes(8, "little"))
-            handle.write(header_bytes)
-            transfer.spool.seek(0)
-            shutil.copyfileobj(transfer.spool, handle, CHUNK_BYTES)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    entries = [(name, wire.DTYPES[dtype], list(shape), nbytes)
+               for name, (dtype, shape, nbytes) in transfer.received_tensors.items()]
+
+    def write_data(handle: BinaryIO) -> None:
+        transfer.spool.seek(0)
+        shutil.copyfileobj(transfer.spool, handle, CHUNK_BYTES)
+
+    return _write_part_file(transfer.request.part, transfer.request.config_json, sha256, entries, write_data,
+                            parts_dir)
