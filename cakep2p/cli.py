@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "peers": "list the nodes visible on the network",
     "doctor": "explain what discovery and the mesh can and cannot reach",
     "api": "serve an OpenAI-compatible HTTP API",
+    "code": "show or change this machine's cluster pairing code",
 }
 
 
@@ -30,7 +31,10 @@ def _command_module(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cakep2p", description="One language model across the machines you own.")
+    parser = argparse.ArgumentParser(
+        prog="cakep2p", description="One language model across the machines you own.",
+        epilog="With no command, cakep2p opens its window. `cakep2p --serve` runs a headless node "
+               "(see `cakep2p --serve --help`).")
     parser.add_argument("--version", action="version", version=f"cakep2p {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
