@@ -70,11 +70,14 @@ def stream_completion(
     *,
     cached_ids: list[int] | None = None,
     cancel: threading.Event | None = None,
+    trim_start: bool = False,
 ) -> Iterator[TokenEvent]:
-    """Generate after `prompt_ids`, filling `reply`; returns the ids now held in the pipeline's cache.
+    """Generate after `prompt_ids`, filling `reply` with the ids and text the events carry.
 
-    Stops at the tokenizer's eos ids (plus `params.stop_token_ids`), at `params.max_new_tokens`,
-    or within one token of `cancel` being set.
+    The text is decoded after the prompt, so it continues the prompt exactly (a first word keeps its
+    leading space); with `trim_start`, whitespace before the first visible character is dropped, as a
+    chat answer starts with its first word. Stops at the tokenizer's eos ids (plus
+    `params.stop_token_ids`), at `params.max_new_tokens`, or within one token of `cancel` being set.
     """
     if len(prompt_ids) + 1 > pipeline.max_seq_len:
         raise ContextFull(
@@ -85,7 +88,7 @@ def stream_completion(
     max_new = min(params.max_new_tokens, pipeline.max_seq_len - len(prompt_ids))
     params = replace(params, max_new_tokens=max_new)
     start_pos = _common_prefix(cached_ids or [], prompt_ids)
-    decoder = tokenizer.stream_decoder()
+    decoder = tokenizer.stream_decoder(prompt_ids)
     started = time.perf_counter()
     first_at = last_at = started
     finish: FinishReason = "length"
@@ -99,12 +102,16 @@ def stream_completion(
             break
         reply.token_ids.append(token_id)
         text = decoder.push(token_id)
+        if trim_start and not reply.text:
+            text = text.lstrip()
         reply.text += text
         yield TokenEvent(token_id, text)
         if cancel is not None and cancel.is_set():
             finish = "cancelled"
             break
     tail = decoder.flush()
+    if trim_start and not reply.text:
+        tail = tail.lstrip()
     if tail:
         reply.text += tail
         yield TokenEvent(-1, tail)
@@ -176,7 +183,7 @@ class Conversation:
             try:
                 yield from stream_completion(
                     self.pipeline, self.tokenizer, prompt_ids, params, reply,
-                    cached_ids=self._cached_ids, cancel=cancel,
+                    cached_ids=self._cached_ids, cancel=cancel, trim_start=True,
                 )
             except ContextFull:
                 if drop_question_if_full:

@@ -44,7 +44,7 @@ def greedy_chat(model: LocalModel, messages: list[dict], max_tokens: int) -> Rep
         prompt_ids = Conversation(pipeline, model.tokenizer).prompt_ids(messages)
         reply = Reply()
         for _ in stream_completion(pipeline, model.tokenizer, prompt_ids, SamplingParams(max_new_tokens=max_tokens),
-                                   reply):
+                                   reply, trim_start=True):  # a chat answer starts with its first word
             pass
         return reply
     finally:

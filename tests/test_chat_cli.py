@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from cakep2p.commands.chat import chat_loop
-from cakep2p.conversation import Conversation, Reply
+from cakep2p.conversation import Conversation, Reply, stream_completion
 from cakep2p.engine.sampling import SamplingParams
 from cakep2p.loaded_model import LocalModel
 
@@ -108,3 +109,33 @@ def test_full_context_tells_the_user_to_reset(stories_dir):
         small.close()
     assert "no longer fits the context" in notes.getvalue() and "/reset" in notes.getvalue()
     assert [message["role"] for message in conversation.messages] == ["user", "assistant"]
+
+
+def test_completion_text_continues_the_prompt_with_its_leading_space(model, stories_dir):
+    reference = json.loads((stories_dir / "REFERENCE.json").read_text())["greedy"][1]   # "Lily and Ben"
+    pipeline = model.new_pipeline()
+    reply = Reply()
+    try:
+        params = SamplingParams(max_new_tokens=len(reference["new_token_ids"]), temperature=0.0)
+        pieces = [event.text for event in stream_completion(pipeline, model.tokenizer, reference["prompt_token_ids"],
+                                                             params, reply)]
+    finally:
+        pipeline.close()
+    assert reference["text"].startswith(" ")
+    assert "".join(pieces) == reply.text == reference["text"]
+
+
+def test_chat_answer_starts_with_its_first_word_and_is_stored_as_streamed(model):
+    pipeline = model.new_pipeline()
+    conversation = Conversation(pipeline, model.tokenizer)
+    reply = Reply()
+    try:
+        pieces = [event.text for event in conversation.ask(QUESTION, GREEDY_24, reply)]
+        untrimmed = Reply()
+        for _ in stream_completion(pipeline, model.tokenizer, conversation.prompt_ids(conversation.messages[:1]),
+                                   GREEDY_24, untrimmed):
+            pass
+    finally:
+        pipeline.close()
+    assert "".join(pieces) == reply.text == conversation.messages[-1]["content"] == untrimmed.text.lstrip()
+    assert reply.text and not reply.text[0].isspace()

@@ -12,6 +12,7 @@ from PySide6.QtGui import QAction, QCloseEvent, QKeyEvent, QKeySequence
 from PySide6.QtWidgets import (QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWindow, QPlainTextEdit, QProgressBar,
                                QPushButton, QSplitter, QVBoxLayout, QWidget)
 
+from cakep2p.gui.api_switch import ApiPanel, ApiSwitch
 from cakep2p.gui.bridge import Bridge
 from cakep2p.gui.state import ModelInfo, ModelPreview, NodeState, PlanView, ReplyOutcome
 from cakep2p.gui.chat_view import ChatView
@@ -79,6 +80,7 @@ class MainWindow(QMainWindow):
         self.setWindowTitle("cakep2p")
         self.resize(1280, 780)
         self.bridge = Bridge(node_options, self)
+        self.api_switch = ApiSwitch(self)
         self.peers_model = PeersModel(self)
         self.chat_model = ChatModel(self)
         self.history = history or ChatHistory()
@@ -106,6 +108,8 @@ class MainWindow(QMainWindow):
         line.setStyleSheet("color: #e5e7eb;")
         left_layout.addWidget(line)
         left_layout.addWidget(self.model_panel, 0)
+        self.api_panel = ApiPanel()
+        left_layout.addWidget(self.api_panel, 0)
 
         self.chat_view = ChatView()
         self.chat_view.setModel(self.chat_model)
@@ -204,6 +208,10 @@ class MainWindow(QMainWindow):
         self.model_panel.loadRequested.connect(self.load_model)
         self.model_panel.downloadRequested.connect(bridge.download_model)
         self.settings.completionModeChanged.connect(self._on_completion_mode_changed)
+        self.api_panel.switchToggled.connect(self.api_switch.set_enabled)
+        self.api_switch.serverStarted.connect(self.api_panel.show_serving)
+        self.api_switch.serverStopped.connect(self.api_panel.show_stopped)
+        self.api_switch.serverFailed.connect(self._on_api_failed)
         self.settings_button.toggled.connect(self.settings.setVisible)
         self.input.submitted.connect(self.send)
         self.send_button.clicked.connect(self.send)
@@ -343,12 +351,16 @@ class MainWindow(QMainWindow):
     def _on_model_loading(self, what: str) -> None:
         self._loading = True
         self.model_panel.show_loading(what)
+        self.api_switch.set_model(None)   # the old model is about to close: stop serving it
+        self.api_panel.set_model_ready(False, loading=True)
         self.status_label.setText(f"Loading {Path(what).name or what}… (you can type your message meanwhile)")
 
     def _on_model_loaded(self, info: ModelInfo) -> None:
         self._loading = False
         self.model_info = info
         self.model_panel.show_loaded(info)
+        self.api_switch.set_model(self.bridge.model)
+        self.api_panel.set_model_ready(True)
         self.model_panel.set_recent(self.recent.remember(info.path))
         self.settings.set_completion_mode(not info.has_chat_template)
         self.status_label.setText(f"{info.name} ready.")
@@ -365,6 +377,8 @@ class MainWindow(QMainWindow):
             self.chat_model.remove_rows_from(self.chat_model.rowCount() - 1)
             self.input.setPlainText(pending)
         self.model_panel.show_failed(message)
+        self.api_switch.set_model(self.bridge.model)   # the previous model, when the failure left it loaded
+        self.api_panel.set_model_ready(self.bridge.model is not None)
         self.show_error(message)
         self.status_label.setText("No model loaded." if self.model_info is None else f"{self.model_info.name} ready.")
 
@@ -395,12 +409,15 @@ class MainWindow(QMainWindow):
         self.chat_model.finish_streaming(status, text=outcome.text)
         self.chat_log.append("assistant", outcome.text)
         self.status_label.setText(status)
-        self._set_generating(False)
 
     def _on_reply_failed(self, message: str) -> None:
         self.chat_model.finish_streaming("failed")
         self.show_error(message)
         self._set_generating(False)
+
+    def _on_api_failed(self, message: str) -> None:
+        self.api_panel.show_stopped(message)
+        self.show_error(message)
 
     def _on_context_full(self, message: str, question: str) -> None:
         if self.chat_model.streaming_row() < 0:
@@ -447,5 +464,6 @@ class MainWindow(QMainWindow):
         self.regenerate_button.setEnabled(not generating and self.chat_model.rowCount() > 0)
 
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 (Qt naming)
+        self.api_switch.shutdown()   # before the bridge closes the model the server uses
         self.bridge.shutdown()
         super().closeEvent(event)

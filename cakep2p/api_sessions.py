@@ -1,0 +1,196 @@
+"""Generation sessions for the HTTP API: a first-come queue capped at `max_sessions`, one worker thread per request.
+
+Each request runs in its own pipeline (its own KV cache on every stage); its text reaches the event loop
+through an asyncio queue, cut at the first stop string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from cakep2p.api_requests import GenerationRequest
+from cakep2p.conversation import Reply, stream_completion
+from cakep2p.loaded_model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop string, holding back a tail that may be the start of one."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was reached (the text before it is returned)."""
+        self.pending += text
+        hits = [index for index in (self.pending.find(stop) for stop in self.stops) if index >= 0]
+        if hits:
+            text, self.pending = self.pending[: min(hits)], ""
+            return text, True
+        keep = max((size for stop in self.stops for size in range(1, len(stop))
+                    if self.pending.endswith(stop[:size])), default=0)
+        cut = len(self.pending) - keep
+        text, self.pending = self.pending[:cut], self.pending[cut:]
+        return text, False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+@dataclass(frozen=True)
+class Outcome:
+    finish_reason: str  # OpenAI's: 'stop' or 'length'
+    prompt_tokens: int
+    completion_tokens: int
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class Sessions:
+    """At most `limit` generations at once, each in its own pipeline; the others wait first come, first served."""
+
+    def __init__(self, model: LoadedModel, limit: int):
+        if limit < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {limit}")
+        self.model = model
+        self.limit = limit
+        self.open = 0  # sessions holding a pipeline now
+        self.finished: collections.Counter[str] = collections.Counter()  # 'stop' | 'length' | 'cancelled' | 'error'
+        self._queue: collections.deque[Generation] = collections.deque()
+        self._running: set[Generation] = set()
+        self._condition = threading.Condition()
+
+    def snapshot(self) -> dict:
+        with self._condition:
+            cancelling = sum(generation.cancelled.is_set() for generation in self._running)
+            return {"open": self.open, "waiting": len(self._queue), "cancelling": cancelling, "max": self.limit,
+                    "finished": dict(self.finished)}
+
+    def acquire(self, generation: "Generation") -> bool:
+        """Block until the generation may open a pipeline; False when it was cancelled while waiting."""
+        with self._condition:
+            self._queue.append(generation)
+            try:
+                while not generation.cancelled.is_set() and (
+                    self.open >= self.limit or self._queue[0] is not generation
+                ):
+                    self._condition.wait()
+                if generation.cancelled.is_set():
+                    self.finished["cancelled"] += 1
+                    return False
+                self.open += 1
+                self._running.add(generation)
+                return True
+            finally:
+                self._queue.remove(generation)
+                self._condition.notify_all()
+
+    def release(self, generation: "Generation", finish: str) -> None:
+        with self._condition:
+            self.open -= 1
+            self._running.discard(generation)
+            self.finished[finish] += 1
+            self._condition.notify_all()
+
+    def wake(self) -> None:
+        with self._condition:
+            self._condition.notify_all()
+
+    def cancel_all(self) -> None:
+        with self._condition:
+            everyone = list(self._queue) + list(self._running)
+        for generation in everyone:
+            generation.cancel()
+
+
+class Generation:
+    """One request's tokens, produced in a worker thread and handed to the event loop through a queue."""
+
+    def __init__(self, sessions: Sessions, request: GenerationRequest):
+        self.sessions = sessions
+        self.request = request
+        self.cancelled = threading.Event()
+        self.outcome: Outcome | None = None
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._thread = threading.Thread(target=self._work, name="cakep2p-api-generation", daemon=True)
+
+    def start(self) -> "Generation":
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        """Stop within one token (or leave the queue); the pipeline is closed by the worker."""
+        self.cancelled.set()
+        self.sessions.wake()
+
+    async def texts(self) -> AsyncIterator[str]:
+        """The reply's text pieces as they come; `outcome` is set when this ends."""
+        while True:
+            kind, value = await self._events.get()
+            if kind == "text":
+                yield value
+            elif kind == "end":
+                self.outcome = value
+                return
+            else:
+                raise value
+
+    def _emit(self, kind: str, value: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening any more
+            self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
+
+    def _work(self) -> None:
+        request, model = self.request, self.sessions.model
+        reply = Reply()
+        if not self.sessions.acquire(self):
+            self._emit("end", Outcome("stop", len(request.prompt_ids), 0))
+            return
+        finish = "error"
+        pipeline = None
+        try:
+            pipeline = model.new_pipeline()
+            matcher = StopMatcher(request.stops)
+            events = stream_completion(pipeline, model.tokenizer, request.prompt_ids, request.params, reply,
+                                       cancel=self.cancelled, trim_start=not request.continues_prompt)
+            try:
+                for event in events:
+                    text, stopped = matcher.push(event.text)
+                    if text:
+                        self._emit("text", text)
+                    if stopped:
+                        finish = "stop"
+                        break
+                else:
+                    finish = reply.stats.finish_reason if reply.stats else "cancelled"
+                    tail = matcher.flush()
+                    if tail:
+                        self._emit("text", tail)
+            finally:
+                events.close()
+        except Exception as error:  # reported to the client; the session is still freed below
+            log.warning("generation failed: %s", error)
+            self._emit("error", error)
+        finally:
+            if pipeline is not None:
+                try:
+                    pipeline.close()
+                except Exception as error:
+                    log.warning("closing a session's pipeline failed: %s", error)
+            self.sessions.release(self, finish)
+        if finish != "error":
+            self._emit("end", Outcome(FINISH_REASONS[finish], len(request.prompt_ids), len(reply.token_ids)))
+
