@@ -6,8 +6,7 @@ import argparse
 import json
 import os
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, TextIO
 
 from cakep2p.commands.options import add_cluster_options, add_model_options, open_model
@@ -37,25 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_cluster_options(parser)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Completion:
-    """One finished request: ids, text and timings (seconds from the request's start)."""
+    """One finished request: ids, text and timings."""
 
     prompt_tokens: list[int]
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    token_times: list[float] = field(default_factory=list)
-
-    @property
-    def ttft_s(self) -> float:
-        return self.token_times[0] if self.token_times else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Decode rate after the first token: (n - 1) / (t_last - t_first); 0.0 with fewer than two tokens."""
-        if len(self.token_times) < 2 or self.token_times[-1] <= self.token_times[0]:
-            return 0.0
-        return (len(self.token_times) - 1) / (self.token_times[-1] - self.token_times[0])
+    tokens: list[int]
+    text: str
+    ttft_s: float        # from the request to the first new token, prefill included
+    tokens_per_s: float  # decode rate after the first token: (n - 1) / (t_last - t_first)
 
     def to_json(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "tokens": self.tokens, "text": self.text,
@@ -112,26 +101,16 @@ def prompt_ids(tokenizer: "Tokenizer", args: argparse.Namespace) -> list[int]:
 def complete(pipeline: "Pipeline", tokenizer: "Tokenizer", args: argparse.Namespace, model_dir: str,
              on_text: Callable[[str], None] = lambda text: None) -> Completion:
     """Run one request; `on_text` receives each whole-character chunk as soon as it is decoded."""
-    from cakep2p.engine.generate import generate
+    from cakep2p.conversation import Reply, stream_completion
 
-    started = time.perf_counter()
-    completion = Completion(prompt_tokens=prompt_ids(tokenizer, args))
-    if not completion.prompt_tokens:
+    prompt = prompt_ids(tokenizer, args)
+    if not prompt:
         raise CakeError("the prompt is empty and the model adds no bos token; pass some text with --prompt")
-    params = sampling_params(args, model_dir, tokenizer.eos_ids)
-    decoder = tokenizer.stream_decoder(completion.prompt_tokens)
-    for token_id in generate(pipeline, completion.prompt_tokens, params):
-        completion.token_times.append(time.perf_counter() - started)
-        completion.tokens.append(token_id)
-        chunk = decoder.push(token_id)
-        if chunk:
-            completion.text += chunk
-            on_text(chunk)
-    tail = decoder.flush()
-    if tail:
-        completion.text += tail
-        on_text(tail)
-    return completion
+    reply = Reply()
+    for event in stream_completion(pipeline, tokenizer, prompt, sampling_params(args, model_dir, frozenset()), reply):
+        if event.text:
+            on_text(event.text)
+    return Completion(prompt, reply.token_ids, reply.text, reply.stats.ttft_s, reply.stats.tokens_per_s)
 
 
 def _stream_to(out: TextIO) -> Callable[[str], None]:
