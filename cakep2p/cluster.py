@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -45,17 +46,50 @@ def open_model(node: "Node | None", model_dir: str | Path, *, dtype: str = "auto
     model_dir = Path(model_dir)
     if local or node is None:
         return LocalModel(model_dir, dtype=dtype, device=device, context=context)
-    if node.capacity is None:
-        raise CakeError(f"node {node.name} is not running: start() it before opening a model over the cluster")
-    args = ModelArgs.from_dir(model_dir)
-    max_seq_len = context_length(args, context)
-    spec = model_spec(model_dir, dtype)
-    planning = _Planning(node, spec, max_seq_len, strategy, max_memory)
-    plan = planning.wait_for_plan(wait_s)
+    planning = _start_planning(node, model_dir, dtype, strategy, context, max_memory)
+    plan, _ = planning.wait_for_plan(wait_s)
     if len(plan.stages) == 1 and plan.stages[0].node_id == node.node_id:
         return LocalModel(model_dir, dtype=dtype, device=device, context=context)
-    return ClusterModel(node, model_dir, planning, plan, dtype=dtype, device=device, max_seq_len=max_seq_len,
+    return ClusterModel(node, model_dir, planning, plan, dtype=dtype, device=device, max_seq_len=planning.context,
                         on_progress=on_progress, on_notice=on_notice)
+
+
+@dataclass(frozen=True)
+class PlannedModel:
+    """What plan_model decided: the plan, the model's sizes, the context reserved, and every node considered."""
+
+    plan: planner.Plan
+    spec: planner.ModelSpec
+    context: int
+    nodes: tuple[planner.NodeBudget, ...]
+
+
+def plan_model(node: "Node", model_dir: str | Path, *, dtype: str = "auto",
+               strategy: planner.Strategy = "proportional", context: int | None = None,
+               max_memory: int | None = None, wait_s: float = 0.0) -> PlannedModel:
+    """The plan open_model would use for `model_dir` now, loading nothing (what `cakep2p plan` prints).
+
+    NotEnoughMemory (a PlanError with the figures) when the model does not fit what the nodes offer.
+    """
+    planning = _start_planning(node, Path(model_dir), dtype, strategy, context, max_memory)
+    plan, nodes = planning.wait_for_plan(wait_s)
+    return PlannedModel(plan, planning.spec, planning.context, nodes)
+
+
+class NotEnoughMemory(PlanError):
+    """The model needs more memory than this node and its usable peers offer; carries the planner's figures."""
+
+    def __init__(self, message: str, missing_bytes: int, offered_bytes: int, needed_bytes: int):
+        super().__init__(message)
+        self.missing_bytes, self.offered_bytes, self.needed_bytes = missing_bytes, offered_bytes, needed_bytes
+
+
+def _start_planning(node: "Node", model_dir: Path, dtype: str, strategy: str, context: int | None,
+                    max_memory: int | None) -> "_Planning":
+    if node.capacity is None:
+        raise CakeError(f"node {node.name} is not running: start() it before planning a model over the cluster")
+    max_seq_len = context_length(ModelArgs.from_dir(model_dir), context)
+    return _Planning(node, model_spec(model_dir, dtype), max_seq_len, strategy, max_memory)
 
 
 class _Planning:
@@ -72,7 +106,8 @@ class _Planning:
                 peers.setdefault(peer.node_id, peer)
         return peers
 
-    def plan(self, peers: dict[str, PeerInfo]) -> planner.Plan:
+    def budgets(self, peers: dict[str, PeerInfo]) -> list[planner.NodeBudget]:
+        """This node (its offer capped by max_memory) first, then the peers as the directory announces them."""
         own = self.node.offered_bytes
         if self.max_memory is not None:
             own = min(own, self.max_memory)
@@ -80,15 +115,24 @@ class _Planning:
         budgets = [planner.NodeBudget(self.node.node_id, self.node.name, own, capacity.gflops, capacity.bandwidth)]
         budgets += [planner.NodeBudget(peer.node_id, peer.name, peer.offered_memory, peer.gflops, peer.bandwidth)
                     for peer in peers.values()]
+        return budgets
+
+    def plan(self, peers: dict[str, PeerInfo]) -> planner.Plan:
+        return self._plan(self.budgets(peers))
+
+    def _plan(self, budgets: list[planner.NodeBudget]) -> planner.Plan:
         try:
             return planner.plan(self.spec, budgets, self.node.node_id, self.context, self.strategy)
         except planner.DoesNotFit as error:
-            raise PlanError(str(error)) from None
+            raise NotEnoughMemory(str(error), error.missing_bytes, error.offered_bytes, error.needed_bytes) from None
         except ValueError as error:
             raise PlanError(f"cannot plan {self.spec.name}: {error}") from None
 
-    def wait_for_plan(self, wait_s: float) -> planner.Plan:
-        """Plan once the model fits and no peer came or changed for QUIET_S (or at the deadline: the last error)."""
+    def wait_for_plan(self, wait_s: float) -> tuple[planner.Plan, tuple[planner.NodeBudget, ...]]:
+        """Plan once the model fits and no peer came or changed for QUIET_S (or at the deadline: the last error).
+
+        Returns the plan and the nodes it was made over.
+        """
         changed = threading.Event()
         listener = lambda event, peer: changed.set()  # noqa: E731
         self.node.directory.add_listener(listener)
@@ -96,18 +140,19 @@ class _Planning:
         try:
             while True:
                 changed.clear()
+                budgets = tuple(self.budgets(self.peers()))
                 try:
-                    plan, error = self.plan(self.peers()), None
+                    plan, error = self._plan(list(budgets)), None
                 except PlanError as failure:
                     plan, error = None, failure
                 left = deadline - time.monotonic()
                 if left <= 0:
                     if error is not None:
                         raise error
-                    return plan
+                    return plan, budgets
                 quiet = not changed.wait(min(left, QUIET_S))
                 if quiet and plan is not None:
-                    return plan
+                    return plan, budgets
         finally:
             self.node.directory.remove_listener(listener)
 

@@ -150,6 +150,7 @@ class Node:
         self.discovery: Discovery | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._serving = serving
+        self._joined = True
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._stopping: asyncio.Event | None = None
@@ -229,13 +230,15 @@ class Node:
                                   address=self.interfaces[0] if self.interfaces else "", port=self.port,
                                   models_dirs=self.models_dirs, parts_dir=paths.cache_dir() / PARTS_DIR,
                                   serving=self._serving)
-        await self.server.start()
+        self.port = await self.server.start()   # port 0 (a throwaway initiator): the one the OS picked
+        self.info = replace(self.info, port=self.port)
         if self.discovery_enabled:
             self.discovery = Discovery(self.directory, self.fingerprint, self.interfaces,
                                        on_duplicate_id=self._on_duplicate_id,
                                        on_addresses_changed=self._on_addresses_changed)
             await self.discovery.start()
-            await self.discovery.announce(self.info)
+            if self._joined:
+                await self.discovery.announce(self.info)
             self.name = self.server.name = self.discovery.instance_name or self.name
             self.info = replace(self.info, name=self.name, address=self.discovery.addresses[0],
                                 addresses=tuple(self.discovery.addresses))
@@ -307,6 +310,23 @@ class Node:
             self.server.serving = serving
         return self._reannounce()
 
+    def set_joined(self, joined: bool) -> concurrent.futures.Future | None:
+        """Join the cluster (announce and serve) or leave it (goodbye packets, refuse new work from others).
+
+        The window's "Join this cluster" toggle. Leaving is more than set_serving(False): peers drop this node from
+        their lists at once, and nothing re-announces it (a --max-memory change, a new node id, a new address)
+        until set_joined(True). This node's own chats keep running either way.
+        """
+        self._joined = joined
+        self._serving = joined
+        if self.server is not None:
+            self.server.serving = joined
+        if self.capacity is not None:
+            self.info = replace(self._own_info(), name=self.name)
+        if self.discovery is None or self.loop is None or self.loop.is_closed():
+            return None
+        return asyncio.run_coroutine_threadsafe(self._announce() if joined else self.discovery.withdraw(), self.loop)
+
     def set_cluster_code(self, code: str) -> concurrent.futures.Future | None:
         """Join the cluster of `code` (stored for next time): new keys, so the mesh server and discovery restart."""
         from cakep2p.security import load_or_create_code
@@ -349,6 +369,11 @@ class Node:
         return self._serving
 
     @property
+    def joined(self) -> bool:
+        """False after set_joined(False): not announced (peers do not list it) and not serving."""
+        return self._joined
+
+    @property
     def offered_memory(self) -> int | None:
         return self.info.offered_memory if self.info is not None else None
 
@@ -367,8 +392,8 @@ class Node:
         self.info = replace(self._own_info(), name=self.name)
         if self.server is not None:
             self.server.set_budget(self.info.offered_memory)
-        if self.discovery is None or self.loop is None or self.loop.is_closed():
-            return None
+        if self.discovery is None or self.loop is None or self.loop.is_closed() or not self._joined:
+            return None   # a node that left the cluster stays withdrawn until set_joined(True)
         return asyncio.run_coroutine_threadsafe(self._announce(), self.loop)
 
     @property
@@ -379,6 +404,8 @@ class Node:
 
     async def _announce(self) -> None:
         """(Re-)announce self.info; after a withdraw the name is probed again and may change."""
+        if not self._joined or self.discovery is None:   # left meanwhile (set_joined(False) raced a re-announce)
+            return
         await self.discovery.announce(self.info)
         if self.discovery.instance_name and self.discovery.instance_name != self.name:
             self.name = self.discovery.instance_name
@@ -421,9 +448,10 @@ class Node:
         endpoint = f"{info.address}:{info.port}"
         security_mode = "INSECURE, no encryption" if self.keys is None else "CURVE-encrypted"
         listening = self.interfaces[0] if self.interfaces else "all interfaces"
-        how = ("other machines running `cakep2p --serve` on this network join automatically; "
-               if self.discovery_enabled else "discovery is off (--no-discovery); ")
+        how = ("other machines running `cakep2p --serve` on this network with this cluster's pairing code join "
+               "automatically; " if self.discovery_enabled else "discovery is off (--no-discovery); ")
         return (f"node {info.name!r} (id {info.node_id[:8]}) serving at {endpoint}, offering "
                 f"{format_size(info.offered_memory)} ({info.accelerator}: {info.device_name}), cluster "
                 f"{info.cluster_fingerprint}; mesh on {listening} port {info.port} ({security_mode}); {how}"
-                f"where multicast is blocked use --peers {endpoint}")
+                f"where multicast is blocked use --peers {endpoint}; "
+                f"pairing code: run `cakep2p code` on this machine, then `cakep2p code --set CODE` on the others")

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from cakep2p import cluster, security
+from cakep2p import cli, cluster, security
 from cakep2p import node as node_module
 from cakep2p.engine.generate import generate
 from cakep2p.engine.part import PartSpec
@@ -167,6 +167,23 @@ def test_static_peer_with_discovery_off_is_used_by_generate(stories_dir, referen
         result, _ = run_generate(tmp_path / "initiator", other_code, stories_dir, "--peers", f"127.0.0.1:{static.port}")
     assert result["tokens"] == reference["new_token_ids"]
     assert remote_names(result) == {static.name}
+
+
+def test_plan_command_puts_layers_on_a_static_peer_with_discovery_off(stories_dir, tmp_path, monkeypatch, capsys,
+                                                                      no_leaked_threads):
+    shared_code = security.new_code()
+    lender = start_node(tmp_path / "lender", monkeypatch, shared_code, name=f"planned{SUFFIX}", max_memory="8MiB",
+                        discovery=False)
+    try:
+        seed_benchmark(tmp_path / "planner")
+        monkeypatch.setenv("CAKEP2P_HOME", str(tmp_path / "planner"))
+        assert cli.main(["plan", "--model", str(stories_dir), "--json", "--interface", "127.0.0.1", "--wait", "5",
+                         "--cluster", shared_code, "--max-memory", INITIATOR_MEMORY,
+                         "--peers", f"127.0.0.1:{lender.port}"]) == 0
+    finally:
+        lender.stop()
+    stages = json.loads(capsys.readouterr().out)["stages"]
+    assert [(stage["name"], stage["start"], stage["end"]) for stage in stages][-1] == (lender.name, 0, 5)
 
 
 def test_static_peer_is_listed_from_its_pong_and_dropped_when_it_stops_answering(tmp_path, monkeypatch,

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.usefixtures("no_leaked_threads")
 
 SUFFIX = f"-{os.getpid()}"        # node names unique to this run: other test runs may share loopback
 FLEET_STARTED = [0.0]
+BETA_TTL_S = 3  # short enough to watch refreshes and expiry; long enough that a loaded CI box answers in time
 TRIO = {"alpha": 1_000_000_000, "beta": 2_000_000_000, "gamma": 3_000_000_000}   # name -> --max-memory
 
 
@@ -47,14 +48,14 @@ def fingerprint(code) -> str:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, code):
     """Every `cakep2p --serve` process this module needs, started at once (they share the start-up cost):
-    alpha/beta/gamma on 127.0.0.1 with memory caps (beta's records have a 2 s TTL, so refreshes are exercised
+    alpha/beta/gamma on 127.0.0.1 with memory caps (beta's records have a BETA_TTL_S TTL, so refreshes are exercised
     all along; the last tests SIGTERM gamma and SIGKILL beta) and `defaults` (no flags but --no-discovery)."""
     loopback_multicast_on()
     tmp_path = tmp_path_factory.mktemp("fleet")
     nodes = {}
     try:
         for name, cap in TRIO.items():
-            env = {"CAKEP2P_MDNS_TTL": "2"} if name == "beta" else {}
+            env = {"CAKEP2P_MDNS_TTL": str(BETA_TTL_S)} if name == "beta" else {}
             nodes[name] = start_serve(tmp_path, name + SUFFIX, free_port(), code=code,
                                       args=("--max-memory", str(cap)), env=env)
         nodes["defaults"] = start_serve(tmp_path, None, None, interface="", code=code, args=("--no-discovery",))
@@ -182,6 +183,7 @@ def test_serve_logs_how_to_connect_without_the_pairing_code(trio, code, fingerpr
     line = re.search(rf"node '{trio[0].name}' \(id (\w{{8}})\) serving at 127\.0\.0\.1:(\d+), offering .*",
                      log).group(0)
     assert str(trio[0].port) in line and fingerprint in line and "join automatically" in line and "--peers" in line
+    assert "run `cakep2p code` on this machine" in line
     assert code not in log
 
 
@@ -238,6 +240,19 @@ def test_withdrawn_node_disappears_and_can_announce_again(start_node, browser):
     wait_until(lambda: browser.peer(node.name) is None, 5, message="the goodbye")
     node.set_serving(True).result(10)
     wait_until(lambda: browser.peer(node.name), 10, message="the node to be back")
+
+
+def test_left_node_stays_withdrawn_after_a_memory_change_until_it_joins_again(start_node, browser):
+    node = start_node("leaver" + SUFFIX, max_memory=1_000_000_000)
+    wait_until(lambda: browser.peer(node.name), 10, message="the node")
+    node.set_joined(False).result(10)
+    wait_until(lambda: browser.peer(node.name) is None, 5, message="the goodbye")
+    assert node.set_max_memory(500_000_000) is None           # nothing re-announced
+    node.call(asyncio.sleep(0), 5)                            # whatever the change scheduled on the loop has run
+    assert node.discovery.full_name is None and not node.serving and not node.server.serving
+    node.set_joined(True).result(10)
+    peer = wait_until(lambda: browser.peer(node.name), 10, message="the node to be back")
+    assert (peer.offered_memory, peer.serving) == (500_000_000, True)
 
 
 def test_cloned_identity_is_regenerated_by_the_later_node(tmp_path, start_node, browser):
@@ -332,10 +347,10 @@ def test_sigkill_peer_is_kept_while_alive_then_dropped_after_ttl(fleet, browser)
     beta, alpha = fleet["beta"], fleet["alpha"]
     wait_until(lambda: browser.peer(beta.name), 10, message="beta to appear")
     assert alpha.joined(beta.name), "alpha never saw beta"
-    wait_until(lambda: time.monotonic() - FLEET_STARTED[0] > 6, 10, message="three TTLs of observation")
-    assert f"peer left: '{beta.name}'" not in alpha.log(), "a live peer with a 2 s TTL was dropped: refresh failed"
+    wait_until(lambda: time.monotonic() - FLEET_STARTED[0] > 3 * BETA_TTL_S, 15, message="three TTLs of observation")
+    assert f"peer left: '{beta.name}'" not in alpha.log(), "a live peer with a short TTL was dropped: refresh failed"
     beta.stop(signal.SIGKILL)
     killed = time.monotonic()
-    wait_until(lambda: browser.peer(beta.name) is None, 10, message="beta's records to expire")
-    print(f"SIGKILL -> removed in {time.monotonic() - killed:.2f} s (TTL 2 s)")
+    wait_until(lambda: browser.peer(beta.name) is None, 10 + BETA_TTL_S, message="beta's records to expire")
+    print(f"SIGKILL -> removed in {time.monotonic() - killed:.2f} s (TTL {BETA_TTL_S} s)")
     wait_until(lambda: f"peer left: '{beta.name}'" in alpha.log(), 10, message="alpha to drop beta")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import struct
 from math import prod
 
@@ -417,7 +418,9 @@ def test_plan_command_reports_missing_memory_on_one_line(stories_dir, node_home,
 
 def test_plan_command_json_says_what_is_missing_when_it_does_not_fit(stories_dir, node_home, capsys):
     assert cli.main(["plan", "--model", str(stories_dir), "--wait", "0", "--json", "--max-memory", "1MB"]) == 2
-    data = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert captured.out.startswith("{"), captured.err
+    data = json.loads(captured.out)
     assert data["fits"] is False and data["offered_bytes"] == 1_000_000
     assert data["missing_bytes"] >= data["needed_bytes"] - data["offered_bytes"] > 0
 
@@ -435,8 +438,8 @@ def announced_peer(node_home, stories_dir):
         pytest.skip("cannot enable multicast on loopback (needs root and iproute2)")
     code = security.new_code()
     fingerprint = security.derive_keys(code).fingerprint
-    peer = discovery.PeerInfo(
-        name="peer-one", node_id="f" * 32, address="127.0.0.1", port=49_999, version=__version__,
+    peer = discovery.PeerInfo(  # a name of this run's own: other test runs may share loopback
+        name=f"peer-one-{os.getpid()}", node_id="f" * 32, address="127.0.0.1", port=49_999, version=__version__,
         protocol_version=PROTOCOL_VERSION, cluster_fingerprint=fingerprint, accelerator="cpu", device_name="test",
         ram_total=2 * 10**9, ram_available=10**9, vram_total=0, vram_free=0,
         offered_memory=3 * layer_memory(model_spec(stories_dir), 512)[0] + 1000, gflops=1.0,
@@ -465,4 +468,4 @@ def test_plan_command_spreads_layers_onto_a_discovered_peer(stories_dir, announc
     assert cli.main(argv) == 0
     stages = json.loads(capsys.readouterr().out)["stages"]
     assert [(stage["start"], stage["end"]) for stage in stages] == [(0, 2), (2, 5)]
-    assert stages[1]["node"] == peer.node_id and stages[1]["name"] == "peer-one"
+    assert stages[1]["node"] == peer.node_id and stages[1]["name"] == peer.name

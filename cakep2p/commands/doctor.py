@@ -152,7 +152,9 @@ def peer_lines(interfaces: list[str] | None, wait_s: float, code: str | None) ->
         with socket.socket() as client:
             client.settimeout(1.0)
             reachable = client.connect_ex((peer.address, peer.port)) == 0
-        cluster = {"ok": "same cluster", "other_cluster": "OTHER cluster (different pairing code)",
+        cluster = {"ok": "same cluster",
+                   "other_cluster": "OTHER cluster (different pairing code: to join it, run `cakep2p code` there "
+                                    "and `cakep2p code --set CODE` here)",
                    "incompatible": f"INCOMPATIBLE protocol {peer.protocol_version}"}[peer.status]
         tcp = "mesh port reachable" if reachable else "mesh port NOT reachable (firewall, or mesh not running)"
         lines.append(f"  {peer.name} at {peer.address}:{peer.port}: {cluster}, {tcp}")

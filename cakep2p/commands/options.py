@@ -67,10 +67,8 @@ def open_model(args: argparse.Namespace, *, on_notice: Callable[[str], None] | N
                on_progress: Callable[[str, int, int], None] | None = None):
     """The model the command asked for, as a LoadedModel: over the cluster, or on this machine with --local.
 
-    For the cluster a Node is started here, NOT serving: a process that only runs `generate`, `chat` or `api` uses
-    the peers' memory but takes no work from others (run `cakep2p --serve` for that). It has a throwaway node id,
-    so a `cakep2p --serve` of the same install on this machine is a peer like any other. It listens up to --wait
-    seconds for peers, then plans; closing the returned model unloads the peers' parts and stops the node.
+    For the cluster the initiator node is started here (see start_initiator_node); it listens up to --wait seconds
+    for peers, then plans; closing the returned model unloads the peers' parts and stops the node.
     Notices (a lost peer) and finished weight transfers go to stderr unless callbacks are given.
     """
     from cakep2p import cluster
@@ -78,29 +76,46 @@ def open_model(args: argparse.Namespace, *, on_notice: Callable[[str], None] | N
 
     if getattr(args, "local", False):
         return LocalModel(args.model, dtype=args.dtype, device=args.device, context=args.context)
-    from cakep2p.node import Node
-
     check_model_folder(args.model, args.dtype)  # a broken folder fails here, before any network activity
-    if not getattr(args, "verbose", False):  # an initiator's user wants the text and notices, not the node's log
-        for name in ("cakep2p.node", "cakep2p.stage", "cakep2p.discovery", "cakep2p.cluster", "cakep2p.security"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        logging.getLogger("cakep2p.mesh").setLevel(logging.ERROR)  # its "moving the session" is our notice
-    def option(name: str, default: Any = None) -> Any:  # each command adds the options it needs
-        return getattr(args, name, default)
-
-    node = Node(interfaces=option("interface"), max_memory=option("max_memory"), cluster_code=option("cluster"),
-                serving=False, static_peers=option("peers", []), insecure_open=option("insecure_open", False),
-                node_id=uuid.uuid4().hex)
-    node.start()
+    node = start_initiator_node(args)
     try:
         model = cluster.open_model(node, args.model, dtype=args.dtype, device=args.device,
-                                   strategy=option("strategy", "proportional"), context=args.context,
-                                   max_memory=option("max_memory"), wait_s=option("wait", DEFAULT_WAIT_S),
+                                   strategy=_option(args, "strategy", "proportional"), context=args.context,
+                                   max_memory=_option(args, "max_memory"),
+                                   wait_s=_option(args, "wait", DEFAULT_WAIT_S),
                                    on_progress=on_progress or _print_transfers(), on_notice=on_notice or _print_notice)
     except BaseException:
         node.stop()
         raise
     return ModelWithNode(model, node)
+
+
+def start_initiator_node(args: argparse.Namespace):
+    """The started Node of a command that uses the cluster (generate, chat, api, plan); the caller stops it.
+
+    It is NOT serving: a process that only runs a command uses the peers' memory but takes no work from others
+    (run `cakep2p --serve` for that). It has a throwaway node id, so a `cakep2p --serve` of the same install on
+    this machine is a peer like any other, and its mesh port is whichever the OS picks. With --wait 0 it listens for no one (no mDNS, no static --peers): the
+    plan is for this machine alone.
+    """
+    from cakep2p.node import Node
+
+    if not getattr(args, "verbose", False):  # an initiator's user wants the text and notices, not the node's log
+        for name in ("cakep2p.node", "cakep2p.stage", "cakep2p.discovery", "cakep2p.cluster", "cakep2p.security"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("cakep2p.mesh").setLevel(logging.ERROR)  # its "moving the session" is our notice
+    listen = _option(args, "wait", DEFAULT_WAIT_S) > 0
+    node = Node(port=0, interfaces=_option(args, "interface"), max_memory=_option(args, "max_memory"),
+                cluster_code=_option(args, "cluster"), discovery=listen, serving=False,
+                static_peers=_option(args, "peers", []) if listen else [],
+                insecure_open=_option(args, "insecure_open", False), node_id=uuid.uuid4().hex)
+    node.start()
+    return node
+
+
+def _option(args: argparse.Namespace, name: str, default: Any = None) -> Any:
+    """An option that only some commands add (each command adds the options it needs)."""
+    return getattr(args, name, default)
 
 
 def check_model_folder(model_dir: str, dtype: str = "auto") -> None:

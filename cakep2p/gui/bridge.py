@@ -38,34 +38,14 @@ def open_model(node: Any, model_dir: str | Path, *, on_progress: Callable[..., N
 
 
 def apply_serving(node: Any, serving: bool, timeout: float = 10.0) -> None:
-    """Join or leave: set the node's serving flag and, when leaving, stop announcing (goodbye packets) too.
-
-    Rejoining re-registers the announcement (Discovery.announce registers when nothing is announced).
-    """
-    announced = node.set_serving(serving)
-    if announced is not None:
-        announced.result(timeout)
-    discovery = getattr(node, "discovery", None)
-    if not serving and discovery is not None and hasattr(discovery, "withdraw"):
-        node.call(discovery.withdraw(), timeout)
+    """Join or leave the cluster: leaving stops serving others and withdraws the announcement (goodbye packets)."""
+    joined = node.set_joined(serving)
+    if joined is not None:
+        joined.result(timeout)
 
 
 def is_serving(node: Any) -> bool:
-    serving = getattr(node, "serving", None)
-    return bool(getattr(node, "_serving", True) if serving is None else serving)
-
-
-def _progress_figures(args: tuple, kwargs: dict) -> tuple[int, int, str]:
-    """(done, total, what) from whatever a progress callback passes: (done, total[, what]), (fraction), (what, ...)."""
-    numbers = [value for value in (*args, *kwargs.values()) if isinstance(value, (int, float))
-               and not isinstance(value, bool)]
-    words = [value for value in (*args, *kwargs.values()) if isinstance(value, str)]
-    what = words[0] if words else "loading"
-    if len(numbers) >= 2 and numbers[1] > 0:
-        return int(numbers[0]), int(numbers[1]), what
-    if len(numbers) == 1 and 0.0 <= numbers[0] <= 1.0:
-        return int(numbers[0] * 1000), 1000, what
-    return 0, 0, what
+    return bool(node.serving)
 
 
 class Bridge(QObject):
@@ -315,8 +295,8 @@ class Bridge(QObject):
         except Exception:  # sizes are a nicety for the legend
             return 0
 
-    def _on_progress(self, *args: Any, **kwargs: Any) -> None:
-        self.modelProgress.emit(*_progress_figures(args, kwargs))
+    def _on_progress(self, what: str, done: int, total: int) -> None:
+        self.modelProgress.emit(done, total, what)
 
     def _on_notice(self, message: str) -> None:
         self.notice.emit(str(message))
