@@ -39,12 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, summary in SUBCOMMANDS.items():
-        try:
-            module = _command_module(name)
-        except ModuleNotFoundError as error:
-            if error.name != f"cakep2p.commands.{name}":
-                raise
-            continue
+        module = _command_module(name)
         sub = subparsers.add_parser(name, help=summary, description=summary)
         sub.add_argument("-v", "--verbose", action="store_true", help="log debug details")
         module.add_arguments(sub)
