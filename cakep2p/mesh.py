@@ -18,24 +18,17 @@ import torch
 import zmq
 
 from cakep2p import security, wire
+from cakep2p.engine.config import ModelArgs
 from cakep2p.engine.part import ModelPart, PartSpec
 from cakep2p.errors import MeshError, ProtocolError
 from cakep2p.security import ClusterKeys
-from cakep2p.weights import (PARTS_DIR, Progress, cached_part_path, content_sha256, find_model_dir,
-                             kv_cache_bytes, model_fingerprint, part_ref, part_spec, read_cached_part,
-                             send_part_tensors, weight_bytes, write_cached_part)
+from cakep2p.weights import Progress, model_fingerprint, part_ref, send_part_tensors
 
-__all__ = [  # the weights helpers are re-exported: callers may import them from either module
-    "StageRefused", "StageClient", "RemoteStage", "Stage", "RemotePipeline", "stages_for_plan", "ping",
-    "PARTS_DIR", "Progress", "cached_part_path", "content_sha256", "find_model_dir", "kv_cache_bytes",
-    "model_fingerprint", "part_ref", "part_spec", "read_cached_part", "send_part_tensors", "weight_bytes",
-    "write_cached_part",
-]
+__all__ = ["StageRefused", "StageClient", "RemoteStage", "Stage", "RemotePipeline", "stages_for_plan", "ping"]
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_CODES = ("bad_request", "unsupported_version", "shape_mismatch")
-
 
 
 class StageRefused(MeshError):
@@ -154,13 +147,22 @@ class StageClient:
             raise ProtocolError(f"stage {self.label} answered ping with {reply.type}")
         return reply
 
-    def forward(self, session_id: str, part: wire.PartRef, step: int, start_pos: int,
-                inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, session_id: str, part: wire.PartRef, step: int, start_pos: int, inputs: torch.Tensor,
+                *, width: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Run `inputs` through the stage's part. The reply must be float32 logits [1, width] from a head, else
+        hidden states [positions, width] in `dtype` (width and dtype checked when given); ProtocolError if not."""
         reply = self.request(wire.Forward(session_id=session_id, part=part, step=step, start_pos=start_pos,
                                           positions=inputs.shape[0], tensor=inputs))
-        if not isinstance(reply, wire.ForwardResult) or reply.session_id != session_id:
-            raise ProtocolError(f"stage {self.label} answered forward with {reply.type}")
-        return reply.tensor
+        if not isinstance(reply, wire.ForwardResult) or reply.session_id != session_id or reply.step != step:
+            raise ProtocolError(f"stage {self.label} answered forward with {reply.type} for another request")
+        rows, dtype = (1, torch.float32) if part.has_head else (inputs.shape[0], dtype)
+        tensor = reply.tensor
+        if (tensor.shape[0] != rows or (width is not None and tensor.shape[1] != width)
+                or (dtype is not None and tensor.dtype != dtype)):
+            expected = f"{wire.DTYPE_NAMES[dtype] if dtype is not None else ''}[{rows}, {width or 'width'}]"
+            raise ProtocolError(f"stage {self.label} answered forward with {wire.DTYPE_NAMES[tensor.dtype]}"
+                                f"{list(tensor.shape)}, expected {expected}; run the same model on every node")
+        return tensor
 
     def end_session(self, session_id: str, timeout_s: float | None = None) -> None:
         self.request(wire.EndSession(session_id=session_id), timeout_s)
@@ -221,6 +223,7 @@ class RemotePipeline:
                  on_lost: Replan | None = None, max_recoveries: int = 3, context: zmq.Context | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.fingerprint = model_fingerprint(self.model_dir)
+        self.args = ModelArgs.from_dir(self.model_dir)  # the shapes stage replies are checked against
         self.max_seq_len = max_seq_len
         self.keys, self.dtype = keys, dtype
         self.heartbeat_s, self.timeout_s = heartbeat_s, timeout_s
@@ -287,6 +290,7 @@ class RemotePipeline:
                              f"of {self.max_seq_len} tokens")
         if start_pos > len(self._history):
             raise ValueError(f"start_pos {start_pos} is beyond the {len(self._history)} tokens in the caches")
+        self._forget_from(start_pos)  # a reused prefix: what follows it is overwritten, never to be replayed
         move_to: Sequence[Stage] | None = None
         for attempt in itertools.count():
             try:
@@ -307,9 +311,15 @@ class RemotePipeline:
                 self.recoveries.append(f"{error}; continuing on {len(move_to)} stages")
                 log.warning("%s; moving the session to %d stages", error, len(move_to))
         self._chunks.append((start_pos, list(token_ids)))
-        del self._history[start_pos:]
         self._history.extend(token_ids)
         return logits
+
+    def _forget_from(self, position: int) -> None:
+        """Drop the history from `position` on, and every recorded chunk that starts there or later. A chunk across
+        `position` is kept whole: replayed as it ran, it writes the same bits below `position` (a shorter chunk
+        might not), and the next forward overwrites what it writes from `position` on."""
+        del self._history[position:]
+        self._chunks = [(start_pos, token_ids) for start_pos, token_ids in self._chunks if start_pos < position]
 
     def _run(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
         x = torch.tensor(token_ids, dtype=torch.int64)
@@ -321,7 +331,9 @@ class RemotePipeline:
             else:
                 if not stage.part.has_embedding and x.dtype != self._dtypes[index]:
                     x = x.to(self._dtypes[index])  # stages may hold different dtypes (e.g. a GPU in bf16)
-                x = client.forward(self.session_id, part_ref(self.fingerprint, stage.part), self._step, start_pos, x)
+                width = self.args.vocab_size if stage.part.has_head else self.args.hidden_size
+                x = client.forward(self.session_id, part_ref(self.fingerprint, stage.part), self._step, start_pos, x,
+                                   width=width, dtype=self._dtypes[index])
             self.stage_seconds[index] += time.perf_counter() - began
         return x[-1].float()
 

@@ -5,6 +5,7 @@ with compute in an executor thread so pings and heartbeats keep flowing; session
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,7 +20,7 @@ import torch
 import zmq
 import zmq.asyncio
 
-from cakep2p import PROTOCOL_VERSION, paths, security, wire
+from cakep2p import paths, security, wire
 from cakep2p.engine.config import ModelArgs
 from cakep2p.engine.part import ModelPart, part_tensor_names, resolve_dtype
 from cakep2p.errors import CakeError
@@ -29,12 +30,10 @@ from cakep2p.security import ClusterKeys
 
 log = logging.getLogger(__name__)
 
-assert PROTOCOL_VERSION == wire.PROTOCOL_VERSION, "cakep2p.PROTOCOL_VERSION and wire.PROTOCOL_VERSION disagree"
-
 MAX_EXTRA_TASKS = 8  # requests in flight beyond one per session (loads, transfers) before refusing more
 TRANSFER_STALL_S = 30.0  # a transfer without a chunk for this long may be taken over by another initiator
 NOT_SERVING = "{op}: this node does not take work now (its owner turned serving off); re-plan without it"
-RECEIVE_QUEUE_MESSAGES = 64  # bounds what a peer can make this node buffer (with wire's per-op size limits)
+RECEIVE_QUEUE_MESSAGES = 4  # per peer, with ZMQ_MAXMSGSIZE: bounds what a peer can make this node buffer unread
 
 
 # -- server state ------------------------------------------------------------------------------------------
@@ -89,6 +88,7 @@ class StageServer:
         self._sessions: dict[tuple[str, wire.PartRef], _Session] = {}
         self._transfers: dict[wire.PartRef, Transfer] = {}
         self._pending: dict[wire.PartRef, asyncio.Event] = {}  # parts being loaded; set when done or failed
+        self._reserved_bytes = 0  # weights being loaded: counted from the budget check until registered or failed
         self._tasks: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cakep2p-compute")
         self._context: zmq.asyncio.Context | None = None
@@ -165,7 +165,8 @@ class StageServer:
     def used_bytes(self) -> int:
         return (sum(part.weight_bytes for part in self._parts.values())
                 + sum(session.kv_bytes for session in self._sessions.values())
-                + sum(transfer.reserved_bytes for transfer in self._transfers.values()))
+                + sum(transfer.reserved_bytes for transfer in self._transfers.values())
+                + self._reserved_bytes)
 
     def free_bytes(self) -> int:
         return max(0, self.limits.budget_bytes - self.used_bytes())
@@ -349,9 +350,9 @@ class StageServer:
             args = _args_from_json(request.config_json)
             spec = part_spec(ref)
             reserved = weight_bytes(args, spec, resolve_dtype(request.dtype, args))
-            self._reserve(reserved)
-            self._transfers[ref] = Transfer(peer, request, args, part_tensor_names(args, spec), reserved,
-                                            spool_dir=self.parts_dir)
+            with self._reservation(reserved):  # handed over to the transfer, which counts it until it ends
+                self._transfers[ref] = Transfer(peer, request, args, part_tensor_names(args, spec), reserved,
+                                                spool_dir=self.parts_dir)
             transfer_follows = True
             await self._send(peer, wire.LoadReply(request_id=request.request_id, status="send"))
         finally:
@@ -376,23 +377,31 @@ class StageServer:
         if cached is not None:
             config_json, tensors = cached
             args = _args_from_json(config_json)
-            self._reserve(weight_bytes(args, spec, resolve_dtype(request.dtype, args)))
-            model = await self._compute(ModelPart.from_tensors, args, spec, tensors, request.dtype, self.device)
-            self._register(request, model, "cache")
+            with self._reservation(weight_bytes(args, spec, resolve_dtype(request.dtype, args))):
+                model = await self._compute(ModelPart.from_tensors, args, spec, tensors, request.dtype, self.device)
+                self._register(request, model, "cache")
             return "cache"
         model_dir = await self._compute(find_model_dir, self.models_dirs, ref.model_fingerprint)
         if model_dir is None:
             return None
         args = ModelArgs.from_dir(model_dir)
-        self._reserve(weight_bytes(args, spec, resolve_dtype(request.dtype, args)))
-        model = await self._compute(ModelPart.load, model_dir, spec, request.dtype, self.device)
-        self._register(request, model, "models_dir")
+        with self._reservation(weight_bytes(args, spec, resolve_dtype(request.dtype, args))):
+            model = await self._compute(ModelPart.load, model_dir, spec, request.dtype, self.device)
+            self._register(request, model, "models_dir")
         return "models_dir"
 
-    def _reserve(self, nbytes: int) -> None:
+    @contextlib.contextmanager
+    def _reservation(self, nbytes: int):
+        """Count `nbytes` as used while the block runs (a load awaits; a concurrent one must see them taken);
+        the block registers what it loaded before the reservation is released."""
         if nbytes > self.free_bytes():
             raise _Refusal("over_budget", f"loading needs {nbytes} bytes but this node offers only "
                                           f"{self.free_bytes()} more; plan with fewer layers here")
+        self._reserved_bytes += nbytes
+        try:
+            yield
+        finally:
+            self._reserved_bytes -= nbytes
 
     def _register(self, request: wire.LoadPart, model: ModelPart, source: str) -> None:
         nbytes = weight_bytes(model.args, model.part, model.dtype)

@@ -263,6 +263,38 @@ def test_config_missing_a_key_is_a_clear_error(tiny_dir, tmp_path):
         whole(broken)
 
 
+TINY_CONFIG = dict(architectures=["LlamaForCausalLM"], vocab_size=10, hidden_size=8, intermediate_size=16,
+                   num_hidden_layers=1, num_attention_heads=2)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("hidden_size", 0), ("hidden_size", -64), ("hidden_size", 65536 * 4 + 2), ("num_attention_heads", 0),
+    ("num_key_value_heads", -2), ("head_dim", -4), ("max_position_embeddings", -1), ("num_hidden_layers", 1e9),
+    ("vocab_size", 2**22 + 1), ("intermediate_size", -16), ("hidden_size", True), ("num_hidden_layers", "4"),
+    ("num_hidden_layers", 2.5),
+])
+def test_config_size_out_of_range_is_a_clear_error_naming_the_key(key, value):
+    with pytest.raises(ModelError, match=rf"^config.json: {key} must be an integer in \[1, \d+\], got "):
+        ModelArgs.from_config({**TINY_CONFIG, key: value})
+
+
+def test_config_heads_that_do_not_divide_the_hidden_size_without_head_dim_is_a_clear_error():
+    with pytest.raises(ModelError, match="hidden_size 8 is not a multiple of num_attention_heads 3"):
+        ModelArgs.from_config({**TINY_CONFIG, "num_attention_heads": 3})
+    assert ModelArgs.from_config({**TINY_CONFIG, "num_attention_heads": 3, "head_dim": 4}).head_dim == 4
+
+
+def test_config_with_odd_head_dim_or_non_positive_eps_is_a_clear_error():
+    with pytest.raises(ModelError, match="head_dim 3 must be even"):
+        ModelArgs.from_config({**TINY_CONFIG, "head_dim": 3})
+    with pytest.raises(ModelError, match="rms_norm_eps must be a positive number"):
+        ModelArgs.from_config({**TINY_CONFIG, "rms_norm_eps": -1e-5})
+
+
+def test_config_integral_floats_are_read_as_integers():
+    assert ModelArgs.from_config({**TINY_CONFIG, "num_hidden_layers": 2.0}).num_layers == 2
+
+
 def test_unsupported_architecture_names_it_and_the_supported_list(tmp_path):
     model_dir = make_random_model(tmp_path / "gpt", "llama", architectures=["GPT2LMHeadModel"])
     with pytest.raises(ModelError, match="'GPT2LMHeadModel' is not supported; supported: LlamaForCausalLM"):

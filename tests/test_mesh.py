@@ -20,9 +20,9 @@ from cakep2p.engine.generate import LocalPipeline, generate
 from cakep2p.engine.part import ModelPart, PartSpec
 from cakep2p.engine.sampling import SamplingParams
 from cakep2p.errors import MeshError, ProtocolError
-from cakep2p.mesh import (RemotePipeline, RemoteStage, StageClient, StageRefused, cached_part_path, kv_cache_bytes,
-                          model_fingerprint, part_ref, stages_for_plan, weight_bytes)
+from cakep2p.mesh import RemotePipeline, RemoteStage, StageClient, StageRefused, stages_for_plan
 from cakep2p.stage import ServerThread, StageLimits, StageServer
+from cakep2p.weights import cached_part_path, kv_cache_bytes, model_fingerprint, part_ref, weight_bytes
 from tests._mesh_helpers import StageProcess, wait_until
 from tests._sniff import SniffingProxy
 
@@ -351,6 +351,33 @@ def test_load_beyond_the_memory_budget_is_refused(stories_dir, start_servers, ke
     assert server.call(server.server.stats)["used_bytes"] == 0
 
 
+def test_concurrent_loads_that_fit_only_one_at_a_time_do_not_both_pass_the_budget(stories_dir, start_servers, keys):
+    args = ModelArgs.from_dir(stories_dir)
+    sizes = [weight_bytes(args, spec, torch.float32) for spec in TWO_WAY]
+    budget = sum(sizes) - 1
+    [server] = start_servers(1, budget=budget, models_dirs=[stories_dir.parent])
+    outcomes: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def load(spec: PartSpec) -> None:
+        def act(client: StageClient) -> None:
+            barrier.wait(timeout=30)
+            client.load_part(stories_dir, spec, max_seq_len=SEQ, dtype="float32", allow_transfer=False)
+        try:
+            with_client(server, keys, act)
+            outcomes.append("loaded")
+        except StageRefused as refused:
+            outcomes.append(refused.code)
+
+    threads = [threading.Thread(target=load, args=(spec,)) for spec in TWO_WAY]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(outcomes) == ["loaded", "over_budget"]
+    assert server.call(server.server.used_bytes) <= budget
+
+
 def test_idle_session_expires_and_its_cache_is_freed(stories_dir, start_servers, keys):
     [server] = start_servers(1, session_idle_s=0.3)
     local_part = ModelPart.load(stories_dir, TWO_WAY[0], dtype="float32", device="cpu")
@@ -365,6 +392,29 @@ def test_idle_session_expires_and_its_cache_is_freed(stories_dir, start_servers,
         assert wait_until(lambda: cache() is None)
     finally:
         pipeline.close()
+
+
+def test_rebuild_after_prefix_reuse_replays_only_what_the_caches_hold(stories_dir, start_servers, keys,
+                                                                     monkeypatch):
+    servers = start_servers(2)
+    params = SamplingParams(max_new_tokens=6)
+    pipeline = remote_pipeline(remote_stages(servers, TWO_WAY), stories_dir, keys)
+    try:
+        first_turn = PROMPT + list(generate(pipeline, PROMPT, params))
+        second_prompt = first_turn[:7] + [365, 289, 403]  # the second turn reuses 7 cached positions
+        second_turn = second_prompt + list(generate(pipeline, second_prompt, params, start_pos=7))
+        replayed: list[tuple[int, int]] = []
+        run = pipeline._run
+        monkeypatch.setattr(pipeline, "_run", lambda ids, start: replayed.append((start, len(ids))) or run(ids, start))
+        pipeline.rebuild(pipeline.stages)
+        monkeypatch.undo()
+        assert pipeline.history == second_turn[:-1]
+        starts = [start for start, _ in replayed]
+        assert starts == sorted(set(starts)) and replayed[-1][0] + replayed[-1][1] == len(pipeline.history)
+        continued = list(generate(pipeline, second_turn, params, start_pos=len(pipeline.history)))
+    finally:
+        pipeline.close()
+    assert continued == local_tokens(stories_dir, second_turn, params)
 
 
 def test_expired_session_is_replayed_and_generation_continues_identically(stories_dir, start_servers, keys):
@@ -403,6 +453,43 @@ def test_forward_of_the_wrong_hidden_size_is_refused_and_the_node_keeps_serving(
         return client.forward("good", ref, 0, 0, torch.zeros(3, 64))
 
     assert with_client(server, keys, act).shape == (1, 512)
+
+
+def test_forward_reply_of_the_wrong_shape_or_dtype_is_a_protocol_error():
+    """A broken or hostile stage answers with tensors nobody asked for; no real server does, so a bare ROUTER does."""
+    middle, head = part_ref("0" * 16, PartSpec(1, 2, False, False)), part_ref("0" * 16, PartSpec(2, 2, False, True))
+    cases = [(middle, torch.zeros(3, 65)), (middle, torch.zeros(3, 64, dtype=torch.float16)),
+             (middle, torch.zeros(2, 64)), (head, torch.zeros(1, 512, dtype=torch.bfloat16)),
+             (head, torch.zeros(3, 512)), (middle, torch.zeros(3, 64))]
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer() -> None:
+        for _, tensor in cases:
+            while True:
+                identity, *body = router.recv_multipart()
+                request = wire.decode(body)
+                if isinstance(request, wire.Forward):
+                    break
+            router.send_multipart([identity, *wire.encode(wire.ForwardResult(
+                request_id=request.request_id, session_id=request.session_id, step=request.step, tensor=tensor))])
+
+    stage = threading.Thread(target=answer, name="cakep2p-test-bad-stage")
+    stage.start()
+    client = StageClient("127.0.0.1", port, None, heartbeat_s=0.2, context=context)
+    try:
+        for step, (ref, _) in enumerate(cases[:-1]):
+            with pytest.raises(ProtocolError, match="expected"):
+                client.forward("s", ref, step, 0, torch.zeros(3, 64), width=512 if ref.has_head else 64,
+                               dtype=torch.float32)
+        assert client.forward("s", middle, 9, 0, torch.zeros(3, 64), width=64, dtype=torch.float32).shape == (3, 64)
+    finally:
+        client.close()
+        stage.join(timeout=10)
+        router.close(linger=0)
+        context.term()
 
 
 def malformed_messages(rng: random.Random, ref: wire.PartRef):

@@ -113,6 +113,12 @@ def test_encode_refuses_invalid_values(build):
         wire.encode(build())
 
 
+def test_package_protocol_version_is_the_wires():
+    import cakep2p
+
+    assert cakep2p.PROTOCOL_VERSION == wire.PROTOCOL_VERSION
+
+
 def test_other_protocol_version_is_refused_with_its_own_code():
     header = msgpack.packb({"type": "ping", "request_id": 7, "protocol_version": 2})
     with pytest.raises(wire.WireError) as caught:
@@ -166,8 +172,9 @@ def test_payload_frame_on_an_op_without_payload_is_refused():
 
 
 def decodes_or_refuses(frames) -> None:
+    """The inner decoder, below decode's safety net (which would turn a validator's own crash into WireError)."""
     try:
-        message = wire.decode(frames)
+        message = wire._decode(frames)
     except wire.WireError:
         return
     assert isinstance(message, wire.Message)

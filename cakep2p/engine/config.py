@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,15 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
 )
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 TORCH_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# Upper bounds on a config's sizes: far above any released model, low enough that no byte count built from them
+# is absurd (configs also arrive from the network, and the stage server budgets memory with them).
+MAX_LAYERS = 1024
+MAX_HIDDEN = 65536 * 4
+MAX_INTERMEDIATE = 1 << 20
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 4096
+MAX_VOCAB = 1 << 22
+MAX_CONTEXT = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -74,11 +84,30 @@ class ModelArgs:
                 raise ModelError(f"{source} lacks the key {key!r}; restore the model's config.json")
             return config[key]
 
+        def count(key: str, high: int, default: int | None = None) -> int:
+            value = required(key) if default is None else (config.get(key) or default)
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if type(value) is not int or not 1 <= value <= high:
+                raise ModelError(f"{source}: {key} must be an integer in [1, {high}], got {str(value)[:40]}; "
+                                 "restore the model's config.json")
+            return value
+
+        hidden_size = count("hidden_size", MAX_HIDDEN)
+        num_heads = count("num_attention_heads", MAX_HEADS)
+        if not config.get("head_dim") and hidden_size % num_heads:
+            raise ModelError(f"{source}: hidden_size {hidden_size} is not a multiple of num_attention_heads "
+                             f"{num_heads} and no head_dim is given; restore the model's config.json")
+        num_kv_heads = count("num_key_value_heads", MAX_HEADS, default=num_heads)
+        head_dim = count("head_dim", MAX_HEAD_DIM, default=hidden_size // num_heads)
+        if head_dim % 2:
+            raise ModelError(f"{source}: head_dim {head_dim} must be even for rotary embeddings; "
+                             "restore the model's config.json")
+        sizes = {"vocab_size": count("vocab_size", MAX_VOCAB),
+                 "intermediate_size": count("intermediate_size", MAX_INTERMEDIATE),
+                 "num_layers": count("num_hidden_layers", MAX_LAYERS)}
+        max_positions = count("max_position_embeddings", MAX_CONTEXT, default=2048)
         try:
-            hidden_size = int(required("hidden_size"))
-            num_heads = int(required("num_attention_heads"))
-            num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
-            head_dim = int(config.get("head_dim") or hidden_size // num_heads)
             rope = _rope_settings(config)
             rope_theta = float(rope.pop("rope_theta", None) or config.get("rope_theta") or 10000.0)
             rope_type = rope.get("rope_type", "default")
@@ -86,19 +115,17 @@ class ModelArgs:
                 raise ModelError(
                     f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
                 )
-            max_positions = int(config.get("max_position_embeddings") or 2048)
             if rope_type == "llama3":
                 rope.setdefault("original_max_position_embeddings", max_positions)
             family_is_qwen2 = architecture == "Qwen2ForCausalLM"
             # Mistral windows every layer; Qwen's optional per-layer windows (use_sliding_window, off in
             # released checkpoints) are not modelled: attention is full, exact up to the window length.
-            sliding_window = config.get("sliding_window") if architecture == "MistralForCausalLM" else None
+            windowed = architecture == "MistralForCausalLM" and config.get("sliding_window")
+            sliding_window = count("sliding_window", MAX_CONTEXT) if windowed else None
             args = cls(
                 architecture=architecture,
-                vocab_size=int(required("vocab_size")),
                 hidden_size=hidden_size,
-                intermediate_size=int(required("intermediate_size")),
-                num_layers=int(required("num_hidden_layers")),
+                **sizes,
                 num_heads=num_heads,
                 num_kv_heads=num_kv_heads,
                 head_dim=head_dim,
@@ -110,10 +137,14 @@ class ModelArgs:
                 attention_bias=True if family_is_qwen2 else bool(config.get("attention_bias", False)),
                 qk_norm=architecture == "Qwen3ForCausalLM",
                 torch_dtype=_dtype_name(config),
-                sliding_window=int(sliding_window) if sliding_window else None,
+                sliding_window=sliding_window,
             )
         except (TypeError, ValueError, KeyError, ZeroDivisionError) as error:
             raise ModelError(f"{source} has an invalid value ({error}); restore the model's config.json") from None
+        for key, value in (("rms_norm_eps", args.rms_norm_eps), ("rope_theta", args.rope_theta)):
+            if not math.isfinite(value) or value <= 0:
+                raise ModelError(f"{source}: {key} must be a positive number, got {value}; "
+                                 "restore the model's config.json")
         if args.num_heads % args.num_kv_heads != 0:
             raise ModelError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
         return args
