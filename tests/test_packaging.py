@@ -390,7 +390,8 @@ def test_built_app_serves_a_forward_found_over_mdns(built_app, tmp_path, stories
     from cakep2p.engine.config import ModelArgs
     from cakep2p.engine.part import ModelPart, PartSpec
     from cakep2p.engine.tokenizer import Tokenizer
-    from cakep2p.mesh import StageClient, model_fingerprint, part_ref
+    from cakep2p.mesh import StageClient
+    from cakep2p.weights import model_fingerprint, part_ref
 
     subprocess.run(["ip", "link", "set", "lo", "multicast", "on"], check=False)
     code = security.new_code()
