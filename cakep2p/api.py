@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cakep2p.api_requests import ApiError, GenerationRequest, RequestReader, parse_body
-from cakep2p.api_sessions import Generation, Sessions, StopMatcher
+from cakep2p.api_sessions import Generation, Sessions, SessionsFull, StopMatcher
 from cakep2p.errors import CakeError
 from cakep2p.loaded_model import LoadedModel
 
@@ -90,12 +90,12 @@ class Api:
     """The routes, bound to one model."""
 
     def __init__(self, model: LoadedModel, api_key: str | None, status: Callable[[], dict] | None,
-                 max_sessions: int):
+                 max_sessions: int, max_waiting: int | None = None):
         self.model = model
         self.api_key = api_key
         self.status = status
         self.reader = RequestReader(model)
-        self.sessions = Sessions(model, max_sessions)
+        self.sessions = Sessions(model, max_sessions, max_waiting)
         self.created = int(time.time())
 
     def _authorize(self, request: Request) -> None:
@@ -151,11 +151,15 @@ class Api:
     async def _respond(self, request: Request, wanted: GenerationRequest, shape: ChatShape | TextShape) -> Response:
         head = {"id": shape.id_prefix + uuid.uuid4().hex[:24], "created": int(time.time()), "model": self.model.name,
                 "system_fingerprint": None}
-        if wanted.stream:
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(self._stream(request, wanted, shape, head), media_type="text/event-stream",
-                                     headers=headers)
-        generation = Generation(self.sessions, wanted).start()
+        try:
+            self.sessions.check_room()  # a stream is refused here too, while the status can still be 429
+            if wanted.stream:
+                headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+                return StreamingResponse(self._stream(request, wanted, shape, head), media_type="text/event-stream",
+                                         headers=headers)
+            generation = Generation(self.sessions, wanted).start()
+        except SessionsFull as error:
+            raise _too_many_requests(error) from None
         watcher = asyncio.create_task(_watch_disconnect(request, generation))
         try:
             texts = [wanted.echo] + [text async for text in generation.texts()]
@@ -175,7 +179,14 @@ class Api:
         chunk_head = {**head, "object": shape.chunk_name}
         if wanted.include_usage:
             chunk_head["usage"] = None
-        generation = Generation(self.sessions, wanted).start()
+        try:
+            generation = Generation(self.sessions, wanted).start()
+        except SessionsFull as error:  # the room checked in _respond filled up meanwhile
+            refusal = _too_many_requests(error)
+            yield _sse({"error": {"message": refusal.message, "type": refusal.error_type, "param": None,
+                                  "code": refusal.code}})
+            yield _sse("[DONE]")
+            return
         watcher = asyncio.create_task(_watch_disconnect(request, generation))
         try:
             opening = shape.opening()
@@ -198,6 +209,10 @@ class Api:
         finally:
             generation.cancel()
             watcher.cancel()
+
+
+def _too_many_requests(error: SessionsFull) -> ApiError:
+    return ApiError(429, f"Too many requests: {error}", error_type="rate_limit_exceeded", code="rate_limit_exceeded")
 
 
 async def _api_error(request: Request, error: Exception) -> Response:
@@ -277,9 +292,12 @@ class BackgroundServer:
 
 
 def create_app(model: LoadedModel, *, api_key: str | None = None, status: Callable[[], dict] | None = None,
-               max_sessions: int = 4) -> Starlette:
-    """The ASGI app serving `model`; `app.state.sessions` counts open sessions (`open`, `waiting`, `finished`)."""
-    api = Api(model, api_key, status, max_sessions)
+               max_sessions: int = 4, max_waiting: int | None = None) -> Starlette:
+    """The ASGI app serving `model`; `app.state.sessions` counts open sessions (`open`, `waiting`, `finished`).
+
+    Beyond `max_sessions` requests wait their turn; beyond `max_waiting` more (default 4 x max_sessions) they get 429.
+    """
+    api = Api(model, api_key, status, max_sessions, max_waiting)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

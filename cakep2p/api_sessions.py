@@ -1,5 +1,8 @@
 """Generation sessions for the HTTP API: a first-come queue capped at `max_sessions`, one worker thread per request.
 
+At most `max_waiting` requests (default WAITING_PER_SESSION x max_sessions) wait for a session; more are refused
+with SessionsFull (the API answers 429) rather than each holding a thread.
+
 Each request runs in its own pipeline (its own KV cache on every stage); its text reaches the event loop
 through an asyncio queue, cut at the first stop string.
 """
@@ -21,6 +24,11 @@ from cakep2p.loaded_model import LoadedModel
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
+WAITING_PER_SESSION = 4
+
+
+class SessionsFull(Exception):
+    """Too many requests are already waiting for a session; the client should retry later."""
 
 
 class StopMatcher:
@@ -62,12 +70,16 @@ class Outcome:
 class Sessions:
     """At most `limit` generations at once, each in its own pipeline; the others wait first come, first served."""
 
-    def __init__(self, model: LoadedModel, limit: int):
+    def __init__(self, model: LoadedModel, limit: int, max_waiting: int | None = None):
         if limit < 1:
             raise ValueError(f"max_sessions must be >= 1, got {limit}")
         self.model = model
         self.limit = limit
+        self.max_waiting = WAITING_PER_SESSION * limit if max_waiting is None else max_waiting
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         self.open = 0  # sessions holding a pipeline now
+        self._admitted = 0  # started generations that have not got a pipeline (or given up) yet
         self.finished: collections.Counter[str] = collections.Counter()  # 'stop' | 'length' | 'cancelled' | 'error'
         self._queue: collections.deque[Generation] = collections.deque()
         self._running: set[Generation] = set()
@@ -78,6 +90,22 @@ class Sessions:
             cancelling = sum(generation.cancelled.is_set() for generation in self._running)
             return {"open": self.open, "waiting": len(self._queue), "cancelling": cancelling, "max": self.limit,
                     "finished": dict(self.finished)}
+
+    def check_room(self) -> None:
+        """SessionsFull when a new request would have to wait behind max_waiting others."""
+        with self._condition:
+            self._check_room()
+
+    def admit(self) -> None:
+        """Count a new generation in (SessionsFull when there is no room); it leaves the count in acquire()."""
+        with self._condition:
+            self._check_room()
+            self._admitted += 1
+
+    def _check_room(self) -> None:
+        if self.open + self._admitted >= self.limit + self.max_waiting:
+            raise SessionsFull(f"{self.limit} sessions are busy and {self.max_waiting} requests already wait "
+                               "for one: retry later")
 
     def acquire(self, generation: "Generation") -> bool:
         """Block until the generation may open a pipeline; False when it was cancelled while waiting."""
@@ -96,6 +124,7 @@ class Sessions:
                 return True
             finally:
                 self._queue.remove(generation)
+                self._admitted -= 1
                 self._condition.notify_all()
 
     def release(self, generation: "Generation", finish: str) -> None:
@@ -129,6 +158,8 @@ class Generation:
         self._thread = threading.Thread(target=self._work, name="cakep2p-api-generation", daemon=True)
 
     def start(self) -> "Generation":
+        """Queue for a session and generate in the worker thread; SessionsFull when too many already wait."""
+        self.sessions.admit()
         self._thread.start()
         return self
 

@@ -37,6 +37,8 @@ VIRTUAL_INTERFACE_PREFIXES = ("docker", "virbr", "veth", "br-", "cni", "flannel"
 # TXT keys: id node id, pv protocol, v version, cf cluster fingerprint, rt/ra RAM total/available, vt/vf VRAM
 # total/free, ac accelerator, dn device, om offered bytes, gf GFLOP/s, bw bytes/s, sv serving, p mesh port, t start ms
 REQUIRED_KEYS = ("id", "pv", "v", "cf", "rt", "ra", "vt", "vf", "ac", "dn", "om", "gf", "bw", "sv", "p", "t")
+MAX_NAME_CHARS = 63                    # a DNS label; longer instance names are not ours
+TEXT_LIMITS = {"v": 32, "cf": 64, "ac": 16, "dn": 96}   # what encode_txt sends at most; these reach logs and tables
 
 Status = Literal["ok", "other_cluster", "incompatible"]
 Event = Literal["added", "updated", "removed"]
@@ -178,9 +180,16 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _check_text(what: str, value: str, limit: int) -> None:
+    """ValueError unless a text field from another machine is printable (no newlines, escapes) and short."""
+    if len(value) > limit or not value.isprintable():
+        raise ValueError(f"{what} {value[:limit]!r} is not printable text of at most {limit} characters")
+
+
 def peer_from_txt(name: str, properties: dict[str, str], addresses: list[str], srv_port: int,
                   cluster_fingerprint: str) -> tuple[PeerInfo, int]:
     """(PeerInfo, start time in ms) from parsed TXT; ValueError/KeyError when it is not a cakep2p record."""
+    _check_text("name", name, MAX_NAME_CHARS)
     node_id, protocol_version = properties["id"], int(properties["pv"])
     if not node_id or len(node_id) > 64 or not node_id.isalnum():
         raise ValueError(f"bad node id {node_id!r}")
@@ -194,6 +203,8 @@ def peer_from_txt(name: str, properties: dict[str, str], addresses: list[str], s
     else:
         values = {key: properties[key] for key in REQUIRED_KEYS}
         status = "ok" if values["cf"] == cluster_fingerprint else "other_cluster"
+    for key, limit in TEXT_LIMITS.items():
+        _check_text(key, values[key], limit)
     port = srv_port
     if values.get("p", "").isdigit() and 0 < int(values["p"]) < 65536:
         port = int(values["p"])
@@ -370,7 +381,7 @@ class Discovery:
         try:
             await AsyncServiceInfo(SERVICE_TYPE, name).async_request(self._zeroconf.zeroconf, 1500)
         except Exception as error:  # shutting down, or the network went away: the next tick retries
-            log.debug("could not resolve %s: %s", name, error)
+            log.debug("could not resolve %r: %s", name, error)
             return
         if not self._stopping:
             self._reconcile(name)
@@ -379,7 +390,7 @@ class Discovery:
         self._last_query_ms.pop(name, None)
         self._ignored.pop(name, None)
         if self.directory.remove(name) is not None:
-            log.debug("%s %s", name, why)
+            log.debug("%r %s", name, why)
 
     def _reconcile(self, name: str) -> bool:
         """Make the directory match the cache for one instance; False while its records are incomplete."""
@@ -401,7 +412,7 @@ class Discovery:
                                                 service.port, self.cluster_fingerprint)
         except (ValueError, KeyError) as error:
             if self._ignored.get(name) != str(error):
-                log.debug("ignoring %s: not a valid cakep2p announcement (%s)", name, error)
+                log.debug("ignoring %r: not a valid cakep2p announcement (%s)", name, error)
                 self._ignored[name] = str(error)
             self.directory.remove(name)
             return True

@@ -13,6 +13,7 @@ from cakep2p.engine.config import ModelArgs
 from cakep2p.engine.generate import LocalPipeline, Pipeline
 from cakep2p.engine.part import ModelPart, PartSpec
 from cakep2p.engine.tokenizer import Tokenizer
+from cakep2p.errors import ModelError
 
 DEFAULT_CONTEXT = 4096
 
@@ -37,7 +38,11 @@ class LoadedModel(Protocol):
 def context_length(args: ModelArgs, requested: int | None) -> int:
     """The context to reserve KV cache for: what was asked, capped by what the model supports."""
     limit = args.max_position_embeddings
-    return min(requested, limit) if requested else min(DEFAULT_CONTEXT, limit)
+    if requested is None:
+        return min(DEFAULT_CONTEXT, limit)
+    if requested < 1:
+        raise ModelError(f"context of {requested} tokens is impossible: pass --context 1 or more")
+    return min(requested, limit)
 
 
 class LocalModel:

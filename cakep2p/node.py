@@ -66,6 +66,15 @@ def choose_port(requested: int | None, host: str = "") -> int:
     raise CakeError(f"no free TCP port in {DEFAULT_PORT}-{DEFAULT_PORT + PORT_SEARCH_SPAN - 1}: pass --port")
 
 
+def listen_host(interfaces: list[str] | None) -> str:
+    """Where the mesh server binds: the one --interface address, else all interfaces ("").
+
+    With several --interface addresses discovery announces each of them, so a peer may dial any; the server
+    listens on all interfaces rather than on the first address only (listening sends nothing).
+    """
+    return interfaces[0] if interfaces and len(interfaces) == 1 else ""
+
+
 INTERFACE_ENV = "CAKEP2P_INTERFACE"
 
 
@@ -108,16 +117,19 @@ class NodeDirectory(PeerDirectory):
 
 
 def cluster_fingerprint(code: str | None) -> str:
-    """The announced fingerprint of the cluster whose pairing code is `code` (or the stored one)."""
-    from cakep2p.security import cluster_keys
+    """The announced fingerprint of the cluster whose pairing code is `code` (or the stored one).
 
-    return cluster_keys(code).fingerprint
+    A given code only judges peers here: it is not stored, so this machine keeps its own pairing code.
+    """
+    from cakep2p.security import cluster_keys, derive_keys
+
+    return cluster_keys().fingerprint if code is None else derive_keys(code).fingerprint
 
 
 class Node:
     """One node's life: identity, capacity, cluster keys, discovery, the mesh's StageServer, one asyncio loop.
 
-    The StageServer (cakep2p/stage.py) listens on `port` at the --interface address (else all interfaces) with the
+    The StageServer (cakep2p/stage.py) listens on `port` at the one --interface address (else all interfaces) with the
     cluster's CURVE keys, lends at most the offered memory and refuses new work while `serving` is off. Static
     `--peers` are pinged over the mesh and kept in `directory` beside the peers mDNS finds.
     """
@@ -131,7 +143,7 @@ class Node:
         if not self.name:
             raise CakeError(f"node name {name!r} has no usable characters: pass --name with letters or digits")
         self.interfaces = resolve_interfaces(interfaces)
-        self.port = choose_port(port, self.interfaces[0] if self.interfaces else "")
+        self.port = choose_port(port, listen_host(self.interfaces))
         self.max_memory = max_memory
         self.cluster_code = cluster_code
         self.discovery_enabled = discovery
@@ -227,7 +239,7 @@ class Node:
 
         self.server = StageServer(node_id=self.node_id, name=self.name, keys=self.keys,
                                   limits=StageLimits(budget_bytes=self.info.offered_memory),
-                                  address=self.interfaces[0] if self.interfaces else "", port=self.port,
+                                  address=listen_host(self.interfaces), port=self.port,
                                   models_dirs=self.models_dirs, parts_dir=paths.cache_dir() / PARTS_DIR,
                                   serving=self._serving)
         self.port = await self.server.start()   # port 0 (a throwaway initiator): the one the OS picked
@@ -447,7 +459,7 @@ class Node:
         assert info is not None
         endpoint = f"{info.address}:{info.port}"
         security_mode = "INSECURE, no encryption" if self.keys is None else "CURVE-encrypted"
-        listening = self.interfaces[0] if self.interfaces else "all interfaces"
+        listening = listen_host(self.interfaces) or "all interfaces"
         how = ("other machines running `cakep2p --serve` on this network with this cluster's pairing code join "
                "automatically; " if self.discovery_enabled else "discovery is off (--no-discovery); ")
         return (f"node {info.name!r} (id {info.node_id[:8]}) serving at {endpoint}, offering "

@@ -415,3 +415,21 @@ def test_cluster_disconnect_mid_stream_frees_the_session_on_every_stage(cluster_
     finished = httpx.get(url + "/cluster", timeout=30).json()["sessions"]["finished"]
     assert finished.get("cancelled", 0) + finished.get("length", 0) >= 1
     assert [stage_sessions(node, keys) for node in nodes] == [0, 0]
+
+
+def test_requests_beyond_the_waiting_cap_get_429(model, reference):
+    gated = GatedModel(model)
+    app = create_app(gated, max_sessions=1, max_waiting=1)
+    prompts = ["Once upon a time", "Lily and Ben"]
+    with serve(app) as url, ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(_stream_completion_text, url, prompt) for prompt in prompts]
+        wait_until(lambda: app.state.sessions.snapshot()["waiting"] == 1)  # one runs, one waits: the cap
+        whole = post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 4})
+        streamed = post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 4, "stream": True})
+        gated.gate.set()
+        texts = [future.result(timeout=60) for future in futures]
+    for refused in (whole, streamed):
+        assert refused.status_code == 429
+        assert refused.json()["error"]["type"] == "rate_limit_exceeded"
+    assert texts == [reference[prompt]["text"] for prompt in prompts]
+    assert app.state.sessions.snapshot()["finished"] == {"length": 2}

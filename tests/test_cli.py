@@ -197,3 +197,106 @@ def test_chat_wraps_prompt_in_template(stories_dir, capsys):
                                  "--system", "Be kind.", "--max-new-tokens", "4", "--temperature", "0")
     expected_text = "<s>System: Be kind.\nUser: Tell a story.\nAssistant:"
     assert output["prompt_tokens"] == tokenizer.encode(expected_text, add_special_tokens=False)
+
+
+# ---- option checks, in process (fast): one line naming the option, never "internal error" ------------------------
+
+def run_in_process(capsys, *arguments: str) -> tuple[int, str]:
+    """(exit code, stderr) of `cakep2p ARGUMENTS` in this process; argparse's refusals exit through SystemExit."""
+    from cakep2p.cli import main
+
+    try:
+        code = main(list(arguments))
+    except SystemExit as stop:
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
+def assert_refused(capsys, arguments: tuple[str, ...], *fragments: str) -> None:
+    code, stderr = run_in_process(capsys, *arguments)
+    assert code == 2, stderr
+    assert "Traceback" not in stderr and "internal error" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "error:" in last
+    for fragment in fragments:
+        assert fragment in last
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "many"])
+def test_context_below_one_is_refused(stories_dir, node_home, capsys, value):
+    assert_refused(capsys, ("generate", "--local", "--model", str(stories_dir), "--prompt", "x", "--context", value),
+                   "--context", repr(value))
+
+
+@pytest.mark.parametrize("option", ["--temperature", "--top-p", "--repetition-penalty"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_sampling_value_is_one_line_error(stories_dir, node_home, capsys, option, value):
+    code, stderr = run_in_process(capsys, "generate", "--local", "--model", str(stories_dir), "--prompt", "x",
+                                  option, value)
+    assert code == 2
+    assert stderr.strip().splitlines() == [stderr.strip()] and stderr.startswith(f"cakep2p: error: {option}")
+
+
+@pytest.mark.parametrize("value", ["-1", str(2**63), "seven"])
+def test_seed_outside_0_to_2_pow_63_is_refused(stories_dir, node_home, capsys, value):
+    assert_refused(capsys, ("generate", "--local", "--model", str(stories_dir), "--prompt", "x", "--seed", value),
+                   "--seed")
+
+
+@pytest.mark.parametrize("arguments", [("doctor", "--port", "99999"), ("doctor", "--port", "0"),
+                                       ("api", "--model", "m", "--port", "65536"),
+                                       ("--serve", "--port", "-1")])
+def test_port_outside_range_is_refused(node_home, capsys, arguments):
+    assert_refused(capsys, arguments, "--port", "invalid port")
+
+
+@pytest.mark.parametrize("arguments", [("peers",), ("doctor",), ("plan", "--model", "m"),
+                                       ("generate", "--model", "m", "--prompt", "x")])
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_negative_wait_is_refused(node_home, capsys, arguments, value):
+    assert_refused(capsys, (*arguments, "--wait", value), "--wait", "invalid wait")
+
+
+def test_api_max_sessions_below_one_is_refused(node_home, capsys):
+    assert_refused(capsys, ("api", "--model", "m", "--max-sessions", "0"), "--max-sessions")
+
+
+def test_context_length_refuses_a_non_positive_request(stories_dir):
+    from cakep2p.engine.config import ModelArgs
+    from cakep2p.errors import ModelError
+    from cakep2p.loaded_model import context_length
+
+    with pytest.raises(ModelError, match="--context"):
+        context_length(ModelArgs.from_dir(stories_dir), 0)
+
+
+def test_local_model_too_big_for_this_machine_is_one_line_plan_error(stories_dir, node_home, capsys):
+    code, stderr = run_in_process(capsys, "generate", "--local", "--model", str(stories_dir), "--prompt", "x",
+                                  "--max-memory", "100KB")
+    assert code == 2
+    assert stderr.strip().splitlines() == [stderr.strip()]
+    assert stderr.startswith("cakep2p: error: --local: model stories260K does not fit")
+
+
+@pytest.mark.parametrize("command", ["peers", "doctor"])
+def test_judging_peers_with_another_code_keeps_the_stored_code(node_home, monkeypatch, capsys, command):
+    from cakep2p.security import code_path, load_or_create_code, new_code
+
+    monkeypatch.delenv("CAKEP2P_CLUSTER_CODE", raising=False)
+    own = load_or_create_code()
+    code, stderr = run_in_process(capsys, command, "--cluster", new_code(), "--wait", "0.2",
+                                  "--interface", "127.0.0.1")
+    assert code == 0, stderr
+    assert load_or_create_code() == own and own in code_path().read_text()
+
+
+def test_window_log_redacts_the_pairing_code(home):
+    from cakep2p.security import new_code
+
+    code = new_code()
+    script = ("import logging; from cakep2p.gui import setup_logging; from cakep2p.security import load_or_create_code; "
+              "setup_logging(False); logging.getLogger('cakep2p.test').info('code is %s', load_or_create_code())")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "CAKEP2P_HOME": str(home), "CAKEP2P_CLUSTER_CODE": code})
+    assert result.returncode == 0, result.stderr
+    assert "code is <redacted>" in result.stderr and code not in result.stderr

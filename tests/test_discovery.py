@@ -307,6 +307,33 @@ def test_malformed_and_foreign_txt_records_are_ignored(start_node, browser, fing
         raw.close()
 
 
+@pytest.mark.parametrize("key, value", [("dn", "GPU\nINFO fake log line"), ("ac", "cpu\x1b[31m"),
+                                        ("v", "1" * 33), ("dn", "x" * 97)])
+def test_peer_from_txt_rejects_unprintable_or_long_text(key, value):
+    properties = {**encode_txt(fake_peer(), 1), key: value}
+    with pytest.raises(ValueError, match="printable"):
+        peer_from_txt("fake", properties, ["127.0.0.1"], 5999, "0" * 16)
+
+
+def test_peer_from_txt_rejects_unprintable_instance_name():
+    with pytest.raises(ValueError, match="printable"):
+        peer_from_txt("evil\rname", encode_txt(fake_peer(), 1), ["127.0.0.1"], 5999, "0" * 16)
+
+
+def test_announcement_with_newline_in_device_name_is_ignored(browser, fingerprint):
+    raw = Zeroconf(interfaces=["127.0.0.1"])
+    try:
+        forged, honest = "forged" + SUFFIX, "honest" + SUFFIX
+        register_raw(raw, forged, {**encode_txt(fake_peer(node_id="c" * 32, cluster_fingerprint=fingerprint), 1),
+                                   "dn": "GPU\n12:00:00 INFO cakep2p.serve: peer joined: 'mallory'"})
+        register_raw(raw, honest, encode_txt(fake_peer(node_id="d" * 32, cluster_fingerprint=fingerprint), 1))
+        wait_until(lambda: forged in browser.ignored() and browser.peer(honest), 10,
+                   message="the forged service rejected and the honest one listed")
+        assert browser.peer(forged) is None
+    finally:
+        raw.close()
+
+
 def test_other_cluster_and_other_protocol_are_listed_but_never_usable(browser, fingerprint):
     raw = Zeroconf(interfaces=["127.0.0.1"])
     try:
@@ -320,6 +347,31 @@ def test_other_cluster_and_other_protocol_are_listed_but_never_usable(browser, f
         assert not {foreign, future_name} & {peer.name for peer in browser.directory.usable()}
     finally:
         raw.close()
+
+
+def test_node_with_two_interface_addresses_answers_on_both(tmp_path, monkeypatch, code):
+    import zmq.asyncio
+
+    from cakep2p import node as node_module
+    from cakep2p.mesh import ping
+
+    # 127.0.0.2 answers on Linux's lo (all of 127/8 is local) but is not a listed address, and adding one to the
+    # shared loopback would change every other test's view of the interfaces: take the pair as given.
+    monkeypatch.setattr(node_module, "resolve_interfaces", lambda interfaces: interfaces)
+    home = tmp_path / "two-addresses"
+    seed_benchmark(home)
+    monkeypatch.setenv("CAKEP2P_HOME", str(home))
+    node = Node(name="pair" + SUFFIX, port=free_port(), interfaces=["127.0.0.1", "127.0.0.2"], cluster_code=code,
+                discovery=False)
+    context = zmq.asyncio.Context()
+    try:
+        node.start()
+        for address in ("127.0.0.1", "127.0.0.2"):
+            pong = node.call(ping(context, address, node.port, node.keys, 5.0), 10)
+            assert pong is not None and pong.node_id == node.node_id, address
+    finally:
+        node.stop()
+        context.destroy(linger=0)
 
 
 def test_nodes_sharing_a_name_get_distinct_instance_names(start_node, browser):

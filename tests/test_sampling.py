@@ -65,3 +65,20 @@ def test_sampling_follows_the_distribution():
 def test_invalid_parameters_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_parameters_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63])
+def test_seed_outside_0_to_2_pow_63_is_refused(seed):
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=seed)
+
+
+def test_largest_seed_is_accepted():
+    assert Sampler(SamplingParams(temperature=1.0, seed=2**63 - 1)).next_token(torch.zeros(4), []) in range(4)

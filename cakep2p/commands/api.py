@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from cakep2p.commands.options import add_cluster_options, add_model_options, open_model
+from cakep2p.commands.options import add_cluster_options, add_model_options, open_model, port_or_zero, positive_int
 from cakep2p.errors import CakeError
 
 
@@ -16,11 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; any other needs --api-key)")
-    parser.add_argument("--port", type=int, default=8000,
+    parser.add_argument("--port", type=port_or_zero, default=8000,
                         help="TCP port (default 8000; 0: any free port, printed at start)")
     parser.add_argument("--api-key", default=os.environ.get("CAKEP2P_API_KEY"), metavar="KEY",
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $CAKEP2P_API_KEY)")
-    parser.add_argument("--max-sessions", type=int, default=4, metavar="N",
+    parser.add_argument("--max-sessions", type=positive_int, default=4, metavar="N",
                         help="requests generating at once, each with its own KV cache; others wait (default 4)")
     add_cluster_options(parser)
 

@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Callable, TextIO
 
-from cakep2p.commands.options import add_cluster_options, add_model_options, open_model
+from cakep2p.commands.options import add_cluster_options, add_model_options, open_model, seed_number
 from cakep2p.errors import CakeError
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None, metavar="P",
                         help="nucleus sampling: smallest set with mass >= P")
     parser.add_argument("--repetition-penalty", type=float, default=None, metavar="R", help="> 1 discourages repeats")
-    parser.add_argument("--seed", type=int, default=None, metavar="S", help="seed for reproducible sampling")
+    parser.add_argument("--seed", type=seed_number, default=None, metavar="S", help="seed for reproducible sampling")
     add_cluster_options(parser)
 
 

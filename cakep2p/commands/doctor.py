@@ -10,8 +10,9 @@ import time
 
 import psutil
 
+from cakep2p.commands.options import port_number, wait_seconds
 from cakep2p.discovery import announce_addresses, is_virtual_interface, snapshot_peers
-from cakep2p.node import DEFAULT_PORT, cluster_fingerprint, port_is_free, resolve_interfaces
+from cakep2p.node import DEFAULT_PORT, cluster_fingerprint, listen_host, port_is_free, resolve_interfaces
 
 MDNS_GROUP = "224.0.0.251"
 MDNS_PORT = 5353
@@ -21,10 +22,10 @@ MDNS_DAEMONS = ("avahi-daemon", "mdnsresponder", "systemd-resolved", "mdnsd", "b
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interface", action="append", metavar="IP", default=None,
                         help="check only this interface address (repeatable; default: the ones a node would use)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"mesh port to check (default {DEFAULT_PORT})")
-    parser.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"mesh port to check (default {DEFAULT_PORT})")
+    parser.add_argument("--wait", type=wait_seconds, default=2.0, metavar="SECONDS",
                         help="how long to listen for peers (default 2; 0 skips)")
-    parser.add_argument("--cluster", metavar="CODE", default=None, help="cluster code to judge peers against")
+    parser.add_argument("--cluster", metavar="CODE", default=None, help="cluster code to judge peers against (not stored)")
 
 
 def _interface_of(address: str) -> str:
@@ -132,7 +133,7 @@ def mdns_daemon_lines() -> list[str]:
 
 
 def mesh_port_line(port: int, interfaces: list[str] | None) -> str:
-    host = interfaces[0] if interfaces else ""
+    host = listen_host(interfaces)
     if port_is_free(port, host):
         return f"mesh port {port}: free (a node started now would use it; allow it in your firewall)"
     with socket.socket() as client:

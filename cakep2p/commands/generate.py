@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, TextIO
 
-from cakep2p.commands.options import add_cluster_options, add_model_options, open_model
+from cakep2p.commands.options import add_cluster_options, add_model_options, open_model, seed_number
 from cakep2p.errors import CakeError
 
 if TYPE_CHECKING:  # the engine imports torch; this module must stay cheap to import for `cakep2p --help`
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: smallest set with mass >= P")
     parser.add_argument("--repetition-penalty", type=float, default=None, metavar="R", help="> 1 discourages repeats")
-    parser.add_argument("--seed", type=int, default=None, metavar="S", help="seed for reproducible sampling")
+    parser.add_argument("--seed", type=seed_number, default=None, metavar="S", help="seed for reproducible sampling")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
     parser.add_argument("--system", default=None, metavar="TEXT", help="system message (implies --chat)")
     parser.add_argument("--json", action="store_true",

@@ -11,13 +11,66 @@ from typing import Any, Callable
 from cakep2p.units import format_size, parse_size
 
 DEFAULT_WAIT_S = 2.0
+MAX_WAIT_S = 3600.0
+MAX_SEED = 2**63 - 1
 
 
-def _size(text: str) -> int:
+def size_value(text: str) -> int:
+    """argparse type for --max-memory: '8GB', '512MiB', ..."""
     try:
         return parse_size(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def port_number(text: str) -> int:
+    """argparse type for a TCP port to listen on or check: 1-65535."""
+    return _port(text, lowest=1)
+
+
+def port_or_zero(text: str) -> int:
+    """argparse type for a listening port where 0 means 'any free port': 0-65535."""
+    return _port(text, lowest=0)
+
+
+def _port(text: str, lowest: int) -> int:
+    text = text.strip()
+    if not text.isdigit() or not lowest <= int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: use a number from {lowest} to 65535")
+    return int(text)
+
+
+def wait_seconds(text: str) -> float:
+    """argparse type for --wait: seconds from 0 to an hour."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_WAIT_S:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"invalid wait {text!r}: use seconds from 0 to {MAX_WAIT_S:g}, e.g. 3")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1 (--context, --max-sessions)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use a whole number >= 1")
+    return value
+
+
+def seed_number(text: str) -> int:
+    """argparse type for --seed: 0 to 2**63-1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: use a whole number from 0 to {MAX_SEED}")
+    return value
 
 
 def _peer_list(text: str) -> list[tuple[str, int]]:
@@ -47,7 +100,7 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
     add_network_options(parser)
     parser.add_argument("--strategy", choices=("proportional", "fewest"), default="proportional",
                         help="proportional: spread layers by offered memory; fewest: as few nodes as possible")
-    parser.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
+    parser.add_argument("--max-memory", type=size_value, default=None, metavar="SIZE",
                         help="cap on the memory this machine offers for model parts (e.g. 8GB, 512MiB)")
 
 
@@ -57,9 +110,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="weights and activations dtype (auto: the checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    parser.add_argument("--context", type=int, default=None, metavar="N", help="tokens of KV cache to reserve (default: min(4096, model max))")
+    parser.add_argument("--context", type=positive_int, default=None, metavar="N", help="tokens of KV cache to reserve (default: min(4096, model max))")
     parser.add_argument("--local", action="store_true", help="run on this machine only, no cluster")
-    parser.add_argument("--wait", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
+    parser.add_argument("--wait", type=wait_seconds, default=DEFAULT_WAIT_S, metavar="SECONDS",
                         help=f"listen up to this long for peers before planning (default {DEFAULT_WAIT_S:g})")
 
 
@@ -75,6 +128,7 @@ def open_model(args: argparse.Namespace, *, on_notice: Callable[[str], None] | N
     from cakep2p.loaded_model import LocalModel
 
     if getattr(args, "local", False):
+        check_fits_locally(args.model, args.dtype, args.device, args.context, _option(args, "max_memory"))
         return LocalModel(args.model, dtype=args.dtype, device=args.device, context=args.context)
     check_model_folder(args.model, args.dtype)  # a broken folder fails here, before any network activity
     node = start_initiator_node(args)
@@ -88,6 +142,32 @@ def open_model(args: argparse.Namespace, *, on_notice: Callable[[str], None] | N
         node.stop()
         raise
     return ModelWithNode(model, node)
+
+
+def check_fits_locally(model_dir: str, dtype: str, device: str, context: int | None,
+                       max_memory: int | None) -> None:
+    """PlanError unless the whole model (weights and KV cache) fits what this machine alone offers now.
+
+    Without it a model too big for --local loads until torch fails or the OS kills the process.
+    """
+    from dataclasses import replace
+
+    from cakep2p import planner
+    from cakep2p.capacity import offered_memory, probe
+    from cakep2p.engine.config import ModelArgs
+    from cakep2p.engine.sizes import model_spec
+    from cakep2p.errors import PlanError
+    from cakep2p.loaded_model import context_length
+
+    spec = model_spec(model_dir, dtype)
+    capacity = probe(run_benchmark=False)
+    if device == "cpu" and capacity.accelerator != "cpu":  # the weights go to RAM, not to the accelerator
+        capacity = replace(capacity, accelerator="cpu")
+    this_machine = planner.NodeBudget("local", "this machine", offered_memory(capacity, max_memory))
+    try:
+        planner.plan(spec, [this_machine], "local", context_length(ModelArgs.from_dir(model_dir), context))
+    except ValueError as error:  # planner.DoesNotFit names the model, the need and the offer
+        raise PlanError(f"--local: {error}") from None
 
 
 def start_initiator_node(args: argparse.Namespace):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from cakep2p.commands.options import wait_seconds
 from cakep2p.discovery import PeerInfo, snapshot_peers
 from cakep2p.node import cluster_fingerprint, resolve_interfaces
 from cakep2p.units import format_size
@@ -12,24 +13,14 @@ from cakep2p.units import format_size
 STATUS_TEXT = {"ok": "ok", "other_cluster": "other cluster", "incompatible": "incompatible"}
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"invalid wait {text!r}: use seconds between 0 and 3600, e.g. 3")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON list of peers")
-    parser.add_argument("--wait", type=_seconds, default=2.0, metavar="SECONDS",
+    parser.add_argument("--wait", type=wait_seconds, default=2.0, metavar="SECONDS",
                         help="how long to listen for announcements (default 2)")
     parser.add_argument("--interface", action="append", metavar="IP", default=None,
                         help="browse only on this interface (address or name; repeatable; default: all)")
     parser.add_argument("--cluster", metavar="CODE", default=None,
-                        help="judge peers against this cluster code (default: this machine's stored code)")
+                        help="judge peers against this cluster code, without storing it (default: this machine's code)")
 
 
 def format_table(peers: list[PeerInfo]) -> str:

@@ -5,19 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 
-from cakep2p.commands.options import DEFAULT_WAIT_S, add_cluster_options
+from cakep2p.commands.options import DEFAULT_WAIT_S, add_cluster_options, positive_int, wait_seconds
 from cakep2p.errors import PlanError
 from cakep2p.units import format_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model folder (safetensors)")
-    parser.add_argument("--context", type=int, default=None, metavar="N",
+    parser.add_argument("--context", type=positive_int, default=None, metavar="N",
                         help="tokens of KV cache to reserve (default and cap: what generate and chat use)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="element type the parts would be loaded in (auto: the checkpoint's)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    parser.add_argument("--wait", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
+    parser.add_argument("--wait", type=wait_seconds, default=DEFAULT_WAIT_S, metavar="SECONDS",
                         help="how long to listen for peers, over mDNS and --peers (0: plan for this machine alone)")
     add_cluster_options(parser)
 

@@ -5,32 +5,19 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cakep2p.commands.options import add_network_options
+from cakep2p.commands.options import add_network_options, port_number, size_value
 from cakep2p.discovery import PeerInfo
 from cakep2p.node import Node
-from cakep2p.units import format_size, parse_size
+from cakep2p.units import format_size
 
 log = logging.getLogger("cakep2p.serve")
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}: use a number from 1 to 65535")
-    return int(text)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="node name shown to peers (default: this machine's host name)")
-    parser.add_argument("--port", type=_port, default=None,
+    parser.add_argument("--port", type=port_number, default=None,
                         help="mesh port (default: 5770, or the next free one)")
-    parser.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
+    parser.add_argument("--max-memory", type=size_value, default=None, metavar="SIZE",
                         help="cap on the memory this machine offers for model parts (e.g. 8GB, 512MiB)")
     parser.add_argument("--no-discovery", action="store_true",
                         help="do not announce or browse over mDNS (use --peers on the other machines)")

@@ -19,15 +19,15 @@ def broken_qt_binding() -> str | None:
     return None
 
 
-def node_options_from_args(args: argparse.Namespace) -> dict:
-    """Node(...) keyword arguments from whatever cluster options the parser gave (none today: all defaults)."""
-    options = {}
-    for attribute, key in (("name", "name"), ("port", "port"), ("interface", "interfaces"),
-                           ("max_memory", "max_memory"), ("cluster", "cluster_code")):
-        value = getattr(args, attribute, None)
-        if value:
-            options[key] = value
-    return options
+def setup_logging(verbose: bool) -> None:
+    """Log to stderr as the CLI does, with pairing codes and secret keys redacted from every record."""
+    from cakep2p.security import RedactingFilter, install_log_redaction
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(item, RedactingFilter) for item in handler.filters):
+            install_log_redaction(handler)
 
 
 def run_app(args: argparse.Namespace | None = None) -> int:
@@ -45,9 +45,7 @@ def run_app(args: argparse.Namespace | None = None) -> int:
     from cakep2p import __version__
     from cakep2p.gui.window import MainWindow
 
-    args = args or argparse.Namespace()
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(bool(getattr(args, "verbose", False)))
     QGuiApplication.setDesktopFileName("cakep2p")
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("cakep2p")
@@ -55,7 +53,7 @@ def run_app(args: argparse.Namespace | None = None) -> int:
     app.setOrganizationName("cakep2p")
     if QIcon.hasThemeIcon("cakep2p"):
         app.setWindowIcon(QIcon.fromTheme("cakep2p"))
-    window = MainWindow(node_options_from_args(args))
+    window = MainWindow({})  # the window's node takes its settings from the window, not the command line
     window.show()
     try:
         return app.exec()
