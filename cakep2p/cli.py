@@ -26,12 +26,19 @@ SUBCOMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors (subcommand parsers inherit it)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"cakep2p: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _command_module(name: str):
     return importlib.import_module(f"cakep2p.commands.{name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cakep2p", description="One language model across the machines you own.",
         epilog="With no command, cakep2p opens its window. `cakep2p --serve` runs a headless node "
                "(see `cakep2p --serve --help`).")
@@ -48,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cakep2p --serve", description="Run a headless node until SIGINT/SIGTERM.")
+    parser = _Parser(prog="cakep2p --serve", description="Run a headless node until SIGINT/SIGTERM.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     _command_module("serve").add_arguments(parser)
     return parser

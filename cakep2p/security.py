@@ -104,7 +104,9 @@ def new_code() -> str:
     """A fresh random pairing code: six words and six digits, e.g. 'amber-falcon-river-tulip-maple-orbit-048213'."""
     words = [secrets.choice(WORDS) for _ in range(CODE_WORD_COUNT)]
     digits = "".join(secrets.choice("0123456789") for _ in range(CODE_DIGIT_COUNT))
-    return "-".join([*words, digits])
+    code = "-".join([*words, digits])
+    _remember_secret(code)  # redacted from logs from birth, not only once read back from disk
+    return code
 
 
 def normalize_code(code: str) -> str:

@@ -431,3 +431,10 @@ def test_sniffer_sees_plaintext_when_insecure_open(context):
         assert dealer.poll(5000) and dealer.recv_multipart() == [HEADER, PAYLOAD]
         assert wait_until(lambda: MARKER in proxy.to_client)
         assert MARKER in proxy.to_server and b'"op"' in proxy.to_server
+
+
+def test_a_freshly_created_code_is_redacted_at_once(node_home):
+    from cakep2p.security import load_or_create_code, redact
+
+    code = load_or_create_code()
+    assert code not in redact(f"the code is {code}")
