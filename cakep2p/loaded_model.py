@@ -7,13 +7,17 @@ peers) has the same shape, so the terminal chat, the window and the API use eith
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cakep2p.engine.config import ModelArgs
 from cakep2p.engine.generate import LocalPipeline, Pipeline
 from cakep2p.engine.part import ModelPart, PartSpec
 from cakep2p.engine.tokenizer import Tokenizer
 from cakep2p.errors import ModelError
+
+if TYPE_CHECKING:
+    from cakep2p.node import Node
+    from cakep2p.planner import Plan
 
 DEFAULT_CONTEXT = 4096
 
@@ -24,6 +28,9 @@ class LoadedModel(Protocol):
     args: ModelArgs
     tokenizer: Tokenizer
     max_seq_len: int
+    plan: Plan | None      # where the layers run over the cluster; None when the whole model is on this machine
+    notices: list[str]     # what happened to the cluster meanwhile (a lost peer), oldest first
+    node: Node | None      # the cluster node the model was opened on; None for a model on this machine only
 
     def new_pipeline(self) -> Pipeline:
         """A fresh session with its own KV cache (sessions share the weights)."""
@@ -46,9 +53,12 @@ def context_length(args: ModelArgs, requested: int | None) -> int:
 
 
 class LocalModel:
-    """The whole model in this process."""
+    """The whole model in this process: no plan, no node, no notices."""
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "auto", device: str = "auto", context: int | None = None):
+        self.plan: Plan | None = None
+        self.notices: list[str] = []
+        self.node: Node | None = None
         self.model_dir = Path(model_dir)
         self.name = self.model_dir.name
         self.args = ModelArgs.from_dir(self.model_dir)

@@ -182,6 +182,13 @@ def generate_in_process(capsys, *arguments: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def test_local_json_reports_no_plan_no_stages_and_no_notices(stories_dir, capsys):
+    output = generate_in_process(capsys, "--model", str(stories_dir), "--prompt", "The dog", "--max-new-tokens", "2",
+                                 "--temperature", "0")
+    assert {key: output[key] for key in ("plan", "stages", "stage_seconds", "load_sources", "notices")} == {
+        "plan": None, "stages": [], "stage_seconds": [], "load_sources": [], "notices": []}
+
+
 def test_seed_makes_sampling_reproducible(stories_dir, capsys):
     options = ("--model", str(stories_dir), "--prompt", "The dog", "--max-new-tokens", "24", "--temperature", "1.0")
     first = generate_in_process(capsys, *options, "--seed", "7")

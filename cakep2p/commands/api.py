@@ -6,10 +6,13 @@ import argparse
 import ipaddress
 import os
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from cakep2p.commands.options import add_cluster_options, add_model_options, open_model, port_or_zero, positive_int
 from cakep2p.errors import CakeError
+
+if TYPE_CHECKING:
+    from cakep2p.loaded_model import LoadedModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,9 +49,9 @@ def check_options(args: argparse.Namespace) -> None:
         raise CakeError(f"--max-sessions must be >= 1, got {args.max_sessions}")
 
 
-def cluster_status(model: Any) -> Callable[[], dict] | None:
+def cluster_status(model: "LoadedModel") -> Callable[[], dict] | None:
     """What GET /v1/cluster adds to the plan when the model runs over a cluster node: this node and its peers."""
-    node = getattr(model, "node", None)
+    node = model.node
     if node is None:
         return None
 

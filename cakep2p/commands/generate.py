@@ -13,9 +13,11 @@ from cakep2p.commands.options import add_cluster_options, add_model_options, ope
 from cakep2p.errors import CakeError
 
 if TYPE_CHECKING:  # the engine imports torch; this module must stay cheap to import for `cakep2p --help`
-    from cakep2p.engine.generate import Pipeline
+    from cakep2p.engine.generate import LocalPipeline, Pipeline
     from cakep2p.engine.sampling import SamplingParams
     from cakep2p.engine.tokenizer import Tokenizer
+    from cakep2p.loaded_model import LoadedModel
+    from cakep2p.mesh import RemotePipeline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,23 +122,23 @@ def _stream_to(out: TextIO) -> Callable[[str], None]:
     return write
 
 
-def cluster_report(model, pipeline: "Pipeline") -> dict:
+def cluster_report(model: "LoadedModel", pipeline: "LocalPipeline | RemotePipeline") -> dict:
     """What --json adds: the plan (None on one machine) and, per pipeline stage, where it ran, the source of its
     weights (local, memory, cache, models_dir, transfer) and the seconds spent in it; plus any notices."""
-    plan = getattr(model, "plan", None)
-    stage_seconds = list(getattr(pipeline, "stage_seconds", []))
-    sources = list(getattr(pipeline, "load_sources", []))
+    from cakep2p.engine.part import ModelPart
+
+    stage_seconds = list(pipeline.stage_seconds)
+    sources = list(pipeline.load_sources)
     stages = []
-    for index, stage in enumerate(getattr(pipeline, "stages", [])):
-        where = {"name": stage.name, "address": stage.address, "port": stage.port} if hasattr(stage, "port") \
-            else {"name": "local", "address": None, "port": None}
+    for stage, source, seconds in zip(pipeline.stages, sources, stage_seconds):
+        where = {"name": "local", "address": None, "port": None} if isinstance(stage, ModelPart) \
+            else {"name": stage.name, "address": stage.address, "port": stage.port}
         stages.append({**where, "start": stage.part.start, "end": stage.part.end,
                        "embedding": stage.part.has_embedding, "head": stage.part.has_head,
-                       "source": sources[index] if index < len(sources) else "local",
-                       "seconds": round(stage_seconds[index], 6) if index < len(stage_seconds) else 0.0})
-    return {"plan": plan.to_json() if plan is not None else None, "stages": stages,
+                       "source": source, "seconds": round(seconds, 6)})
+    return {"plan": model.plan.to_json() if model.plan is not None else None, "stages": stages,
             "stage_seconds": [round(seconds, 6) for seconds in stage_seconds], "load_sources": sources,
-            "notices": list(getattr(model, "notices", []))}
+            "notices": list(model.notices)}
 
 
 def run(args: argparse.Namespace) -> int:

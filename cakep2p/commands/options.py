@@ -6,9 +6,15 @@ import argparse
 import logging
 import sys
 import uuid
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from cakep2p.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from cakep2p.engine.generate import Pipeline
+    from cakep2p.loaded_model import LoadedModel
+    from cakep2p.node import Node
+    from cakep2p.planner import Plan
 
 DEFAULT_WAIT_S = 2.0
 MAX_WAIT_S = 3600.0
@@ -117,7 +123,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def open_model(args: argparse.Namespace, *, on_notice: Callable[[str], None] | None = None,
-               on_progress: Callable[[str, int, int], None] | None = None):
+               on_progress: Callable[[str, int, int], None] | None = None) -> "LoadedModel":
     """The model the command asked for, as a LoadedModel: over the cluster, or on this machine with --local.
 
     For the cluster the initiator node is started here (see start_initiator_node); it listens up to --wait seconds
@@ -127,16 +133,15 @@ def open_model(args: argparse.Namespace, *, on_notice: Callable[[str], None] | N
     from cakep2p import cluster
     from cakep2p.loaded_model import LocalModel
 
-    if getattr(args, "local", False):
-        check_fits_locally(args.model, args.dtype, args.device, args.context, _option(args, "max_memory"))
+    if args.local:
+        check_fits_locally(args.model, args.dtype, args.device, args.context, args.max_memory)
         return LocalModel(args.model, dtype=args.dtype, device=args.device, context=args.context)
     check_model_folder(args.model, args.dtype)  # a broken folder fails here, before any network activity
     node = start_initiator_node(args)
     try:
         model = cluster.open_model(node, args.model, dtype=args.dtype, device=args.device,
-                                   strategy=_option(args, "strategy", "proportional"), context=args.context,
-                                   max_memory=_option(args, "max_memory"),
-                                   wait_s=_option(args, "wait", DEFAULT_WAIT_S),
+                                   strategy=args.strategy, context=args.context, max_memory=args.max_memory,
+                                   wait_s=args.wait,
                                    on_progress=on_progress or _print_transfers(), on_notice=on_notice or _print_notice)
     except BaseException:
         node.stop()
@@ -170,7 +175,7 @@ def check_fits_locally(model_dir: str, dtype: str, device: str, context: int | N
         raise PlanError(f"--local: {error}") from None
 
 
-def start_initiator_node(args: argparse.Namespace):
+def start_initiator_node(args: argparse.Namespace) -> "Node":
     """The started Node of a command that uses the cluster (generate, chat, api, plan); the caller stops it.
 
     It is NOT serving: a process that only runs a command uses the peers' memory but takes no work from others
@@ -180,22 +185,16 @@ def start_initiator_node(args: argparse.Namespace):
     """
     from cakep2p.node import Node
 
-    if not getattr(args, "verbose", False):  # an initiator's user wants the text and notices, not the node's log
+    if not args.verbose:  # an initiator's user wants the text and notices, not the node's log
         for name in ("cakep2p.node", "cakep2p.stage", "cakep2p.discovery", "cakep2p.cluster", "cakep2p.security"):
             logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger("cakep2p.mesh").setLevel(logging.ERROR)  # its "moving the session" is our notice
-    listen = _option(args, "wait", DEFAULT_WAIT_S) > 0
-    node = Node(port=0, interfaces=_option(args, "interface"), max_memory=_option(args, "max_memory"),
-                cluster_code=_option(args, "cluster"), discovery=listen, serving=False,
-                static_peers=_option(args, "peers", []) if listen else [],
-                insecure_open=_option(args, "insecure_open", False), node_id=uuid.uuid4().hex)
+    listen = args.wait > 0
+    node = Node(port=0, interfaces=args.interface, max_memory=args.max_memory, cluster_code=args.cluster,
+                discovery=listen, serving=False, static_peers=args.peers if listen else [],
+                insecure_open=args.insecure_open, node_id=uuid.uuid4().hex)
     node.start()
     return node
-
-
-def _option(args: argparse.Namespace, name: str, default: Any = None) -> Any:
-    """An option that only some commands add (each command adds the options it needs)."""
-    return getattr(args, name, default)
 
 
 def check_model_folder(model_dir: str, dtype: str = "auto") -> None:
@@ -217,13 +216,26 @@ def check_model_folder(model_dir: str, dtype: str = "auto") -> None:
 
 
 class ModelWithNode:
-    """A LoadedModel (every attribute passes through) whose close() also stops the node it was opened on."""
+    """A LoadedModel opened on a node this command started: the model's members, and close() also stops the node."""
 
-    def __init__(self, model: Any, node: Any) -> None:
+    def __init__(self, model: "LoadedModel", node: "Node") -> None:
         self.model, self.node = model, node
+        self.name, self.model_dir, self.args = model.name, model.model_dir, model.args
+        self.tokenizer, self.max_seq_len = model.tokenizer, model.max_seq_len
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
+    @property
+    def plan(self) -> "Plan | None":
+        return self.model.plan  # a cluster model re-plans when a peer is lost
+
+    @property
+    def notices(self) -> list[str]:
+        return self.model.notices
+
+    def new_pipeline(self) -> "Pipeline":
+        return self.model.new_pipeline()
+
+    def describe(self) -> dict:
+        return self.model.describe()
 
     def close(self) -> None:
         try:

@@ -26,13 +26,20 @@ class Pipeline(Protocol):
 
 
 class LocalPipeline:
-    """One or more ModelParts chained in-process; owns their KV caches."""
+    """One or more ModelParts chained in-process; owns their KV caches.
+
+    `stages`, `load_sources` and `stage_seconds` are the per-stage report a mesh pipeline gives (where each stage
+    ran, where its weights came from, its seconds); parts in this process are no such stages, so they stay empty.
+    """
 
     def __init__(self, parts: list[ModelPart], max_seq_len: int) -> None:
         _check_chain(parts)
         self.parts = list(parts)
         self.max_seq_len = max_seq_len
         self.caches = [part.new_cache(max_seq_len) for part in self.parts]
+        self.stages: list[ModelPart] = []
+        self.load_sources: list[str] = []
+        self.stage_seconds: list[float] = []
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, max_seq_len: int, dtype: str = "auto",

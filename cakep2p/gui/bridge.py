@@ -11,13 +11,17 @@ import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from PySide6.QtCore import QObject, Signal
 
 from cakep2p.errors import CakeError
 from cakep2p.gui.state import (ModelInfo, ModelPreview, NodeState, PlanView, ReplyOutcome, plan_view,
                                preview_model)
+
+if TYPE_CHECKING:
+    from cakep2p.loaded_model import LoadedModel
+    from cakep2p.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +30,11 @@ DOWNLOAD_NEEDS = ("Downloading a model needs the huggingface_hub package (pip in
                   "and pick it with “Choose folder…”.")
 
 
-def open_model(node: Any, model_dir: str | Path, *, on_progress: Callable[..., None],
-               on_notice: Callable[[str], None]) -> Any:
+def open_model(node: "Node | None", model_dir: str | Path, *, on_progress: Callable[..., None],
+               on_notice: Callable[[str], None]) -> "LoadedModel":
     """The ONE place the window opens a model: over the cluster when the core can, else on this machine."""
-    opener = getattr(node, "open_model", None) if node is not None else None
-    if opener is not None:
-        return opener(model_dir, on_progress=on_progress, on_notice=on_notice)
+    if node is not None:
+        return node.open_model(model_dir, on_progress=on_progress, on_notice=on_notice)
     from cakep2p.loaded_model import LocalModel
 
     return LocalModel(model_dir)
@@ -178,7 +181,7 @@ class Bridge(QObject):
     def _current_code(self) -> str:
         from cakep2p import security
 
-        node_code = getattr(self.node, "cluster_code", None)
+        node_code = self.node.cluster_code if self.node is not None else None
         return self.node_options.get("cluster_code") or node_code or security.load_or_create_code()
 
     # Model ---------------------------------------------------------------------------------------
@@ -197,11 +200,12 @@ class Bridge(QObject):
         if self._own_budget is None:
             node = self.node
             max_memory = self.node_options.get("max_memory")
-            cap = getattr(node, "capacity", None)
-            if not isinstance(cap, capacity.Capacity):
+            cap = node.capacity if node is not None else None
+            if cap is None:  # no node, or not started yet
                 cap = capacity.probe(max_memory)
-            offered = getattr(node, "offered_memory", None)
-            offered = offered if isinstance(offered, int) else capacity.offered_memory(cap, max_memory)
+            offered = node.offered_memory if node is not None else None
+            if offered is None:
+                offered = capacity.offered_memory(cap, max_memory)
             node_id = str(node.node_id) if node is not None else "local"
             name = str(node.name) if node is not None else "this machine"
             self._own_budget = planner.NodeBudget(node_id, name, offered, cap.gflops, cap.bandwidth)
@@ -234,7 +238,7 @@ class Bridge(QObject):
             previous.close()
         model = open_model(self.node, path, on_progress=self._on_progress, on_notice=self._on_notice)
         self.model = model
-        has_template = bool(getattr(model.tokenizer, "has_chat_template", True))
+        has_template = model.tokenizer.has_chat_template
         self.completion_mode = not has_template
         self.session = self._new_session()
         self._publish_plan()
@@ -277,7 +281,7 @@ class Bridge(QObject):
             self.plan = None
         else:
             own_id = str(self.node.node_id) if self.node is not None else "local"
-            source = getattr(model, "plan", None)
+            source = model.plan
             if source is None:  # a model on this machine only: one stage, sized from the checkpoint
                 source = [{**stage, "bytes": stage.get("bytes") or self._model_bytes(model)}
                           for stage in model.describe().get("stages", ())]
@@ -424,7 +428,7 @@ class Bridge(QObject):
             self._generating = False
             self.replyFinished.emit(outcome)
             self.contextChanged.emit(outcome.context_used, outcome.max_context)
-            if self.model is not None and getattr(self.model, "plan", None) is not None:
+            if self.model is not None and self.model.plan is not None:
                 self._publish_plan()
         except ContextFull as error:
             self._generating = False

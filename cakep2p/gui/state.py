@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+from cakep2p.planner import Plan
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,11 @@ class ReplyOutcome:
     tokens_after_stop: int | None    # tokens produced after Stop was pressed (None: not stopped)
 
 
-def plan_view(plan: Any, own_id: str, num_layers: int, caption: str = "", own_name: str = "this machine") -> PlanView:
+def plan_view(plan: Plan | Sequence[dict] | None, own_id: str, num_layers: int, caption: str = "",
+              own_name: str = "this machine") -> PlanView:
     """A PlanView from a planner.Plan, or from LoadedModel.describe()["stages"] dicts (node "local" is this one)."""
     segments = []
-    for stage in getattr(plan, "stages", plan) or ():
+    for stage in (plan.stages if isinstance(plan, Plan) else plan) or ():
         if isinstance(stage, dict):
             node_id = str(stage.get("node", "local"))
             node_id = own_id if node_id == "local" else node_id
