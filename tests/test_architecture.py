@@ -43,7 +43,7 @@ def test_engine_knows_nothing_of_networking_or_qt(path):
     assert imports_any(path, NETWORKING + ("PySide6", "cakep2p.gui")) == []
 
 
-@pytest.mark.parametrize("module", ["mesh.py", "stage.py", "discovery.py", "node.py", "cluster.py", "weights.py"])
+@pytest.mark.parametrize("module", ["mesh.py", "stage.py", "stage_parts.py", "discovery.py", "discovery_records.py", "node.py", "cluster.py", "weights.py"])
 def test_core_modules_never_import_qt(module):
     assert imports_any(PACKAGE / module, ("PySide6", "cakep2p.gui")) == []
 

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from zeroconf import ServiceInfo, Zeroconf
 
 from cakep2p import PROTOCOL_VERSION, __version__, identity
-from cakep2p.discovery import REQUIRED_KEYS, SERVICE_TYPE, PeerInfo, encode_txt, parse_txt, peer_from_txt
+from cakep2p.discovery import SERVICE_TYPE
+from cakep2p.discovery_records import REQUIRED_KEYS, PeerInfo, encode_txt, parse_txt, peer_from_txt
 from cakep2p.node import Node
 from cakep2p.security import cluster_keys, new_code
 from tests._discovery_helpers import (REPO, SEEDED_BANDWIDTH, SEEDED_GFLOPS, Browser, free_port,
