@@ -409,6 +409,11 @@ def test_plan_command_json(stories_dir, node_home, capsys):
     assert [(stage["start"], stage["end"]) for stage in data["stages"]] == [(0, 5)]
 
 
+def test_plan_command_offers_the_compute_strategy(stories_dir, node_home, capsys):
+    assert cli.main(["plan", "--model", str(stories_dir), "--wait", "0", "--json", "--strategy", "compute"]) == 0
+    assert json.loads(capsys.readouterr().out)["strategy"] == "compute"
+
+
 def test_plan_command_reports_missing_memory_on_one_line(stories_dir, node_home, capsys):
     assert cli.main(["plan", "--model", str(stories_dir), "--wait", "0", "--max-memory", "1MB"]) == 2
     error = capsys.readouterr().err

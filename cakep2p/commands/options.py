@@ -104,8 +104,9 @@ def add_network_options(parser: argparse.ArgumentParser) -> None:
 def add_cluster_options(parser: argparse.ArgumentParser) -> None:
     """Network options plus how to split a model across the peers."""
     add_network_options(parser)
-    parser.add_argument("--strategy", choices=("proportional", "fewest"), default="proportional",
-                        help="proportional: spread layers by offered memory; fewest: as few nodes as possible")
+    parser.add_argument("--strategy", choices=("proportional", "fewest", "compute"), default="proportional",
+                        help="proportional: spread layers by offered memory; fewest: as few nodes as possible; "
+                             "compute: by measured GFLOP/s (never over anyone's memory budget)")
     parser.add_argument("--max-memory", type=size_value, default=None, metavar="SIZE",
                         help="cap on the memory this machine offers for model parts (e.g. 8GB, 512MiB)")
 
