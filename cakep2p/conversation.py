@@ -127,14 +127,21 @@ def stream_completion(
 
 
 class Conversation:
-    """Messages of one chat and the pipeline that answers them."""
+    """Messages of one chat and the pipeline that answers them.
 
-    def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, system_prompt: str | None = None):
+    `raw=True` is for base models without a chat template: each user message is a prompt the model continues
+    on its own (no template, no earlier turns, no system prompt), and the answer keeps its leading space.
+    """
+
+    def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, system_prompt: str | None = None, *,
+                 raw: bool = False):
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
+        self.raw = raw
         self.messages: list[dict[str, str]] = []
         self._cached_ids: list[int] = []
+        self._last_used = 0
         self._lock = threading.Lock()
 
     @property
@@ -144,13 +151,17 @@ class Conversation:
     def prompt_ids(self, messages: list[dict[str, str]] | None = None) -> list[int]:
         """Token ids of the rendered chat (system prompt first), ready for the assistant's turn."""
         full = list(self.messages if messages is None else messages)
+        if self.raw:
+            return self.tokenizer.encode(next((m["content"] for m in reversed(full) if m["role"] == "user"), ""))
         if self.system_prompt:
             full.insert(0, {"role": "system", "content": self.system_prompt})
         text = self.tokenizer.apply_chat_template(full, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def context_used(self) -> int:
-        """Tokens the conversation takes now (before the next reply)."""
+        """Tokens the conversation takes now: the whole chat, or in raw mode the last prompt and its answer."""
+        if self.raw:
+            return self._last_used
         return len(self.prompt_ids()) if self.messages else 0
 
     def ask(
@@ -174,6 +185,7 @@ class Conversation:
         """A new chat on the same pipeline (its cache is simply overwritten)."""
         self.messages.clear()
         self._cached_ids = []
+        self._last_used = 0
 
     def _answer(
         self, params: SamplingParams, reply: Reply, cancel: threading.Event | None, drop_question_if_full: bool = False
@@ -183,7 +195,7 @@ class Conversation:
             try:
                 yield from stream_completion(
                     self.pipeline, self.tokenizer, prompt_ids, params, reply,
-                    cached_ids=self._cached_ids, cancel=cancel, trim_start=True,
+                    cached_ids=self._cached_ids, cancel=cancel, trim_start=not self.raw,
                 )
             except ContextFull:
                 if drop_question_if_full:
@@ -193,4 +205,5 @@ class Conversation:
                 # The cache now holds the prompt and every generated token but the last one;
                 # after an interrupted run nothing in it is trusted.
                 self._cached_ids = prompt_ids + reply.token_ids[:-1] if reply.stats else []
+            self._last_used = len(prompt_ids) + len(reply.token_ids)
             self.messages.append({"role": "assistant", "content": reply.text})

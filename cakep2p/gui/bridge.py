@@ -250,10 +250,8 @@ class Bridge(QObject):
     def _new_session(self) -> Any:
         """A chat (or raw completion) over a fresh pipeline: its own KV cache, its own remote sessions."""
         from cakep2p.conversation import Conversation
-        from cakep2p.gui.completion import CompletionSession
 
-        kind = CompletionSession if self.completion_mode else Conversation
-        return kind(self.model.new_pipeline(), self.model.tokenizer)
+        return Conversation(self.model.new_pipeline(), self.model.tokenizer, raw=self.completion_mode)
 
     def _replace_session(self) -> None:
         """A new session in the new mode; the old one is swapped out only once the new one exists."""
