@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from cakep2p import OPENMP_DEFAULTS  # noqa: E402  (no torch: safe before GOMP_SPINCOUNT is set)
 
 MIB = 2**20
 BUDGET_BYTES = 8 << 30  # what every node offers: equal, and large enough that the split is the proportional one
@@ -289,8 +290,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved timed rounds per configuration")
     parser.add_argument("--load", default="disk", choices=["disk", "transfer"],
                         help="stages load from their own copy (disk) or receive the tensors over the mesh")
-    parser.add_argument("--gomp-spincount", type=int, default=None,
-                        help="GOMP_SPINCOUNT for every process (default: inherited; libgomp then spins 300000)")
+    parser.add_argument("--gomp-spincount", type=int, default=int(OPENMP_DEFAULTS["GOMP_SPINCOUNT"]),
+                        help="GOMP_SPINCOUNT for every process (default: what `cakep2p` sets; 0 = libgomp's own)")
     parser.add_argument("--preset", default="tinyllama")
     parser.add_argument("--stage-server", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -298,7 +299,7 @@ def main() -> None:
     if options.stage_server:
         serve_stage(options)
         return
-    if options.gomp_spincount is not None:  # before torch loads libgomp here and in the stages
+    if options.gomp_spincount:  # before torch loads libgomp here and in the stages
         os.environ["GOMP_SPINCOUNT"] = str(options.gomp_spincount)
     sys.exit(0 if bench(options) else 1)
 

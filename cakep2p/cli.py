@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
-from cakep2p import __version__
+from cakep2p import OPENMP_DEFAULTS, __version__
 from cakep2p.errors import CakeError
 
 SUBCOMMANDS = {
@@ -76,6 +77,8 @@ def _setup_logging(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    for name, value in OPENMP_DEFAULTS.items():  # before any command imports torch
+        os.environ.setdefault(name, value)
     try:
         if "--serve" in argv and not (argv and argv[0] in SUBCOMMANDS):
             argv.remove("--serve")
