@@ -14,6 +14,17 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ["CAKEP2P_INTERFACE"] = "127.0.0.1"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """In-process torch on one thread: the suite shares 2 cores with the node processes it starts."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
     """The trained stories260K model; skips when it is not on this machine."""

@@ -9,7 +9,6 @@ import subprocess
 import threading
 
 import pytest
-import torch
 
 from cakep2p import cli, cluster, security
 from cakep2p import node as node_module
@@ -31,12 +30,6 @@ SUFFIX = f"-{os.getpid()}"
 TRIO = [f"alpha{SUFFIX}", f"bravo{SUFFIX}", f"charlie{SUFFIX}"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

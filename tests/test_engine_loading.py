@@ -24,12 +24,6 @@ from cakep2p.testing import cached_random_model, make_random_model, write_safete
 PROMPT = [1, 40, 41, 42, 43]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,6 @@ THREE_WAY = [PartSpec(0, 2, True, False), PartSpec(2, 4, False, False), PartSpec
 TWO_WAY = [PartSpec(0, 3, True, False), PartSpec(3, 5, False, True)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)
