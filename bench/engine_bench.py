@@ -45,11 +45,11 @@ class OursSide:
     """Our engine: one whole-model part, a fresh LocalPipeline (KV cache) per timed round."""
 
     def __init__(self, model_dir: str, dtype: str) -> None:
-        from cakep2p.engine.config import ModelArgs
-        from cakep2p.engine.part import ModelPart, PartSpec
+        from cakep2p.engine.checkpoint import Checkpoint
+        from cakep2p.engine.loading import load_part, whole_model
 
-        args = ModelArgs.from_dir(model_dir)
-        self.part = ModelPart.load(model_dir, PartSpec(0, args.num_layers, True, True), dtype=dtype, device="cpu")
+        checkpoint = Checkpoint.open(model_dir)
+        self.part = load_part(checkpoint, whole_model(checkpoint.args), dtype=dtype, device="cpu")
         self.weights = self.part.weight_bytes
 
     def run(self, prompt: list[int], new_tokens: int) -> dict:
@@ -107,9 +107,9 @@ def worker(options: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(options.threads)
-    from cakep2p.engine.config import ModelArgs
+    from cakep2p.engine.checkpoint import Checkpoint
 
-    prompt = prompt_ids(options.prompt_tokens, ModelArgs.from_dir(options.model_dir).vocab_size)
+    prompt = prompt_ids(options.prompt_tokens, Checkpoint.open(options.model_dir).args.vocab_size)
     before = rss_bytes("VmRSS:")
     started = time.perf_counter()
     side = (OursSide if options.worker == "ours" else TransformersSide)(options.model_dir, options.dtype)

@@ -56,7 +56,7 @@ def serve_stage(options: argparse.Namespace) -> None:
     import torch
 
     from cakep2p import security
-    from cakep2p.stage import StageLimits, StageServer
+    from cakep2p.mesh import StageLimits, StageServer
 
     torch.set_num_threads(options.threads)
     keys = security.derive_keys(os.environ["CAKEP2P_CLUSTER_CODE"])
@@ -130,40 +130,44 @@ class Config:
     nodes: int
     pipeline: object
     layout: str
-    remote: list[tuple[StageProcess, object]] = field(default_factory=list)  # (process, its PartSpec)
+    remote: list[tuple[StageProcess, object]] = field(default_factory=list)  # (process, its LayerRange)
     rounds: list[dict] = field(default_factory=list)
     tokens: list[list[int]] = field(default_factory=list)
 
 
 def build_single(model_dir: Path, dtype: str, max_seq_len: int) -> Config:
-    from cakep2p.engine.config import ModelArgs
+    from cakep2p.engine.checkpoint import Checkpoint
     from cakep2p.engine.generate import LocalPipeline
-    from cakep2p.engine.part import ModelPart, PartSpec
+    from cakep2p.engine.loading import load_part, whole_model
 
-    layers = ModelArgs.from_dir(model_dir).num_layers
-    part = ModelPart.load(model_dir, PartSpec(0, layers, True, True), dtype=dtype, device="cpu")
+    checkpoint = Checkpoint.open(model_dir)
+    layers = checkpoint.args.num_layers
+    part = load_part(checkpoint, whole_model(checkpoint.args), dtype=dtype, device="cpu")
     return Config(1, LocalPipeline([part], max_seq_len), f"[0-{layers} emb head]")
 
 
 def build_mesh(nodes: int, model_dir: Path, dtype: str, max_seq_len: int, processes: list[StageProcess],
                keys, load: str) -> Config:
     from cakep2p import planner
-    from cakep2p.engine.part import ModelPart
+    from cakep2p.engine.checkpoint import Checkpoint
+    from cakep2p.engine.loading import load_part
+    from cakep2p.engine.model import ModelPart
     from cakep2p.engine.sizes import model_spec
     from cakep2p.mesh import RemotePipeline, RemoteStage, stages_for_plan
 
+    checkpoint = Checkpoint.open(model_dir)
     budgets = [planner.NodeBudget("node-0", "initiator", BUDGET_BYTES)]
     budgets += [planner.NodeBudget(process.node_id, process.node_id, BUDGET_BYTES) for process in processes]
-    plan = planner.plan(model_spec(model_dir, dtype), budgets, "node-0", max_seq_len)
+    plan = planner.plan(model_spec(checkpoint, dtype), budgets, "node-0", max_seq_len)
     if len(plan.stages) != nodes:
         raise RuntimeError(f"the plan uses {len(plan.stages)} of {nodes} nodes:\n{plan.table()}")
     endpoints = {process.node_id: ("127.0.0.1", process.port) for process in processes}
     stages = stages_for_plan(plan, endpoints, "node-0",
-                             lambda spec: ModelPart.load(model_dir, spec, dtype=dtype, device="cpu"))
-    pipeline = RemotePipeline(stages, model_dir, max_seq_len, keys, dtype=dtype, allow_transfer=load == "transfer")
+                             lambda layers: load_part(checkpoint, layers, dtype=dtype, device="cpu"))
+    pipeline = RemotePipeline(stages, checkpoint, max_seq_len, keys, dtype=dtype, allow_transfer=load == "transfer")
     by_port = {process.port: process for process in processes}
-    remote = [(by_port[stage.port], stage.part) for stage in stages if isinstance(stage, RemoteStage)]
-    layout = " ".join(_describe(stage.part, "local" if isinstance(stage, ModelPart) else stage.name)
+    remote = [(by_port[stage.port], stage.layers) for stage in stages if isinstance(stage, RemoteStage)]
+    layout = " ".join(_describe(stage.layers, "local" if isinstance(stage, ModelPart) else stage.name)
                       for stage in stages)
     if load == "disk" and set(pipeline.load_sources) - {"local", "models_dir"}:
         raise RuntimeError(f"stages loaded from {pipeline.load_sources}, expected their own models dir")
@@ -308,7 +312,7 @@ def bench(options: argparse.Namespace) -> bool:
     import torch
 
     from cakep2p import security
-    from cakep2p.engine.config import ModelArgs
+    from cakep2p.engine.checkpoint import Checkpoint
     from cakep2p.engine.sizes import model_spec
     from cakep2p.testing import cached_random_model
 
@@ -316,8 +320,9 @@ def bench(options: argparse.Namespace) -> bool:
     node_counts = sorted({int(count) for count in options.nodes.split(",")})
     started = time.perf_counter()
     model_dir = cached_random_model("llama", options.preset, dtype=options.dtype)
-    args = ModelArgs.from_dir(model_dir)
-    spec = model_spec(model_dir, options.dtype)
+    checkpoint = Checkpoint.open(model_dir)
+    args = checkpoint.args
+    spec = model_spec(checkpoint, options.dtype)
     prompt = prompt_ids(options.prompt_tokens, args.vocab_size)
     max_seq_len = options.prompt_tokens + options.new_tokens
     print(f"model {model_dir.name} ({time.perf_counter() - started:.1f} s); {options.dtype}, {options.threads} threads "

@@ -63,7 +63,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool) -> None:
-    from cakep2p.security import install_log_redaction
+    from cakep2p.redaction import install_log_redaction
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print("cakep2p: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # the edge: a bug must not show the user a traceback (or a secret)
-        from cakep2p.security import redact
+        from cakep2p.redaction import redact
 
         if "-v" in argv or "--verbose" in argv:
             raise

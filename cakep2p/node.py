@@ -1,119 +1,37 @@
 """The core both shells share: one node's identity, capacity, cluster keys, discovery, mesh server and loop thread.
 
-`cakep2p --serve` calls `Node.run_forever()`; the window calls `start()`/`stop()`, listens to `node.directory`
-and opens models with `node.open_model(...)` (cakep2p/cluster.py: plans over the peers, runs the stages).
+`cakep2p --serve` calls `Node.run_forever()`; the window calls `start()`/`stop()` and listens to `node.directory`;
+cakep2p/cluster/ opens models over the node and its peers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import errno
 import logging
-import os
 import signal
-import socket
 import threading
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import psutil
+import zmq.asyncio
 
-from cakep2p import PROTOCOL_VERSION, __version__, identity, paths
-from cakep2p.capacity import Capacity, offered_memory, probe
-from cakep2p.discovery import Discovery, PeerDirectory, PeerInfo, announce_addresses
+from cakep2p import PROTOCOL_VERSION, __version__, paths
+from cakep2p.discovery import STATIC_KEY, Discovery, PeerDirectory, PeerInfo, identity
+from cakep2p.discovery.capacity import Capacity, offered_memory, probe
 from cakep2p.errors import CakeError
-
-if TYPE_CHECKING:
-    from cakep2p.loaded_model import LoadedModel
-    from cakep2p.security import ClusterKeys
-    from cakep2p.stage import StageServer
+from cakep2p.mesh import StageLimits, StageServer, ping
+from cakep2p.mesh.parts_cache import default_parts_dir
+from cakep2p.network import announce_addresses, choose_port, listen_host, resolve_interfaces
+from cakep2p.security import ClusterKeys, cluster_keys, derive_keys, load_or_create_code
+from cakep2p.units import format_size
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 5770
-PORT_SEARCH_SPAN = 100
 STATIC_PEER_REFRESH_S = 2.0   # how often static --peers are pinged over the mesh
 STATIC_PEER_TIMEOUT_S = 3.0   # a ping unanswered this long is a miss; two misses in a row drop the peer
 STATIC_PEER_MISSES = 2
-
-
-def port_is_free(port: int, host: str = "") -> bool:
-    """True when a TCP listener could bind host:port now (SO_REUSEADDR, as ZeroMQ binds)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe_socket:
-        probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe_socket.bind((host, port))
-        except OSError as error:
-            if error.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            raise
-    return True
-
-
-def choose_port(requested: int | None, host: str = "") -> int:
-    """The requested port if free (CakeError otherwise), else the first free one from DEFAULT_PORT up."""
-    if requested is not None:
-        if not port_is_free(requested, host):
-            raise CakeError(f"port {requested} is already in use on {host or 'this machine'}: "
-                            f"choose another with --port, or omit --port to pick a free one")
-        return requested
-    for port in range(DEFAULT_PORT, DEFAULT_PORT + PORT_SEARCH_SPAN):
-        if port_is_free(port, host):
-            return port
-    raise CakeError(f"no free TCP port in {DEFAULT_PORT}-{DEFAULT_PORT + PORT_SEARCH_SPAN - 1}: pass --port")
-
-
-def listen_host(interfaces: list[str] | None) -> str:
-    """Where the mesh server binds: the one --interface address, else all interfaces ("").
-
-    With several --interface addresses discovery announces each of them, so a peer may dial any; the server
-    listens on all interfaces rather than on the first address only (listening sends nothing).
-    """
-    return interfaces[0] if interfaces and len(interfaces) == 1 else ""
-
-
-INTERFACE_ENV = "CAKEP2P_INTERFACE"
-
-
-def resolve_interfaces(interfaces: list[str] | None) -> list[str] | None:
-    """--interface values (IPv4 addresses or interface names such as eth0) -> this machine's IPv4 addresses.
-
-    Without --interface, $CAKEP2P_INTERFACE (comma-separated) applies if set — the test suite pins it to
-    127.0.0.1 so no test process ever announces beyond loopback — else None: all interfaces.
-    """
-    if not interfaces:
-        interfaces = [item.strip() for item in os.environ.get(INTERFACE_ENV, "").split(",") if item.strip()]
-    if not interfaces:
-        return None
-    local = {name: [item.address for item in items if item.family == socket.AF_INET]
-             for name, items in psutil.net_if_addrs().items()}
-    resolved = []
-    for item in interfaces:
-        if item in local and local[item]:
-            resolved += local[item]
-        elif any(item in addresses for addresses in local.values()):
-            resolved.append(item)
-        else:
-            known = ", ".join(f"{name} {' '.join(addresses)}" for name, addresses in sorted(local.items()) if addresses)
-            raise CakeError(f"no network interface here has the address or name {item!r}: "
-                            f"use one of: {known} (see `cakep2p doctor`)")
-    return list(dict.fromkeys(resolved))
-
-
-class NodeDirectory(PeerDirectory):
-    """The node's peers: mDNS entries, which Discovery manages through keys()/put()/remove(), plus static --peers
-    entries (keys starting with STATIC_KEY), which only the node's pinger adds and removes."""
-
-    STATIC_KEY = "static "
-
-    def keys(self) -> list[str]:
-        return [key for key in self.all_keys() if not key.startswith(self.STATIC_KEY)]
-
-    def all_keys(self) -> list[str]:
-        return super().keys()
 
 
 def cluster_fingerprint(code: str | None) -> str:
@@ -121,15 +39,13 @@ def cluster_fingerprint(code: str | None) -> str:
 
     A given code only judges peers here: it is not stored, so this machine keeps its own pairing code.
     """
-    from cakep2p.security import cluster_keys, derive_keys
-
     return cluster_keys().fingerprint if code is None else derive_keys(code).fingerprint
 
 
 class Node:
     """One node's life: identity, capacity, cluster keys, discovery, the mesh's StageServer, one asyncio loop.
 
-    The StageServer (cakep2p/stage.py) listens on `port` at the one --interface address (else all interfaces) with the
+    The StageServer (cakep2p/mesh/server.py) listens on `port` at the one --interface address (else all interfaces) with the
     cluster's CURVE keys, lends at most the offered memory and refuses new work while `serving` is off. Static
     `--peers` are pinged over the mesh and kept in `directory` beside the peers mDNS finds.
     """
@@ -152,7 +68,7 @@ class Node:
         self.models_dirs = [paths.data_dir() / "models", *(Path(path) for path in models_dirs or [])]
         self.keys: ClusterKeys | None = None
         self.server: StageServer | None = None
-        self.directory = NodeDirectory()
+        self.directory = PeerDirectory()
         self.config_dir = paths.config_dir()
         self.node_id = node_id or identity.node_id(self.config_dir)  # an explicit id: a throwaway identity
         self._stored_identity = node_id is None
@@ -234,13 +150,10 @@ class Node:
 
     async def _start_services(self) -> None:
         """The mesh server first (peers may dial as soon as we announce), then discovery, then static peers."""
-        from cakep2p.stage import StageLimits, StageServer
-        from cakep2p.weights import PARTS_DIR
-
         self.server = StageServer(node_id=self.node_id, name=self.name, keys=self.keys,
                                   limits=StageLimits(budget_bytes=self.info.offered_memory),
                                   address=listen_host(self.interfaces), port=self.port,
-                                  models_dirs=self.models_dirs, parts_dir=paths.cache_dir() / PARTS_DIR,
+                                  models_dirs=self.models_dirs, parts_dir=default_parts_dir(),
                                   serving=self._serving)
         self.port = await self.server.start()   # port 0 (a throwaway initiator): the one the OS picked
         self.info = replace(self.info, port=self.port)
@@ -272,17 +185,13 @@ class Node:
 
     async def _poll_static_peers(self) -> None:
         """Ping each --peers host:port over the mesh; answers become directory entries, silence removes them."""
-        import zmq.asyncio
-
-        from cakep2p.mesh import ping
-
         context, misses = zmq.asyncio.Context(), {peer: 0 for peer in self.static_peers}
         try:
             while True:
                 pongs = await asyncio.gather(*(ping(context, host, port, self.keys, STATIC_PEER_TIMEOUT_S)
                                                for host, port in self.static_peers))
                 for (host, port), pong in zip(self.static_peers, pongs):
-                    key = f"{NodeDirectory.STATIC_KEY}{host}:{port}"
+                    key = f"{STATIC_KEY}{host}:{port}"
                     misses[host, port] = 0 if pong is not None else misses[host, port] + 1
                     if pong is not None and pong.node_id != self.node_id:
                         self.directory.put(key, self._static_peer_info(host, port, pong))
@@ -303,8 +212,6 @@ class Node:
             status="ok", addresses=(host,))
 
     def _use_cluster(self, code: str | None) -> None:
-        from cakep2p.security import cluster_keys
-
         keys = cluster_keys(code)
         self.cluster_code, self.fingerprint = code, keys.fingerprint
         self.keys = None if self.insecure_open else keys
@@ -341,8 +248,6 @@ class Node:
 
     def set_cluster_code(self, code: str) -> concurrent.futures.Future | None:
         """Join the cluster of `code` (stored for next time): new keys, so the mesh server and discovery restart."""
-        from cakep2p.security import load_or_create_code
-
         code = load_or_create_code(code)
         if self.loop is None or self.loop.is_closed():
             self.cluster_code = code
@@ -350,30 +255,16 @@ class Node:
 
         async def switch() -> None:
             await self._stop_services()
-            for key in self.directory.all_keys():   # judged against the old cluster's fingerprint
+            for key in self.directory.keys():   # judged against the old cluster's fingerprint
                 self.directory.remove(key)
             self._use_cluster(code)
             self.info = replace(self._own_info(), name=self.name)
             await self._start_services()
         return asyncio.run_coroutine_threadsafe(switch(), self.loop)
 
-    def open_model(self, model_dir: str | Path, **options) -> "LoadedModel":
-        """The model over this node's cluster (see cakep2p.cluster.open_model for the keywords)."""
-        from cakep2p import cluster
-
-        return cluster.open_model(self, model_dir, **options)
-
     def set_max_memory(self, max_memory: int | None) -> concurrent.futures.Future | None:
         """Change the --max-memory cap; the offered memory is re-announced."""
         self.max_memory = max_memory
-        return self._reannounce()
-
-    def refresh_capacity(self) -> concurrent.futures.Future | None:
-        """Re-measure free RAM/VRAM (the cached benchmark is kept) and re-announce."""
-        current = probe(self.max_memory, run_benchmark=False)
-        if self.capacity is not None:
-            current = replace(current, gflops=self.capacity.gflops, bandwidth=self.capacity.bandwidth)
-        self.capacity = current
         return self._reannounce()
 
     @property
@@ -453,8 +344,6 @@ class Node:
 
     def startup_message(self) -> str:
         """One line: who we are, where, what we offer, and how other machines join."""
-        from cakep2p.units import format_size
-
         info = self.info
         assert info is not None
         endpoint = f"{info.address}:{info.port}"

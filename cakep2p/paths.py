@@ -1,7 +1,9 @@
 """Where a node keeps its files: platformdirs locations, or all under $CAKEP2P_HOME (tests, portable installs)."""
 
 import os
+import secrets
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import platformdirs
 
@@ -31,3 +33,23 @@ def cache_dir() -> Path:
 def data_dir() -> Path:
     """User data worth keeping: chat history, recent models."""
     return _base("data")
+
+
+def write_atomically(path: Path, content: bytes | Callable[[BinaryIO], None], mode: int = 0o644) -> Path:
+    """Replace `path` whole or not at all: write a private temporary beside it (bytes, or what `content` writes to
+    the open file), fsync it, then rename it over `path`. A crash leaves the old file or the new one, never half."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            if callable(content):
+                content(handle)
+            else:
+                handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path

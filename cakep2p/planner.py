@@ -52,20 +52,41 @@ class NodeBudget:
 
 
 @dataclass(frozen=True)
-class Stage:
-    """Layers [start, end) on one node; the initiator's stage also holds the embedding and the head."""
+class LayerRange:
+    """Layers [start, end) of a model, plus whether the embedding and/or the final norm + LM head come with them:
+    what a node holds, what a model part loads. The one layer-range type above the wire (wire.PartRef)."""
 
-    node_id: str
-    name: str
     start: int
     end: int
-    bytes: int
-    holds_embedding: bool
-    holds_head: bool
+    has_embedding: bool = False
+    has_head: bool = False
 
     @property
     def num_layers(self) -> int:
         return self.end - self.start
+
+    def describe(self) -> str:
+        """`layers 3–5`, `layers 0–11 + embedding + head`, `head`: how every message writes a range."""
+        pieces = [describe_layers(self.start, self.end)] if self.num_layers else []
+        pieces += [name for name, held in (("embedding", self.has_embedding), ("head", self.has_head)) if held]
+        return " + ".join(pieces) or "nothing"
+
+
+def describe_layers(start: int, end: int) -> str:
+    """Half-open [start, end) written for people, first and last inclusive: `layers 3–5`, `layer 4`."""
+    if end - start == 1:
+        return f"layer {start}"
+    return f"layers {start}–{end - 1}"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node's share of a plan; the initiator's also holds the embedding and the head."""
+
+    node_id: str
+    name: str
+    layers: LayerRange
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -81,9 +102,10 @@ class Plan:
         rows = [("stage", "node", "layers", "memory", "holds")]
         for number, stage in enumerate(self.stages, 1):
             label = stage.name if stage.name == stage.node_id else f"{stage.name} ({stage.node_id[:8]})"
-            layers = f"{stage.start}-{stage.end - 1} ({stage.num_layers})" if stage.num_layers else "none"
-            holds = ", ".join(part for part, held in (("embedding", stage.holds_embedding),
-                                                       ("head", stage.holds_head)) if held)
+            held = stage.layers
+            layers = f"{held.start}-{held.end - 1} ({held.num_layers})" if held.num_layers else "none"
+            holds = ", ".join(part for part, kept in (("embedding", held.has_embedding), ("head", held.has_head))
+                              if kept)
             rows.append((str(number), label, layers, format_bytes(stage.bytes), holds))
         rows.append(("total", f"{len(self.stages)} node(s), {self.strategy}", "", format_bytes(self.total_bytes), ""))
         widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
@@ -93,8 +115,9 @@ class Plan:
         """A JSON-ready dict: {"stages": [{"node", "name", "start", "end", "bytes", ...}], "total_bytes", "fits"}."""
         return {
             "stages": [
-                {"node": stage.node_id, "name": stage.name, "start": stage.start, "end": stage.end,
-                 "bytes": stage.bytes, "holds_embedding": stage.holds_embedding, "holds_head": stage.holds_head}
+                {"node": stage.node_id, "name": stage.name, "start": stage.layers.start, "end": stage.layers.end,
+                 "bytes": stage.bytes, "holds_embedding": stage.layers.has_embedding,
+                 "holds_head": stage.layers.has_head}
                 for stage in self.stages
             ],
             "total_bytes": self.total_bytes,
@@ -107,8 +130,9 @@ class Plan:
         """The inverse of `to_json`; ValueError when `data` is not such a dict."""
         try:
             stages = tuple(
-                Stage(str(item["node"]), str(item.get("name", item["node"])), int(item["start"]), int(item["end"]),
-                      int(item["bytes"]), bool(item.get("holds_embedding", False)), bool(item.get("holds_head", False)))
+                Stage(str(item["node"]), str(item.get("name", item["node"])),
+                      LayerRange(int(item["start"]), int(item["end"]), bool(item.get("holds_embedding", False)),
+                                 bool(item.get("holds_head", False))), int(item["bytes"]))
                 for item in data["stages"]
             )
             return cls(stages, int(data["total_bytes"]), str(data.get("strategy", "proportional")))
@@ -198,7 +222,7 @@ def plan(
     for index, (node, end) in enumerate(zip(order, ends)):
         if index == 0 or end > start:
             held = prefix[end] - prefix[start] + (fixed if index == 0 else 0)
-            stages.append(Stage(node.node_id, node.name, start, end, held, index == 0, index == 0))
+            stages.append(Stage(node.node_id, node.name, LayerRange(start, end, index == 0, index == 0), held))
         start = end
     return Plan(tuple(stages), sum(stage.bytes for stage in stages), strategy)
 

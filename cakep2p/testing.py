@@ -6,12 +6,16 @@ import hashlib
 import json
 import os
 import shutil
-import struct
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from cakep2p.engine.dtypes import float_dtype
+from cakep2p.engine.safetensors import Entry, raw_bytes
+from cakep2p.engine.safetensors import write_safetensors as write_safetensors_file
 
 FAMILIES = {
     "llama": ("LlamaForCausalLM", "llama"),
@@ -25,7 +29,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),
 }
-SAFETENSORS_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 BASE_CHARACTERS = "▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'"
 CHAT_TEMPLATE = (
@@ -120,7 +123,7 @@ def make_random_model(out_dir: str | Path, family: str, *, preset: str = "tiny",
     """Write config, weights (HF names; `shards` > 1 writes an index), generation config and tokenizer."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    torch_dtype = float_dtype(dtype)
     config = model_config(family, preset, dtype, **overrides)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "generation_config.json").write_text(
@@ -145,25 +148,14 @@ def make_random_model(out_dir: str | Path, family: str, *, preset: str = "tiny",
 
 def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> int:
     """Stream random tensors into one .safetensors file, one tensor in memory at a time; returns data bytes."""
-    element = torch.empty((), dtype=dtype).element_size()
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in shapes.items():
-        size = element
-        for dim in shape:
-            size *= dim
-        header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    with path.open("wb") as handle:
-        handle.write(struct.pack("<Q", len(header_bytes)))
-        handle.write(header_bytes)
+    entries = [Entry(name, dtype, shape, math.prod(shape) * dtype.itemsize) for name, shape in shapes.items()]
+
+    def write_data(handle) -> None:
         for name, shape in shapes.items():
-            tensor = random_tensor(name, shape, seed).to(dtype).contiguous()
-            handle.write(tensor.view(torch.uint8).numpy().tobytes())
-    return offset
+            handle.write(raw_bytes(random_tensor(name, shape, seed).to(dtype)))
+
+    write_safetensors_file(path, entries, write_data, {"format": "pt"})
+    return sum(entry.nbytes for entry in entries)
 
 
 def _pieces(count: int) -> Iterator[str]:

@@ -12,10 +12,10 @@ from typing import Callable, Iterator
 import torch
 
 from cakep2p.api import BackgroundServer
-from cakep2p.conversation import Conversation, Reply, stream_completion
+from cakep2p.engine.conversation import Conversation, Reply, stream_completion
 from cakep2p.engine.sampling import SamplingParams
 from cakep2p.errors import MeshError
-from cakep2p.loaded_model import LocalModel
+from cakep2p.cluster import LocalModel
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -60,8 +60,8 @@ class GatedModel:
     def __init__(self, model: LocalModel, fail_at: int | None = None):
         self.inner = model
         self.fail_at = fail_at
-        self.name, self.model_dir, self.args = model.name, model.model_dir, model.args
-        self.tokenizer, self.max_seq_len = model.tokenizer, model.max_seq_len
+        self.name, self.checkpoint, self.args = model.name, model.checkpoint, model.args
+        self.tokenizer, self.max_seq_len, self.node = model.tokenizer, model.max_seq_len, model.node
         self.gate = threading.Event()
         self.opened = self.closed = self.forwards = 0
 

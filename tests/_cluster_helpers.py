@@ -7,11 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from cakep2p.cluster import ModelOptions
+from cakep2p.engine.checkpoint import Checkpoint
 from tests._discovery_helpers import ServeProcess, free_port, seed_benchmark, start_serve, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,14 +72,14 @@ def greedy_tokens(loaded, max_new_tokens: int = 64) -> list[int]:
     """What `generate --prompt PROMPT --temperature 0` gives on a LoadedModel (local or cluster), in this process."""
     import argparse
 
-    from cakep2p.commands.generate import sampling_params
+    from cakep2p.commands.options import sampling_from_args
     from cakep2p.engine.generate import generate
 
     flags = argparse.Namespace(max_new_tokens=max_new_tokens, temperature=0.0, top_k=None, top_p=None,
                                repetition_penalty=None, seed=None)
     pipeline = loaded.new_pipeline()
     try:
-        params = sampling_params(flags, str(loaded.model_dir), loaded.tokenizer.eos_ids)
+        params = replace(sampling_from_args(flags, loaded.checkpoint), stop_token_ids=loaded.tokenizer.eos_ids)
         return list(generate(pipeline, loaded.tokenizer.encode(PROMPT), params))
     finally:
         pipeline.close()
@@ -84,9 +87,9 @@ def greedy_tokens(loaded, max_new_tokens: int = 64) -> list[int]:
 
 def local_tokens(model: Path) -> list[int]:
     """Greedy tokens of the whole model on this machine: what `generate --local` prints."""
-    from cakep2p.loaded_model import LocalModel
+    from cakep2p.cluster import LocalModel
 
-    loaded = LocalModel(model, dtype="auto", device="cpu")
+    loaded = LocalModel(Checkpoint.open(model), ModelOptions(dtype="auto", device="cpu"))
     try:
         return greedy_tokens(loaded)
     finally:

@@ -49,7 +49,7 @@ def loopback_multicast_on() -> None:
 
 def seed_benchmark(home: Path) -> None:
     """Pre-store the speed benchmark in a node home: fast start, and known gflops/bandwidth to check."""
-    from cakep2p import capacity
+    from cakep2p.discovery import capacity
 
     cap = capacity.probe(run_benchmark=False)
     cache = home / "cache"

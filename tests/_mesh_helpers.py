@@ -80,7 +80,7 @@ def main() -> None:
     import torch
 
     from cakep2p import security, wire
-    from cakep2p.stage import StageLimits, StageServer
+    from cakep2p.mesh import StageLimits, StageServer
 
     torch.set_num_threads(1)
     keys = None if options.insecure else security.derive_keys(os.environ["CAKEP2P_CLUSTER_CODE"])

@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from cakep2p.api import StopMatcher, create_app
-from cakep2p.loaded_model import LocalModel
+from cakep2p.cluster import LocalModel
+from cakep2p.engine.checkpoint import Checkpoint
+from cakep2p.cluster import ModelOptions
 from tests._api_helpers import ApiProcess, GatedModel, greedy_chat, serve, stage_sessions, wait_until
 
 MODEL = "stories260K"
@@ -37,7 +39,7 @@ def no_generation_left_running() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def model(stories_dir) -> Iterator[LocalModel]:
     torch.set_num_threads(1)
-    loaded = LocalModel(stories_dir, dtype="float32", device="cpu")
+    loaded = LocalModel(Checkpoint.open(stories_dir), ModelOptions(dtype="float32", device="cpu"))
     yield loaded
     loaded.close()
 
@@ -102,9 +104,9 @@ def test_chat_completion_matches_single_node_greedy(client, model):
     result = client.chat.completions.create(model=MODEL, messages=STORY_REQUEST, max_tokens=48, temperature=0)
     assert result.choices[0].message.role == "assistant"
     assert result.choices[0].message.content == expected.text
-    assert result.choices[0].finish_reason == expected.stats.finish_reason
-    assert result.usage.prompt_tokens == expected.stats.prompt_tokens
-    assert result.usage.completion_tokens == expected.stats.completion_tokens == 48
+    assert result.choices[0].finish_reason == expected.finish_reason
+    assert result.usage.prompt_tokens == expected.prompt_tokens
+    assert result.usage.completion_tokens == expected.completion_tokens == 48
     assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
 
 
@@ -118,7 +120,7 @@ def test_streamed_chat_matches_greedy_with_role_first_and_usage_last(client, mod
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == []
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
-        expected.stats.prompt_tokens, expected.stats.completion_tokens)
+        expected.prompt_tokens, expected.completion_tokens)
 
 
 def test_stream_ends_with_done_event(server):
@@ -392,7 +394,7 @@ def test_cluster_streamed_chat_matches_single_node_greedy(cluster_api, model):
             model=MODEL, messages=STORY_REQUEST, max_tokens=48, temperature=0, stream=True,
             stream_options={"include_usage": True}))
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == expected.text
-    assert chunks[-1].usage.completion_tokens == expected.stats.completion_tokens
+    assert chunks[-1].usage.completion_tokens == expected.completion_tokens
 
 
 @pytest.mark.slow

@@ -9,10 +9,11 @@ from dataclasses import replace
 import psutil
 import pytest
 
-from cakep2p import capacity, identity, paths
-from cakep2p.capacity import Capacity, offered_memory
+from cakep2p import paths
+from cakep2p.discovery import capacity, identity
+from cakep2p.discovery.capacity import Capacity, offered_memory
 from cakep2p.errors import CakeError
-from cakep2p.node import DEFAULT_PORT, choose_port, port_is_free, resolve_interfaces
+from cakep2p.network import DEFAULT_PORT, choose_port, port_is_free, resolve_interfaces
 
 GiB = 1 << 30
 

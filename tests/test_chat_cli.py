@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from cakep2p.commands.chat import chat_loop
-from cakep2p.conversation import Conversation, Reply, stream_completion
+from cakep2p.engine.conversation import Conversation, Reply, stream_completion
 from cakep2p.engine.sampling import SamplingParams
-from cakep2p.loaded_model import LocalModel
+from cakep2p.cluster import LocalModel
+from cakep2p.engine.checkpoint import Checkpoint
+from cakep2p.cluster import ModelOptions
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "Once upon a time"
@@ -26,7 +28,7 @@ GREEDY_24 = SamplingParams(max_new_tokens=24, temperature=0.0)
 @pytest.fixture(scope="module")
 def model(stories_dir) -> LocalModel:
     torch.set_num_threads(1)
-    loaded = LocalModel(stories_dir, dtype="float32", device="cpu")
+    loaded = LocalModel(Checkpoint.open(stories_dir), ModelOptions(dtype="float32", device="cpu"))
     yield loaded
     loaded.close()
 
@@ -97,7 +99,7 @@ def test_ctrl_c_stops_the_answer_but_not_the_chat(model):
 
 
 def test_full_context_tells_the_user_to_reset(stories_dir):
-    small = LocalModel(stories_dir, dtype="float32", device="cpu", context=32)
+    small = LocalModel(Checkpoint.open(stories_dir), ModelOptions(dtype="float32", device="cpu", context=32))
     pipeline = small.new_pipeline()
     conversation = Conversation(pipeline, small.tokenizer)
     lines = iter(["cat " * 40, "/reset", QUESTION, "/exit"])

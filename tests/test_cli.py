@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cakep2p.engine.checkpoint import Checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "cakep2p"
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors")
@@ -102,6 +104,27 @@ def test_generate_streams_reference_text(stories_dir, references, home):
                          "--max-new-tokens", "64", "--temperature", "0", "--local", home=home)
     assert result.returncode == 0, result.stderr
     assert result.stdout == reference["text"] + "\n"
+
+
+COUNT_CONFIG_READS = """
+import sys
+opened = []
+sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" and args and
+                 str(args[0]).rsplit("/", 1)[-1] == "config.json" else None)
+from cakep2p.cli import main
+code = main(sys.argv[1:])
+print(len(opened), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_generate_local_reads_config_json_once(stories_dir, home):
+    env = {**os.environ, "CAKEP2P_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", COUNT_CONFIG_READS, "generate", "--local", "--model",
+                             str(stories_dir), "--prompt", "Once upon a time", "--max-new-tokens", "4"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "1"
 
 
 def test_missing_model_dir_is_one_line_error(tmp_path, home):
@@ -199,7 +222,7 @@ def test_seed_makes_sampling_reproducible(stories_dir, capsys):
 def test_chat_wraps_prompt_in_template(stories_dir, capsys):
     from cakep2p.engine.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_dir(stories_dir)
+    tokenizer = Tokenizer.from_checkpoint(Checkpoint.open(stories_dir))
     output = generate_in_process(capsys, "--model", str(stories_dir), "--prompt", "Tell a story.", "--chat",
                                  "--system", "Be kind.", "--max-new-tokens", "4", "--temperature", "0")
     expected_text = "<s>System: Be kind.\nUser: Tell a story.\nAssistant:"
@@ -271,10 +294,10 @@ def test_api_max_sessions_below_one_is_refused(node_home, capsys):
 def test_context_length_refuses_a_non_positive_request(stories_dir):
     from cakep2p.engine.config import ModelArgs
     from cakep2p.errors import ModelError
-    from cakep2p.loaded_model import context_length
+    from cakep2p.cluster import context_length
 
     with pytest.raises(ModelError, match="--context"):
-        context_length(ModelArgs.from_dir(stories_dir), 0)
+        context_length(Checkpoint.open(stories_dir).args, 0)
 
 
 def test_local_model_too_big_for_this_machine_is_one_line_plan_error(stories_dir, node_home, capsys):

@@ -13,14 +13,17 @@ import pytest
 from cakep2p import cli, cluster, security
 from cakep2p import node as node_module
 from cakep2p.engine.generate import generate
-from cakep2p.engine.part import PartSpec
+from cakep2p.planner import LayerRange
 from cakep2p.engine.sampling import SamplingParams
 from cakep2p.errors import MeshError, PlanError
-from cakep2p.loaded_model import LocalModel
+from cakep2p.cluster import LocalModel
 from cakep2p.mesh import StageClient, StageRefused
 from cakep2p.node import Node
 from cakep2p.testing import cached_random_model
 from cakep2p.units import parse_size
+from cakep2p.engine.checkpoint import Checkpoint
+from cakep2p.mesh.transfer import load_part as load_part_over
+from cakep2p.cluster import ModelOptions
 from tests._cluster_helpers import (INITIATOR_MEMORY, REPO, child_env, generate_command, greedy_tokens, local_tokens,
                                     remote_names, run_generate, serve_nodes)
 from tests._discovery_helpers import free_port, loopback_multicast_on, seed_benchmark, wait_until
@@ -78,10 +81,10 @@ def initiator(trio, code, tmp_path_factory):
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_random_model_of_each_family_over_three_nodes_gives_the_local_tokens(family, first_run, initiator):
     path = cached_random_model(family, "tiny")
-    model = initiator.open_model(path, wait_s=2)
+    model = cluster.open_model(path, ModelOptions(wait_s=2), node=initiator)
     try:
         assert greedy_tokens(model) == local_tokens(path)
-        assert {stage.name for stage in model.plan.stages if stage.end > stage.start} == set(TRIO)
+        assert {stage.name for stage in model.plan.stages if stage.layers.num_layers} == set(TRIO)
     finally:
         model.close()
 
@@ -101,13 +104,13 @@ def test_two_concurrent_sessions_through_the_same_stages_equal_each_alone(first_
                                                                         no_leaked_threads):
     prompts = [[1, 403, 407, 261, 378], [1, 365, 289, 401]]
     params = SamplingParams(max_new_tokens=24)
-    whole = LocalModel(stories_dir, device="cpu", context=64)
+    whole = LocalModel(Checkpoint.open(stories_dir), ModelOptions(device="cpu", context=64))
     expected = []
     for prompt in prompts:
         pipeline = whole.new_pipeline()
         expected.append(list(generate(pipeline, prompt, params)))
         pipeline.close()
-    model = initiator.open_model(stories_dir, context=64, wait_s=2)
+    model = cluster.open_model(stories_dir, ModelOptions(context=64, wait_s=2), node=initiator)
     try:
         assert isinstance(model, cluster.ClusterModel)
         results: dict[int, list[int]] = {}
@@ -212,9 +215,9 @@ def test_node_with_serving_off_refuses_new_work_and_is_not_planned(stories_dir, 
         wait_until(lambda: lender.node_id not in {peer.node_id for peer in initiator.directory.usable()}, 15,
                    message="the initiator to see the lender stop serving")
         with pytest.raises(PlanError):
-            initiator.open_model(stories_dir, context=64)
+            cluster.open_model(stories_dir, ModelOptions(context=64), node=initiator)
         with pytest.raises(StageRefused, match="serving off"):
-            client.load_part(stories_dir, PartSpec(0, 2, False, False), max_seq_len=64)
+            load_part_over(client, Checkpoint.open(stories_dir), LayerRange(0, 2, False, False), max_seq_len=64)
         assert client.ping().max_sessions == 0
     finally:
         client.close()

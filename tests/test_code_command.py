@@ -79,7 +79,7 @@ def test_set_and_new_together_are_refused(capsys):
 
 def test_no_code_reaches_the_log(capsys, caplog):
     other = security.new_code()
-    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="cakep2p.security"):
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="cakep2p.mesh.curve"):
         run_code(capsys)
         run_code(capsys, "--new")
         run_code(capsys, "--set", other)

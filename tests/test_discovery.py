@@ -19,9 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zeroconf import ServiceInfo, Zeroconf
 
-from cakep2p import PROTOCOL_VERSION, __version__, identity
+from cakep2p import PROTOCOL_VERSION, __version__
+from cakep2p.discovery import identity
 from cakep2p.discovery import SERVICE_TYPE
-from cakep2p.discovery_records import REQUIRED_KEYS, PeerInfo, encode_txt, parse_txt, peer_from_txt
+from cakep2p.discovery.records import REQUIRED_KEYS, PeerInfo, encode_txt, parse_txt, peer_from_txt
 from cakep2p.node import Node
 from cakep2p.security import cluster_keys, new_code
 from tests._discovery_helpers import (REPO, SEEDED_BANDWIDTH, SEEDED_GFLOPS, Browser, free_port,
@@ -163,7 +164,7 @@ def test_serve_processes_see_each_other_at_their_ports(trio):
 
 
 def test_announced_capacity_matches_each_process(trio, browser):
-    from cakep2p.capacity import probe
+    from cakep2p.discovery.capacity import probe
 
     local = probe(run_benchmark=False)
     wait_until(lambda: all(browser.peer(node.name) for node in trio), 10, message="all three nodes")

@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from cakep2p.engine import checkpoint, part as part_module
-from cakep2p.engine.checkpoint import read_tensor_index
+from cakep2p.engine import checkpoint as checkpoint_module, safetensors
+from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.config import ModelArgs
 from cakep2p.engine.generate import LocalPipeline, generate
-from cakep2p.engine.part import ModelPart, PartSpec, part_tensor_names, resolve_device
+from cakep2p.engine.loading import load_part, part_from_tensors, part_tensor_names, resolve_device
+from cakep2p.engine.model import ModelPart
+from cakep2p.engine.safetensors import read_tensor_index
 from cakep2p.engine.sampling import SamplingParams
 from cakep2p.errors import ModelError
+from cakep2p.planner import LayerRange
 from cakep2p.testing import cached_random_model, make_random_model, write_safetensors
 
 PROMPT = [1, 40, 41, 42, 43]
@@ -32,8 +35,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def whole(model_dir: Path, **kwargs) -> ModelPart:
-    args = ModelArgs.from_dir(model_dir)
-    return ModelPart.load(model_dir, PartSpec(0, args.num_layers, True, True), **kwargs)
+    args = Checkpoint.open(model_dir).args
+    return load_part(Checkpoint.open(model_dir), LayerRange(0, args.num_layers, True, True), **kwargs)
 
 
 def greedy(model_dir: Path, prompt: list[int], count: int, **kwargs) -> list[int]:
@@ -65,9 +68,9 @@ def test_config_reads_llama3_scaling_from_rope_scaling_and_from_rope_parameters(
 
 
 def test_config_of_each_family_sets_bias_and_qk_norm(tmp_path):
-    qwen2 = ModelArgs.from_dir(make_random_model(tmp_path / "q2", "qwen2"))
-    qwen3 = ModelArgs.from_dir(make_random_model(tmp_path / "q3", "qwen3"))
-    mistral = ModelArgs.from_dir(make_random_model(tmp_path / "m", "mistral"))
+    qwen2 = Checkpoint.open(make_random_model(tmp_path / "q2", "qwen2")).args
+    qwen3 = Checkpoint.open(make_random_model(tmp_path / "q3", "qwen3")).args
+    mistral = Checkpoint.open(make_random_model(tmp_path / "m", "mistral")).args
     assert (qwen2.attention_bias, qwen2.qk_norm) == (True, False)
     assert (qwen3.attention_bias, qwen3.qk_norm, qwen3.head_dim) == (False, True, 16)
     assert (mistral.attention_bias, mistral.qk_norm, mistral.num_kv_heads) == (False, False, 4)
@@ -79,36 +82,38 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
     single = make_random_model(tmp_path / "single", "llama", seed=5)
     sharded = make_random_model(tmp_path / "sharded", "llama", seed=5, shards=2)
     assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
-    assert len({info.file for info in read_tensor_index(sharded).values()}) == 2
+    assert len({info.file for info in read_tensor_index(sharded)[0].values()}) == 2
     assert greedy(sharded, PROMPT, 8, dtype="float32") == greedy(single, PROMPT, 8, dtype="float32")
 
 
 def test_partial_load_reads_only_the_parts_tensors(tmp_path, monkeypatch):
     model_dir = make_random_model(tmp_path / "twelve", "llama", num_hidden_layers=12, shards=2)
     read: list[str] = []
-    real_load = checkpoint.load_tensor
+    real_load = safetensors.load_tensor
 
     def recording_load(info, *args, **kwargs):
         read.append(info.name)
         return real_load(info, *args, **kwargs)
 
-    monkeypatch.setattr(part_module, "load_tensor", recording_load)
-    spec = PartSpec(2, 4, has_embedding=False, has_head=False)
-    ModelPart.load(model_dir, spec, dtype="float32", device="cpu")
-    assert sorted(read) == sorted(part_tensor_names(ModelArgs.from_dir(model_dir), spec))
+    monkeypatch.setattr(checkpoint_module, "load_tensor", recording_load)
+    spec = LayerRange(2, 4, has_embedding=False, has_head=False)
+    load_part(Checkpoint.open(model_dir), spec, dtype="float32", device="cpu")
+    assert sorted(read) == sorted(part_tensor_names(Checkpoint.open(model_dir).args, spec))
     assert {name.split(".")[2] for name in read} == {"2", "3"}
 
 
 RSS_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from cakep2p.engine.part import ModelPart, PartSpec
+    from cakep2p.engine.checkpoint import Checkpoint
+    from cakep2p.engine.loading import load_part
+    from cakep2p.planner import LayerRange
     def rss(key):
         for line in open("/proc/self/status"):
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
     torch.set_num_threads(1)
     before = rss("VmRSS:")
-    ModelPart.load(sys.argv[1], PartSpec(0, int(sys.argv[2]), False, False), dtype="float32", device="cpu")
+    load_part(Checkpoint.open(sys.argv[1]), LayerRange(0, int(sys.argv[2]), False, False), dtype="float32", device="cpu")
     print(rss("VmHWM:") - before)
 """)
 
@@ -122,7 +127,7 @@ def peak_rss_growth(model_dir: Path, layers: int) -> int:
 def test_loading_two_of_twelve_layers_takes_a_fraction_of_the_memory(tmp_path):
     model_dir = make_random_model(tmp_path / "rss", "llama", num_hidden_layers=12, hidden_size=384,
                                   intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2)
-    layer_bytes = sum(info.nbytes for name, info in read_tensor_index(model_dir).items() if ".layers.0." in name)
+    layer_bytes = sum(info.nbytes for name, info in read_tensor_index(model_dir)[0].items() if ".layers.0." in name)
     two, twelve = peak_rss_growth(model_dir, 2), peak_rss_growth(model_dir, 12)
     fixed_base = 32 * 2**20  # allocator and oneDNN code pages touched by the first packed weight
     assert two < 2 * layer_bytes * 1.2 + fixed_base
@@ -133,10 +138,10 @@ def test_loading_two_of_twelve_layers_takes_a_fraction_of_the_memory(tmp_path):
 def test_from_tensors_equals_load(tiny_dir):
     from safetensors.torch import load_file
 
-    args = ModelArgs.from_dir(tiny_dir)
-    spec = PartSpec(0, args.num_layers, True, True)
-    built = ModelPart.from_tensors(args, spec, load_file(tiny_dir / "model.safetensors"), "float32", "cpu")
-    loaded = ModelPart.load(tiny_dir, spec, dtype="float32", device="cpu")
+    args = Checkpoint.open(tiny_dir).args
+    spec = LayerRange(0, args.num_layers, True, True)
+    built = part_from_tensors(args, spec, load_file(tiny_dir / "model.safetensors"), "float32", "cpu")
+    loaded = load_part(Checkpoint.open(tiny_dir), spec, dtype="float32", device="cpu")
     ids = torch.tensor(PROMPT)
     assert torch.equal(built(ids, 0, built.new_cache(8)), loaded(ids, 0, loaded.new_cache(8)))
 
@@ -216,7 +221,7 @@ def test_closed_pipeline_refuses_to_run(tiny_dir):
 
 
 def test_pipeline_refuses_parts_that_do_not_cover_the_model(tiny_dir):
-    part = ModelPart.load(tiny_dir, PartSpec(0, 2, True, False), dtype="float32")
+    part = load_part(Checkpoint.open(tiny_dir), LayerRange(0, 2, True, False), dtype="float32")
     with pytest.raises(ModelError, match="LM head"):
         LocalPipeline([part], 16)
 
@@ -322,7 +327,7 @@ def test_corrupt_header_is_a_clear_error(tiny_dir, tmp_path):
 
 def test_missing_tensor_is_a_clear_error(tiny_dir, tmp_path):
     broken = copy_model(tiny_dir, tmp_path / "broken")
-    shapes = {name: info.shape for name, info in read_tensor_index(tiny_dir).items()}
+    shapes = {name: info.shape for name, info in read_tensor_index(tiny_dir)[0].items()}
     del shapes["model.layers.1.mlp.up_proj.weight"]
     write_safetensors(broken / "model.safetensors", shapes, 0, torch.float32)
     with pytest.raises(ModelError, match="lacks tensor model.layers.1.mlp.up_proj.weight"):
@@ -331,7 +336,7 @@ def test_missing_tensor_is_a_clear_error(tiny_dir, tmp_path):
 
 def test_shape_mismatch_names_the_tensor_and_both_shapes(tiny_dir, tmp_path):
     broken = copy_model(tiny_dir, tmp_path / "broken")
-    shapes = {name: info.shape for name, info in read_tensor_index(tiny_dir).items()}
+    shapes = {name: info.shape for name, info in read_tensor_index(tiny_dir)[0].items()}
     shapes["model.layers.0.self_attn.k_proj.weight"] = (16, 64)
     write_safetensors(broken / "model.safetensors", shapes, 0, torch.float32)
     with pytest.raises(ModelError, match=r"k_proj.weight has shape \[16, 64\], expected \[32, 64\]"):

@@ -9,9 +9,12 @@ import torch
 
 from cakep2p.engine.config import ModelArgs
 from cakep2p.engine.generate import LocalPipeline, generate
-from cakep2p.engine.part import ModelPart, PartSpec
+from cakep2p.engine.loading import load_part
+from cakep2p.engine.model import ModelPart
+from cakep2p.planner import LayerRange
 from cakep2p.engine.sampling import SamplingParams
 from cakep2p.testing import make_random_model
+from cakep2p.engine.checkpoint import Checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,8 +48,8 @@ def reference_model(model_dir: Path):
 
 
 def whole_part(model_dir: Path) -> ModelPart:
-    args = ModelArgs.from_dir(model_dir)
-    return ModelPart.load(model_dir, PartSpec(0, args.num_layers, True, True), dtype="float32", device="cpu")
+    args = Checkpoint.open(model_dir).args
+    return load_part(Checkpoint.open(model_dir), LayerRange(0, args.num_layers, True, True), dtype="float32", device="cpu")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -81,8 +84,8 @@ def test_generate_matches_transformers_generate(tmp_path):
 def test_three_parts_chained_equal_the_whole_model(tmp_path):
     model_dir = make_random_model(tmp_path / "llama", "llama", seed=7, num_hidden_layers=5, shards=2)
     whole = LocalPipeline([whole_part(model_dir)], max_seq_len=64)
-    specs = [PartSpec(0, 1, True, False), PartSpec(1, 3, False, False), PartSpec(3, 5, False, True)]
-    parts = [ModelPart.load(model_dir, spec, dtype="float32", device="cpu") for spec in specs]
+    specs = [LayerRange(0, 1, True, False), LayerRange(1, 3, False, False), LayerRange(3, 5, False, True)]
+    parts = [load_part(Checkpoint.open(model_dir), spec, dtype="float32", device="cpu") for spec in specs]
     split = LocalPipeline(parts, max_seq_len=64)
     assert torch.allclose(whole.forward(PROMPT, 0), split.forward(PROMPT, 0), atol=1e-5, rtol=0)
     whole, split = LocalPipeline(whole.parts, 64), LocalPipeline(parts, 64)

@@ -227,7 +227,7 @@ def test_chat_streams_the_reference_greedy_tokens_into_the_view(greedy, qtbot, s
         send(greedy, reference["prompt"], len(reference["new_token_ids"]))
     greedy.bridge.tokenArrived.disconnect(pieces.append)
     outcome = finished.args[0]
-    assert list(outcome.token_ids) == reference["new_token_ids"]
+    assert list(outcome.reply.token_ids) == reference["new_token_ids"]
     assert len(pieces) > 10 and "".join(pieces) == reference["text"]
     rows = greedy.chat_model.messages()
     assert [(row.role, row.text) for row in rows] == [("user", reference["prompt"]), ("assistant", reference["text"])]
@@ -243,7 +243,7 @@ def test_stop_ends_generation_within_one_token(greedy, qtbot):
     with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000) as finished:
         greedy.stop_button.click()
     outcome = finished.args[0]
-    assert outcome.stats.finish_reason == "cancelled"
+    assert outcome.reply.finish_reason == "cancelled"
     assert outcome.tokens_after_stop is not None and outcome.tokens_after_stop <= 1
     assert "stopped" in greedy.chat_model.messages()[-1].status
 
@@ -267,7 +267,7 @@ def test_event_loop_keeps_a_timer_firing_at_20_hz_during_generation(greedy, qtbo
 def test_history_is_persisted_as_it_goes_and_exports_as_markdown(greedy, qtbot, tmp_path):
     with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000) as finished:
         send(greedy, "Once upon a time", 16)
-    answer = finished.args[0].text
+    answer = finished.args[0].reply.text
     stored = ChatLog(greedy.chat_log.path)   # read back as a restarted app would
     assert [(message.role, message.content) for message in stored.messages] == [
         ("user", "Once upon a time"), ("assistant", answer)]
@@ -345,14 +345,51 @@ def test_chat_view_follows_new_text_until_the_user_scrolls_up(qtbot):
     assert view.follow
 
 
-def test_model_preview_says_when_the_cluster_cannot_hold_the_model(stories_dir):
-    from cakep2p.gui.state import preview_model
-    from cakep2p.planner import NodeBudget
+def test_model_preview_says_when_the_cluster_cannot_hold_the_model(window, qtbot, stories_dir):
+    from cakep2p.discovery import STATIC_KEY
 
-    too_small = preview_model(stories_dir, NodeBudget("me", "laptop", 200_000), [make_peer(1, offered_memory=100_000)])
-    roomy = preview_model(stories_dir, NodeBudget("me", "laptop", 1 << 30), [make_peer(1)])
+    node = window.bridge.node
+    window.bridge.node_options["max_memory"] = 200_000     # this machine alone is too small
+    try:
+        with qtbot.waitSignal(window.bridge.modelInspected, timeout=10000) as inspected:
+            window.bridge.inspect_model(str(stories_dir))
+        too_small = inspected.args[0]
+        helper = make_peer(1, cluster_fingerprint=node.fingerprint, offered_memory=1 << 30)
+        node.directory.put(f"{STATIC_KEY}preview-helper", helper)
+        with qtbot.waitSignal(window.bridge.modelInspected, timeout=10000) as inspected:
+            window.bridge.inspect_model(str(stories_dir))
+        roomy = inspected.args[0]
+    finally:
+        window.bridge.node_options.pop("max_memory")
+        node.directory.remove(f"{STATIC_KEY}preview-helper")
     assert not too_small.fits and "too big" in too_small.verdict and too_small.plan is None
-    assert roomy.fits and {segment.node_id for segment in roomy.plan.segments} == {"me", "id-1"}
+    assert roomy.fits and {segment.node_id for segment in roomy.plan.segments} == {node.node_id, "id-1"}
+    assert roomy.planned.nodes[1].node_id == "id-1"     # the preview is cluster.plan_model's plan itself
+
+
+def test_the_settings_take_the_sampling_defaults_of_the_models_generation_config(window, qtbot, stories_dir,
+                                                                                 tmp_path):
+    import json
+    import shutil
+
+    sampling = tmp_path / "sampling-stories"
+    shutil.copytree(stories_dir, sampling)
+    (sampling / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20}))
+    loaded = []
+    window.bridge.modelLoaded.connect(loaded.append)
+    try:
+        window.load_model(str(sampling))
+        qtbot.waitUntil(lambda: bool(loaded), timeout=60000)
+        settings = window.settings
+        assert (settings.temperature.value(), settings.top_p.value()) == (0.6, 0.9)
+        assert settings.params().top_k == 20 and settings.params().temperature == 0.6
+        loaded.clear()
+        window.load_model(str(stories_dir))   # greedy by its generation_config.json (no do_sample)
+        qtbot.waitUntil(lambda: bool(loaded), timeout=60000)
+        assert (settings.temperature.value(), settings.top_p.value(), settings.params().top_k) == (0.0, 1.0, 0)
+    finally:
+        window.bridge.modelLoaded.disconnect(loaded.append)
 
 
 def test_hub_download_without_huggingface_hub_explains_what_is_needed(window, qtbot, monkeypatch):
@@ -369,7 +406,7 @@ def test_regenerate_replaces_the_last_answer(greedy, qtbot):
         send(greedy, "Once upon a time", 12)
     with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000) as second:
         greedy.regenerate_button.click()
-    assert second.args[0].text == first.args[0].text        # temperature 0: the same answer again
+    assert second.args[0].reply.text == first.args[0].reply.text        # temperature 0: the same answer again
     assert [row.role for row in greedy.chat_model.messages()] == ["user", "assistant"]
     assert [message.role for message in ChatLog(greedy.chat_log.path).messages] == ["user", "assistant"]
 
@@ -488,7 +525,12 @@ def test_a_chat_over_two_serve_peers_spreads_the_layers_and_matches_the_referenc
     assert all(chat_window.peers_model.index(row, layers_column).data() != "—" for row in peer_rows)
     with qtbot.waitSignal(chat_window.bridge.replyFinished, timeout=60000) as finished:
         send(chat_window, reference["prompt"], len(reference["new_token_ids"]))
-    assert list(finished.args[0].token_ids) == reference["new_token_ids"]
+    assert list(finished.args[0].reply.token_ids) == reference["new_token_ids"]
+
+
+def test_the_plan_that_loads_is_the_plan_the_preview_showed(cluster_peers, chat_window):
+    preview = chat_window.bridge.preview        # made by cluster.plan_model when the model was chosen
+    assert preview is not None and chat_window.bridge.model.plan is preview.plan
 
 
 def test_a_lost_peer_gives_a_notice_and_the_next_answer_still_comes(cluster_peers, chat_window, qtbot):
@@ -500,7 +542,7 @@ def test_a_lost_peer_gives_a_notice_and_the_next_answer_still_comes(cluster_peer
     lost.stop()
     with qtbot.waitSignal(chat_window.bridge.replyFinished, timeout=90000) as finished:
         send(chat_window, "The little dog", 8)
-    assert finished.args[0].completion_tokens == 8
+    assert finished.args[0].reply.completion_tokens == 8
     notices = [row.text for row in chat_window.chat_model.messages() if row.role == "notice"]
     assert any(lost.name in notice for notice in notices), notices
     assert lost.name not in {segment.name for segment in chat_window.model_panel.plan_bar.plan.segments}

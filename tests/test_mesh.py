@@ -15,22 +15,27 @@ import zmq
 from safetensors.torch import load_file
 
 from cakep2p import security, wire
-from cakep2p.engine.config import ModelArgs
+from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.generate import LocalPipeline, generate
-from cakep2p.engine.part import ModelPart, PartSpec
+from cakep2p.engine.loading import load_part, whole_model
+from cakep2p.engine.model import ModelPart
 from cakep2p.engine.sampling import SamplingParams
+from cakep2p.engine.sizes import kv_cache_bytes, weight_bytes
 from cakep2p.errors import MeshError, ProtocolError
-from cakep2p.mesh import RemotePipeline, RemoteStage, StageClient, StageRefused, stages_for_plan
-from cakep2p.stage import ServerThread, StageLimits, StageServer
-from cakep2p.weights import cached_part_path, kv_cache_bytes, model_fingerprint, part_ref, weight_bytes
+from cakep2p.mesh import (RemotePipeline, RemoteStage, ServerThread, StageClient, StageLimits, StageRefused,
+                          StageServer, part_ref, stages_for_plan)
+from cakep2p.mesh import curve
+from cakep2p.mesh.parts_cache import cached_part_path
+from cakep2p.mesh.transfer import load_part as load_part_over
+from cakep2p.planner import LayerRange
 from tests._mesh_helpers import StageProcess, wait_until
 from tests._sniff import SniffingProxy
 
 PROMPT = [1, 403, 407, 261, 378]  # "Once upon a time"
 GREEDY = SamplingParams(max_new_tokens=24)
 SEQ = 64
-THREE_WAY = [PartSpec(0, 2, True, False), PartSpec(2, 4, False, False), PartSpec(4, 5, False, True)]
-TWO_WAY = [PartSpec(0, 3, True, False), PartSpec(3, 5, False, True)]
+THREE_WAY = [LayerRange(0, 2, True, False), LayerRange(2, 4, False, False), LayerRange(4, 5, False, True)]
+TWO_WAY = [LayerRange(0, 3, True, False), LayerRange(3, 5, False, True)]
 
 
 
@@ -88,13 +93,15 @@ def remote_stages(servers, specs) -> list[RemoteStage]:
 
 
 def local_tokens(model_dir, prompt=PROMPT, params=GREEDY) -> list[int]:
-    pipeline = LocalPipeline.from_dir(model_dir, len(prompt) + params.max_new_tokens, dtype="float32", device="cpu")
+    checkpoint = Checkpoint.open(model_dir)
+    part = load_part(checkpoint, whole_model(checkpoint.args), dtype="float32", device="cpu")
+    pipeline = LocalPipeline([part], len(prompt) + params.max_new_tokens)
     return list(generate(pipeline, prompt, params))
 
 
 def remote_pipeline(stages, model_dir, keys, max_seq_len=SEQ, **options) -> RemotePipeline:
     options.setdefault("heartbeat_s", 0.2)
-    return RemotePipeline(stages, model_dir, max_seq_len, keys, dtype="float32", **options)
+    return RemotePipeline(stages, Checkpoint.open(model_dir), max_seq_len, keys, dtype="float32", **options)
 
 
 # -- token identity -----------------------------------------------------------------------------------------
@@ -111,7 +118,7 @@ def test_three_remote_stages_give_the_local_tokens(stories_dir, start_servers, k
 
 def test_local_stage_zero_and_a_remote_stage_give_the_local_tokens(stories_dir, start_servers, keys):
     [server] = start_servers(1)
-    local_part = ModelPart.load(stories_dir, TWO_WAY[0], dtype="float32", device="cpu")
+    local_part = load_part(Checkpoint.open(stories_dir), TWO_WAY[0], dtype="float32", device="cpu")
     stages = [local_part, *remote_stages([server], TWO_WAY[1:])]
     pipeline = remote_pipeline(stages, stories_dir, keys)
     try:
@@ -126,17 +133,17 @@ def three_node_plan(stories_dir):
     from cakep2p.engine.sizes import model_spec
 
     nodes = [planner.NodeBudget(f"node-{index}", f"stage-{index}", 1 << 30) for index in range(3)]
-    return planner.plan(model_spec(stories_dir, "float32"), nodes, "node-0", SEQ)
+    return planner.plan(model_spec(Checkpoint.open(stories_dir), "float32"), nodes, "node-0", SEQ)
 
 
 def test_plan_with_the_initiator_in_process_runs_as_a_ring_and_gives_the_local_tokens(stories_dir, start_servers,
                                                                                       keys):
     plan = three_node_plan(stories_dir)
-    assert [stage.num_layers > 0 for stage in plan.stages] == [True, True, True]
+    assert [stage.layers.num_layers > 0 for stage in plan.stages] == [True, True, True]
     servers = start_servers(3)
     endpoints = {f"node-{index}": ("127.0.0.1", server.server.port) for index, server in enumerate(servers)}
     stages = stages_for_plan(plan, endpoints, "node-0",
-                             lambda spec: ModelPart.load(stories_dir, spec, dtype="float32", device="cpu"))
+                             lambda spec: load_part(Checkpoint.open(stories_dir), spec, dtype="float32", device="cpu"))
     assert [type(stage).__name__ for stage in stages] == ["ModelPart", "RemoteStage", "RemoteStage", "ModelPart"]
     pipeline = remote_pipeline(stages, stories_dir, keys)
     try:
@@ -149,7 +156,7 @@ def test_plan_on_remote_nodes_only_gives_the_local_tokens(stories_dir, start_ser
     servers = start_servers(3)
     endpoints = {f"node-{index}": ("127.0.0.1", server.server.port) for index, server in enumerate(servers)}
     stages = stages_for_plan(three_node_plan(stories_dir), endpoints)
-    assert stages[-1].part == PartSpec(5, 5, False, True) and stages[-1].port == servers[0].server.port
+    assert stages[-1].layers == LayerRange(5, 5, False, True) and stages[-1].port == servers[0].server.port
     pipeline = remote_pipeline(stages, stories_dir, keys)
     try:
         assert list(generate(pipeline, PROMPT, GREEDY)) == local_tokens(stories_dir)
@@ -163,7 +170,7 @@ def test_random_model_of_each_family_over_two_stages_gives_the_local_tokens(fami
 
     model_dir = cached_random_model(family, "tiny")
     servers = start_servers(2)
-    specs = [PartSpec(0, 2, True, False), PartSpec(2, 4, False, True)]
+    specs = [LayerRange(0, 2, True, False), LayerRange(2, 4, False, True)]
     pipeline = remote_pipeline(remote_stages(servers, specs), model_dir, keys)
     try:
         assert list(generate(pipeline, [1, 5, 9, 13], GREEDY)) == local_tokens(model_dir, [1, 5, 9, 13])
@@ -176,7 +183,7 @@ def test_sharded_checkpoint_is_sent_and_gives_the_local_tokens(start_servers, ke
 
     model_dir = make_random_model(tmp_path / "sharded", "qwen2", shards=3, seed=3)
     servers = start_servers(2)
-    specs = [PartSpec(0, 1, True, False), PartSpec(1, 4, False, True)]
+    specs = [LayerRange(0, 1, True, False), LayerRange(1, 4, False, True)]
     pipeline = remote_pipeline(remote_stages(servers, specs), model_dir, keys)
     try:
         assert pipeline.load_sources == ["transfer", "transfer"]
@@ -187,11 +194,11 @@ def test_sharded_checkpoint_is_sent_and_gives_the_local_tokens(start_servers, ke
 
 def test_stage_holding_another_dtype_gets_hidden_states_in_its_dtype(stories_dir, start_servers, keys):
     [server] = start_servers(1)
-    reply = with_client(server, keys, lambda client: client.load_part(stories_dir, TWO_WAY[1], max_seq_len=SEQ,
+    reply = with_client(server, keys, lambda client: load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ,
                                                                       dtype="bfloat16"))
     assert reply.dtype == "bfloat16"
-    front = ModelPart.load(stories_dir, TWO_WAY[0], dtype="float32", device="cpu")
-    back = ModelPart.load(stories_dir, TWO_WAY[1], dtype="bfloat16", device="cpu")
+    front = load_part(Checkpoint.open(stories_dir), TWO_WAY[0], dtype="float32", device="cpu")
+    back = load_part(Checkpoint.open(stories_dir), TWO_WAY[1], dtype="bfloat16", device="cpu")
     expected = list(generate(LocalPipeline([front, back], SEQ), PROMPT, GREEDY))
     pipeline = remote_pipeline([front, *remote_stages([server], TWO_WAY[1:])], stories_dir, keys)
     try:
@@ -239,19 +246,19 @@ def test_weight_transfer_fills_an_empty_cache_and_the_next_load_sends_nothing(st
     progress: list[tuple[int, int]] = []
     client = StageClient("127.0.0.1", first.server.port, keys)
     try:
-        source = client.load_part(stories_dir, TWO_WAY[1], max_seq_len=SEQ, dtype="float32",
+        source = load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ, dtype="float32",
                                   on_progress=lambda sent, total: progress.append((sent, total))).source
     finally:
         client.close()
     assert source == "transfer"
     assert progress and progress[-1][0] == progress[-1][1] > 0
-    ref = part_ref(model_fingerprint(stories_dir), TWO_WAY[1])
+    ref = part_ref(Checkpoint.open(stories_dir).fingerprint, TWO_WAY[1])
     assert cached_part_path(ref, parts_dir).is_file()
     first.stop()
 
     [second] = start_servers(1, parts_dir=parts_dir)
     progress.clear()
-    pipeline = remote_pipeline([ModelPart.load(stories_dir, TWO_WAY[0], dtype="float32", device="cpu"),
+    pipeline = remote_pipeline([load_part(Checkpoint.open(stories_dir), TWO_WAY[0], dtype="float32", device="cpu"),
                                 *remote_stages([second], TWO_WAY[1:])], stories_dir, keys,
                                on_progress=lambda *args: progress.append(args))
     try:
@@ -275,21 +282,21 @@ def test_stage_with_the_model_in_its_models_dir_loads_from_disk(stories_dir, sta
 def test_corrupted_cached_part_is_transferred_again(stories_dir, start_servers, keys, tmp_path):
     parts_dir = tmp_path / "receiver-parts"
     [first] = start_servers(1, parts_dir=parts_dir)
-    with_client(first, keys, lambda client: client.load_part(stories_dir, TWO_WAY[1], max_seq_len=SEQ))
+    with_client(first, keys, lambda client: load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ))
     first.stop()
-    path = cached_part_path(part_ref(model_fingerprint(stories_dir), TWO_WAY[1]), parts_dir)
+    path = cached_part_path(part_ref(Checkpoint.open(stories_dir).fingerprint, TWO_WAY[1]), parts_dir)
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF
     path.write_bytes(bytes(data))
     [second] = start_servers(1, parts_dir=parts_dir)
-    reply = with_client(second, keys, lambda client: client.load_part(stories_dir, TWO_WAY[1], max_seq_len=SEQ))
+    reply = with_client(second, keys, lambda client: load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ))
     assert reply.source == "transfer"
 
 
 def test_load_without_a_copy_and_without_transfer_is_refused(stories_dir, start_servers, keys):
     [server] = start_servers(1)
     with pytest.raises(StageRefused) as refused:
-        with_client(server, keys, lambda client: client.load_part(stories_dir, TWO_WAY[1], max_seq_len=SEQ,
+        with_client(server, keys, lambda client: load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ,
                                                                   allow_transfer=False))
     assert refused.value.code == "not_found"
 
@@ -323,11 +330,11 @@ def test_sessions_beyond_the_limit_are_refused(stories_dir, start_servers, keys)
 
 
 def test_kv_cache_beyond_the_memory_budget_is_refused(stories_dir, start_servers, keys):
-    args = ModelArgs.from_dir(stories_dir)
+    args = Checkpoint.open(stories_dir).args
     weights = weight_bytes(args, TWO_WAY[1], torch.float32)
     kv = kv_cache_bytes(args, TWO_WAY[1], torch.float32, SEQ)
     [server] = start_servers(1, budget=weights + kv // 2)  # the weights fit, a KV cache does not
-    local_part = ModelPart.load(stories_dir, TWO_WAY[0], dtype="float32", device="cpu")
+    local_part = load_part(Checkpoint.open(stories_dir), TWO_WAY[0], dtype="float32", device="cpu")
     pipeline = remote_pipeline([local_part, *remote_stages([server], TWO_WAY[1:])], stories_dir, keys)
     try:
         with pytest.raises(StageRefused, match="exceeds") as refused:
@@ -340,23 +347,23 @@ def test_kv_cache_beyond_the_memory_budget_is_refused(stories_dir, start_servers
 def test_load_beyond_the_memory_budget_is_refused(stories_dir, start_servers, keys):
     [server] = start_servers(1, budget=100_000)
     with pytest.raises(StageRefused) as refused:
-        with_client(server, keys, lambda client: client.load_part(stories_dir, TWO_WAY[1], max_seq_len=SEQ))
+        with_client(server, keys, lambda client: load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ))
     assert refused.value.code == "over_budget"
     assert server.call(server.server.stats)["used_bytes"] == 0
 
 
 def test_concurrent_loads_that_fit_only_one_at_a_time_do_not_both_pass_the_budget(stories_dir, start_servers, keys):
-    args = ModelArgs.from_dir(stories_dir)
+    args = Checkpoint.open(stories_dir).args
     sizes = [weight_bytes(args, spec, torch.float32) for spec in TWO_WAY]
     budget = sum(sizes) - 1
     [server] = start_servers(1, budget=budget, models_dirs=[stories_dir.parent])
     outcomes: list[str] = []
     barrier = threading.Barrier(2)
 
-    def load(spec: PartSpec) -> None:
+    def load(spec: LayerRange) -> None:
         def act(client: StageClient) -> None:
             barrier.wait(timeout=30)
-            client.load_part(stories_dir, spec, max_seq_len=SEQ, dtype="float32", allow_transfer=False)
+            load_part_over(client, Checkpoint.open(stories_dir), spec, max_seq_len=SEQ, dtype="float32", allow_transfer=False)
         try:
             with_client(server, keys, act)
             outcomes.append("loaded")
@@ -374,7 +381,7 @@ def test_concurrent_loads_that_fit_only_one_at_a_time_do_not_both_pass_the_budge
 
 def test_idle_session_expires_and_its_cache_is_freed(stories_dir, start_servers, keys):
     [server] = start_servers(1, session_idle_s=0.3)
-    local_part = ModelPart.load(stories_dir, TWO_WAY[0], dtype="float32", device="cpu")
+    local_part = load_part(Checkpoint.open(stories_dir), TWO_WAY[0], dtype="float32", device="cpu")
     pipeline = remote_pipeline([local_part, *remote_stages([server], TWO_WAY[1:])], stories_dir, keys)
     try:
         pipeline.forward(PROMPT, 0)
@@ -413,7 +420,7 @@ def test_rebuild_after_prefix_reuse_replays_only_what_the_caches_hold(stories_di
 
 def test_expired_session_is_replayed_and_generation_continues_identically(stories_dir, start_servers, keys):
     [server] = start_servers(1, session_idle_s=0.3)
-    local_part = ModelPart.load(stories_dir, TWO_WAY[0], dtype="float32", device="cpu")
+    local_part = load_part(Checkpoint.open(stories_dir), TWO_WAY[0], dtype="float32", device="cpu")
     pipeline = remote_pipeline([local_part, *remote_stages([server], TWO_WAY[1:])], stories_dir, keys)
     tokens = []
     try:
@@ -432,10 +439,10 @@ def test_expired_session_is_replayed_and_generation_continues_identically(storie
 
 def test_forward_of_the_wrong_hidden_size_is_refused_and_the_node_keeps_serving(stories_dir, start_servers, keys):
     [server] = start_servers(1)
-    ref = part_ref(model_fingerprint(stories_dir), TWO_WAY[1])
+    ref = part_ref(Checkpoint.open(stories_dir).fingerprint, TWO_WAY[1])
 
     def act(client: StageClient):
-        client.load_part(stories_dir, TWO_WAY[1], max_seq_len=SEQ, dtype="float32")
+        load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ, dtype="float32")
         with pytest.raises(ProtocolError, match=r"\[T, 64\]"):
             client.forward("bad", ref, 0, 0, torch.zeros(3, 65))
         client.forward("gap", ref, 0, 0, torch.zeros(3, 64))
@@ -451,7 +458,7 @@ def test_forward_of_the_wrong_hidden_size_is_refused_and_the_node_keeps_serving(
 
 def test_forward_reply_of_the_wrong_shape_or_dtype_is_a_protocol_error():
     """A broken or hostile stage answers with tensors nobody asked for; no real server does, so a bare ROUTER does."""
-    middle, head = part_ref("0" * 16, PartSpec(1, 2, False, False)), part_ref("0" * 16, PartSpec(2, 2, False, True))
+    middle, head = part_ref("0" * 16, LayerRange(1, 2, False, False)), part_ref("0" * 16, LayerRange(2, 2, False, True))
     cases = [(middle, torch.zeros(3, 65)), (middle, torch.zeros(3, 64, dtype=torch.float16)),
              (middle, torch.zeros(2, 64)), (head, torch.zeros(1, 512, dtype=torch.bfloat16)),
              (head, torch.zeros(3, 512)), (middle, torch.zeros(3, 64))]
@@ -510,17 +517,17 @@ def malformed_messages(rng: random.Random, ref: wire.PartRef):
 
 def test_live_node_survives_ten_thousand_malformed_frames_and_still_answers(stories_dir, tmp_path, code, keys):
     with StageProcess(tmp_path / "home", code, "--max-frame-bytes", str(4 << 20)) as stage:
-        ref = part_ref(model_fingerprint(stories_dir), TWO_WAY[1])
+        ref = part_ref(Checkpoint.open(stories_dir).fingerprint, TWO_WAY[1])
         client = StageClient("127.0.0.1", stage.port, keys, heartbeat_s=0.5)
         context = zmq.Context()
         dealer = context.socket(zmq.DEALER)
         oversize = context.socket(zmq.DEALER)
         try:
-            client.load_part(stories_dir, TWO_WAY[1], max_seq_len=SEQ, dtype="float32")
+            load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ, dtype="float32")
             expected = client.forward("before", ref, 0, 0, torch.ones(3, 64))
             for socket in (dealer, oversize):
                 socket.linger = 0
-                security.configure_client(socket, keys)
+                curve.configure_client(socket, keys)
                 socket.connect(f"tcp://127.0.0.1:{stage.port}")
             oversize.send(bytes(8 << 20))  # beyond ZMQ_MAXMSGSIZE: the node drops that connection only
             messages = malformed_messages(random.Random(5), ref)
@@ -555,7 +562,7 @@ def test_client_with_another_cluster_code_gets_nothing_done(stories_dir, start_s
     stranger = security.derive_keys(security.new_code())
     caplog.set_level(logging.WARNING, logger="cakep2p")
     with pytest.raises(MeshError, match="lost"):
-        with_client(server, stranger, lambda client: client.load_part(stories_dir, TWO_WAY[1], max_seq_len=SEQ))
+        with_client(server, stranger, lambda client: load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ))
     assert refusals
     assert "wrong cluster code" in caplog.text
     assert server.call(server.server.stats)["parts"] == 0
@@ -563,7 +570,7 @@ def test_client_with_another_cluster_code_gets_nothing_done(stories_dir, start_s
 
 def test_traffic_between_two_nodes_of_a_cluster_is_encrypted(stories_dir, start_servers, keys):
     [server] = start_servers(1)
-    local_part = ModelPart.load(stories_dir, TWO_WAY[0], dtype="float32", device="cpu")
+    local_part = load_part(Checkpoint.open(stories_dir), TWO_WAY[0], dtype="float32", device="cpu")
     hidden = local_part(torch.tensor(PROMPT), 0, local_part.new_cache(SEQ))
     with SniffingProxy(server.server.port) as proxy:
         stage = RemoteStage("127.0.0.1", proxy.port, TWO_WAY[1])
@@ -575,7 +582,7 @@ def test_traffic_between_two_nodes_of_a_cluster_is_encrypted(stories_dir, start_
         assert len(proxy.to_server) > 500_000  # the weights went through the proxy
         weight = load_file(stories_dir / "model.safetensors")["model.layers.3.mlp.down_proj.weight"]
         needles = [b"forward", b"load_part", b"tensor_chunk", b"stories260K", b"hidden_size",
-                   pipeline.session_id.encode(), model_fingerprint(stories_dir).encode(),
+                   pipeline.session_id.encode(), Checkpoint.open(stories_dir).fingerprint.encode(),
                    hidden[-1].numpy().tobytes()[:16], logits.numpy().tobytes()[:16],
                    weight.numpy().tobytes()[:16]]
         assert proxy.leaks(needles) == []
@@ -598,21 +605,21 @@ def test_heartbeat_detects_a_killed_stage_process(tmp_path, code, keys):
 
 
 def test_heartbeats_keep_a_slow_forward_alive(stories_dir, start_servers, keys, monkeypatch):
-    import cakep2p.stage
+    import cakep2p.mesh.server
 
-    real_run = cakep2p.stage._run_part
+    real_run = cakep2p.mesh.server._run_part
     released = threading.Event()
 
     def slow_run(*args):
         released.wait(timeout=30)  # a compute that outlasts many heartbeat intervals
         return real_run(*args)
 
-    monkeypatch.setattr(cakep2p.stage, "_run_part", slow_run)
+    monkeypatch.setattr(cakep2p.mesh.server, "_run_part", slow_run)
     [server] = start_servers(1)
-    ref = part_ref(model_fingerprint(stories_dir), TWO_WAY[1])
+    ref = part_ref(Checkpoint.open(stories_dir).fingerprint, TWO_WAY[1])
 
     def act(client: StageClient):
-        client.load_part(stories_dir, TWO_WAY[1], max_seq_len=SEQ, dtype="float32")
+        load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ, dtype="float32")
         timer = threading.Timer(2.0, released.set)  # 10 heartbeat intervals
         timer.start()
         try:

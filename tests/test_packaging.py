@@ -387,11 +387,12 @@ def test_built_app_serves_a_forward_found_over_mdns(built_app, tmp_path, stories
     import torch
 
     from cakep2p import security
-    from cakep2p.engine.config import ModelArgs
-    from cakep2p.engine.part import ModelPart, PartSpec
+    from cakep2p.engine.checkpoint import Checkpoint
+    from cakep2p.engine.loading import load_part
     from cakep2p.engine.tokenizer import Tokenizer
-    from cakep2p.mesh import StageClient
-    from cakep2p.weights import model_fingerprint, part_ref
+    from cakep2p.mesh import StageClient, part_ref
+    from cakep2p.mesh.transfer import load_part as load_part_over
+    from cakep2p.planner import LayerRange
 
     subprocess.run(["ip", "link", "set", "lo", "multicast", "on"], check=False)
     code = security.new_code()
@@ -415,12 +416,12 @@ def test_built_app_serves_a_forward_found_over_mdns(built_app, tmp_path, stories
         torch.set_num_threads(1)
         client = StageClient(peer["address"], peer["port"], security.derive_keys(code), timeout_s=120)
         client.ping()
-        args = ModelArgs.from_dir(stories_dir)
-        whole = PartSpec(0, args.num_layers, True, True)
-        assert client.load_part(stories_dir, whole, max_seq_len=32).status == "ready"
-        prompt = torch.tensor(Tokenizer.from_dir(stories_dir).encode("Once upon a time"), dtype=torch.int64)
-        remote = client.forward("packaging-test", part_ref(model_fingerprint(stories_dir), whole), 0, 0, prompt)
-        local_part = ModelPart.load(stories_dir, whole, device="cpu")
+        args = Checkpoint.open(stories_dir).args
+        whole = LayerRange(0, args.num_layers, True, True)
+        assert load_part_over(client, Checkpoint.open(stories_dir), whole, max_seq_len=32).status == "ready"
+        prompt = torch.tensor(Tokenizer.from_checkpoint(Checkpoint.open(stories_dir)).encode("Once upon a time"), dtype=torch.int64)
+        remote = client.forward("packaging-test", part_ref(Checkpoint.open(stories_dir).fingerprint, whole), 0, 0, prompt)
+        local_part = load_part(Checkpoint.open(stories_dir), whole, device="cpu")
         local = local_part.forward(prompt, 0, local_part.new_cache(32))
         # a head stage returns the logits of the last position only
         assert torch.allclose(remote.float().reshape(-1), local[-1].float(), atol=1e-4)

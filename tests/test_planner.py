@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cakep2p import cli, testing
-from cakep2p.engine.config import ModelArgs
+from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.sizes import model_spec, spec_from_args
 from cakep2p.planner import (ACTIVATION_BYTES, DoesNotFit, ModelSpec, NodeBudget, Plan, initiator_memory,
                              layer_memory, plan)
@@ -36,7 +36,7 @@ def nodes_of(*offers: int) -> list[NodeBudget]:
 
 
 def counts(result: Plan) -> dict[str, int]:
-    return {stage.node_id: stage.end - stage.start for stage in result.stages}
+    return {stage.node_id: stage.layers.end - stage.layers.start for stage in result.stages}
 
 
 def check_valid(result: Plan, spec: ModelSpec, nodes: list[NodeBudget], initiator_id: str, context: int) -> None:
@@ -44,15 +44,15 @@ def check_valid(result: Plan, spec: ModelSpec, nodes: list[NodeBudget], initiato
     costs = layer_memory(spec, context)
     budgets = {node.node_id: node.offered_bytes for node in nodes}
     first, *rest = result.stages
-    assert first.node_id == initiator_id and first.holds_embedding and first.holds_head
-    assert not any(stage.holds_embedding or stage.holds_head for stage in rest)
-    assert all(stage.end > stage.start for stage in rest)
+    assert first.node_id == initiator_id and first.layers.has_embedding and first.layers.has_head
+    assert not any(stage.layers.has_embedding or stage.layers.has_head for stage in rest)
+    assert all(stage.layers.end > stage.layers.start for stage in rest)
     assert len({stage.node_id for stage in result.stages}) == len(result.stages)
-    assert first.start == 0 and result.stages[-1].end == spec.num_layers
+    assert first.layers.start == 0 and result.stages[-1].layers.end == spec.num_layers
     for before, after in zip(result.stages, result.stages[1:]):
-        assert before.end == after.start
+        assert before.layers.end == after.layers.start
     for stage in result.stages:
-        expected = sum(costs[stage.start:stage.end]) + (initiator_memory(spec) if stage.holds_embedding else 0)
+        expected = sum(costs[stage.layers.start:stage.layers.end]) + (initiator_memory(spec) if stage.layers.has_embedding else 0)
         assert stage.bytes == expected
         assert stage.bytes <= budgets[stage.node_id]
     assert result.total_bytes == sum(stage.bytes for stage in result.stages)
@@ -230,7 +230,7 @@ def test_a_capped_node_leaves_its_excess_to_the_others_in_proportion():
 def test_initiator_with_no_room_for_layers_still_holds_embedding_and_head_first():
     spec = uniform_spec(4, 100, embedding=300, head=50)
     result = plan(spec, nodes_of(350, 1000), "n0", 1)
-    assert [(stage.node_id, stage.start, stage.end, stage.bytes) for stage in result.stages] == [
+    assert [(stage.node_id, stage.layers.start, stage.layers.end, stage.bytes) for stage in result.stages] == [
         ("n0", 0, 0, 350), ("n1", 0, 4, 400)]
 
 
@@ -242,7 +242,7 @@ def test_stages_after_the_initiator_follow_node_id_order():
 
 def test_fewest_runs_on_the_initiator_alone_when_it_fits():
     result = plan(uniform_spec(10, 100), nodes_of(1000, 5000, 5000), "n0", 1, "fewest")
-    assert [(stage.node_id, stage.start, stage.end) for stage in result.stages] == [("n0", 0, 10)]
+    assert [(stage.node_id, stage.layers.start, stage.layers.end) for stage in result.stages] == [("n0", 0, 10)]
 
 
 def test_fewest_adds_the_largest_peers_first():
@@ -276,7 +276,7 @@ def test_does_not_fit_when_the_initiator_cannot_hold_the_embedding():
 
 
 def test_tied_embedding_is_counted_once_on_the_initiator(stories_dir):
-    spec = model_spec(stories_dir)
+    spec = model_spec(Checkpoint.open(stories_dir))
     assert spec.embedding_bytes == 512 * 64 * 4
     assert spec.head_bytes == 64 * 4  # the final norm only: the head is the embedding
     result = plan(spec, nodes_of(10**9), "n0", 512)
@@ -322,8 +322,8 @@ def test_invalid_input_is_a_value_error(bad):
 
 
 def test_stories260k_spec_matches_its_config_and_plans_within_a_few_megabytes(stories_dir):
-    spec = model_spec(stories_dir)
-    args = ModelArgs.from_dir(stories_dir)
+    spec = model_spec(Checkpoint.open(stories_dir))
+    args = Checkpoint.open(stories_dir).args
     assert spec == spec_from_args(args, name=stories_dir.name)
     assert spec.layer_bytes == (181_760,) * 5  # 45,440 float32 weights per layer
     assert spec.kv_bytes_per_token == 2 * 4 * 8 * 4
@@ -332,7 +332,7 @@ def test_stories260k_spec_matches_its_config_and_plans_within_a_few_megabytes(st
 
 
 def test_stories260k_splits_over_two_small_nodes(stories_dir):
-    spec = model_spec(stories_dir, "bfloat16")
+    spec = model_spec(Checkpoint.open(stories_dir), "bfloat16")
     per_layer = layer_memory(spec, 512)[0]
     offers = (initiator_memory(spec) + 2 * per_layer, 3 * per_layer)
     result = plan(spec, nodes_of(*offers), "n0", 512)
@@ -366,22 +366,22 @@ def tinyllama_dir(tmp_path_factory):
 
 
 def test_tinyllama_spec_counts_1_1_billion_parameters(tinyllama_dir):
-    spec = model_spec(tinyllama_dir)
+    spec = model_spec(Checkpoint.open(tinyllama_dir))
     per_layer = 2 * 2048 * 2048 + 2 * 256 * 2048 + 3 * 5632 * 2048 + 2 * 2048
     assert spec.layer_bytes == (per_layer * 2,) * 22
     assert spec.embedding_bytes == spec.head_bytes - 2048 * 2 == 32000 * 2048 * 2  # untied: head counted apart
     assert spec.kv_bytes_per_token == 2 * 4 * 64 * 2
     assert 1.0e9 < (sum(spec.layer_bytes) + spec.embedding_bytes + spec.head_bytes) / 2 < 1.2e9
-    assert spec == spec_from_args(ModelArgs.from_dir(tinyllama_dir), name=tinyllama_dir.name)
+    assert spec == spec_from_args(Checkpoint.open(tinyllama_dir).args, name=tinyllama_dir.name)
 
 
 def test_tinyllama_spreads_over_three_laptops_in_proportion(tinyllama_dir):
-    spec = model_spec(tinyllama_dir)
+    spec = model_spec(Checkpoint.open(tinyllama_dir))
     gib = 1 << 30
     result = plan(spec, nodes_of(1 * gib, 1 * gib, 2 * gib), "n0", 2048)
     assert counts(result) == {"n0": 6, "n1": 5, "n2": 11}  # 5.5 / 5.5 / 11: the tie goes to the initiator
     check_valid(result, spec, nodes_of(1 * gib, 1 * gib, 2 * gib), "n0", 2048)
-    assert plan(spec, nodes_of(4 * gib, 2 * gib), "n0", 2048, "fewest").stages[0].end == 22
+    assert plan(spec, nodes_of(4 * gib, 2 * gib), "n0", 2048, "fewest").stages[0].layers.end == 22
     with pytest.raises(DoesNotFit, match="missing"):
         plan(spec, nodes_of(1 * gib, 1 * gib), "n0", 2048)
 
@@ -390,7 +390,7 @@ def test_tinyllama_float32_cached_checkpoint_matches_the_config_shapes():
     cached = testing.model_cache_root() / f"llama-tinyllama-seed0-float32-{testing.CACHE_VERSION}"
     if not (cached / "config.json").is_file():
         pytest.skip(f"no cached TinyLlama-shaped checkpoint at {cached} (not generated here: 4 GB)")
-    assert model_spec(cached) == spec_from_args(ModelArgs.from_dir(cached), name=cached.name)
+    assert model_spec(Checkpoint.open(cached)) == spec_from_args(Checkpoint.open(cached).args, name=cached.name)
 
 
 # ---------------------------------------------------------------- the command
@@ -447,7 +447,7 @@ def announced_peer(node_home, stories_dir):
         name=f"peer-one-{os.getpid()}", node_id="f" * 32, address="127.0.0.1", port=49_999, version=__version__,
         protocol_version=PROTOCOL_VERSION, cluster_fingerprint=fingerprint, accelerator="cpu", device_name="test",
         ram_total=2 * 10**9, ram_available=10**9, vram_total=0, vram_free=0,
-        offered_memory=3 * layer_memory(model_spec(stories_dir), 512)[0] + 1000, gflops=1.0,
+        offered_memory=3 * layer_memory(model_spec(Checkpoint.open(stories_dir)), 512)[0] + 1000, gflops=1.0,
         bandwidth=1e9, serving=True)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -466,7 +466,7 @@ def announced_peer(node_home, stories_dir):
 
 def test_plan_command_spreads_layers_onto_a_discovered_peer(stories_dir, announced_peer, capsys):
     code, peer = announced_peer
-    spec = model_spec(stories_dir)
+    spec = model_spec(Checkpoint.open(stories_dir))
     offer = initiator_memory(spec) + 2 * layer_memory(spec, 512)[0]  # 2.17 of 5 layers by offer; the peer 2.83
     argv = ["plan", "--model", str(stories_dir), "--json", "--interface", "127.0.0.1", "--wait", "2",
             "--cluster", code, "--max-memory", str(offer)]

@@ -14,7 +14,8 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cakep2p import security
+from cakep2p import redaction, security
+from cakep2p.mesh import curve
 from cakep2p.errors import CakeError, MeshError
 from tests._sniff import SniffingProxy
 
@@ -65,10 +66,10 @@ def refusals() -> list[str]:
 @pytest.fixture
 def cluster_server(context, keys_a, refusals) -> Iterator[tuple[zmq.Socket, int]]:
     """A CURVE ROUTER of cluster A on 127.0.0.1 with its authenticator watching it; yields (socket, port)."""
-    authenticator = security.start_authenticator(context, keys_a, refusals.append)
+    authenticator = curve.Authenticator(context, keys_a, refusals.append)
     router = context.socket(zmq.ROUTER)
     router.linger = 0
-    security.configure_server(router, keys_a)
+    curve.configure_server(router, keys_a)
     authenticator.watch(router)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     try:
@@ -82,7 +83,7 @@ def connect_client(context: zmq.Context, keys: security.ClusterKeys | None, endp
                    socket_type: int = zmq.DEALER) -> zmq.Socket:
     client = context.socket(socket_type)
     client.linger = 0
-    security.configure_client(client, keys)
+    curve.configure_client(client, keys)
     client.connect(endpoint)
     return client
 
@@ -246,14 +247,14 @@ def test_cluster_keys_repr_shows_only_fingerprint(keys_a):
 
 def test_redact_removes_codes_and_secret_keys(keys_a):
     text = f"joined {CODE_A} with key {keys_a.secret_key.decode()}"
-    cleaned = security.redact(text)
+    cleaned = redaction.redact(text)
     assert CODE_A not in cleaned and keys_a.secret_key.decode() not in cleaned
     assert "<redacted>" in cleaned
 
 
 def test_redacting_filter_scrubs_log_records(keys_a, caplog):
     logger = logging.getLogger("cakep2p.test_redaction")
-    redacting = security.RedactingFilter()
+    redacting = redaction.RedactingFilter()
     logger.addFilter(redacting)
     try:
         with caplog.at_level(logging.INFO, logger=logger.name):
@@ -264,8 +265,8 @@ def test_redacting_filter_scrubs_log_records(keys_a, caplog):
 
 
 def test_refusal_storm_from_one_peer_logs_one_line(caplog):
-    limiter = security._RefusalLogLimiter(interval_s=3600)
-    with caplog.at_level(logging.WARNING, logger="cakep2p.security"):
+    limiter = curve._RefusalLogLimiter(interval_s=3600)
+    with caplog.at_level(logging.WARNING, logger="cakep2p.mesh.curve"):
         for port in range(40000, 40050):
             limiter.log(f"192.0.2.7:{port}", "wrong cluster code")
     assert len(caplog.records) == 1
@@ -287,10 +288,10 @@ def test_same_code_dealer_router_round_trip(context, cluster_server, keys_a):
 
 
 def test_same_code_req_rep_round_trip(context, keys_a):
-    authenticator = security.start_authenticator(context, keys_a)
+    authenticator = curve.Authenticator(context, keys_a)
     try:
         reply = context.socket(zmq.REP)
-        security.configure_server(reply, keys_a)
+        curve.configure_server(reply, keys_a)
         port = reply.bind_to_random_port("tcp://127.0.0.1")
         request = connect_client(context, keys_a, f"tcp://127.0.0.1:{port}", zmq.REQ)
         request.send(b"ping")
@@ -303,7 +304,7 @@ def test_same_code_req_rep_round_trip(context, keys_a):
 
 def test_other_code_client_is_refused_and_never_delivers(context, cluster_server, keys_b, refusals, caplog):
     router, port = cluster_server
-    with caplog.at_level(logging.WARNING, logger="cakep2p.security"):
+    with caplog.at_level(logging.WARNING, logger="cakep2p.mesh.curve"):
         dealer = connect_client(context, keys_b, f"tcp://127.0.0.1:{port}")
         dealer.send_multipart([HEADER, PAYLOAD])
         assert wait_until(lambda: len(refusals) > 0), "refusal callback never fired"
@@ -335,7 +336,7 @@ def test_client_knowing_public_key_but_not_secret_is_refused_by_zap(context, clu
     dealer = context.socket(zmq.DEALER)
     dealer.linger = 0
     dealer.curve_serverkey, dealer.curve_publickey, dealer.curve_secretkey = keys_a.public_key, public, secret
-    with caplog.at_level(logging.WARNING, logger="cakep2p.security"):
+    with caplog.at_level(logging.WARNING, logger="cakep2p.mesh.curve"):
         dealer.connect(f"tcp://127.0.0.1:{port}")
         dealer.send(b"let me in")
         assert wait_until(lambda: "127.0.0.1" in refusals)  # ZAP reports the bare peer IP
@@ -354,7 +355,7 @@ def test_member_still_served_while_stranger_is_refused(context, cluster_server, 
 
 def test_insecure_open_null_round_trip(context):
     router = context.socket(zmq.ROUTER)
-    security.configure_server(router, None)
+    curve.configure_server(router, None)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     dealer = connect_client(context, None, f"tcp://127.0.0.1:{port}")
     dealer.send(b"open")
@@ -362,24 +363,24 @@ def test_insecure_open_null_round_trip(context):
 
 
 def test_second_authenticator_on_same_context_raises_mesh_error(context, keys_a):
-    first = security.start_authenticator(context, keys_a)
+    first = curve.Authenticator(context, keys_a)
     try:
         with pytest.raises(MeshError, match="only one may run per zmq context"):
-            security.start_authenticator(context, keys_a)
+            curve.Authenticator(context, keys_a)
     finally:
         first.stop()
 
 
 def test_authenticator_stop_ends_its_thread(context, keys_a):
     before = set(threading.enumerate())
-    authenticator = security.start_authenticator(context, keys_a)
+    authenticator = curve.Authenticator(context, keys_a)
     authenticator.stop()
     authenticator.stop()
     assert set(threading.enumerate()) <= before
 
 
 def test_watch_after_stop_raises_mesh_error(context, keys_a):
-    authenticator = security.start_authenticator(context, keys_a)
+    authenticator = curve.Authenticator(context, keys_a)
     authenticator.stop()
     router = context.socket(zmq.ROUTER)
     with pytest.raises(MeshError, match="authenticator was stopped"):
@@ -389,14 +390,14 @@ def test_watch_after_stop_raises_mesh_error(context, keys_a):
 def test_authenticator_works_on_asyncio_context(keys_a):
     import zmq.asyncio
     context = zmq.asyncio.Context()
-    authenticator = security.start_authenticator(context, keys_a)
+    authenticator = curve.Authenticator(context, keys_a)
     sync_context = zmq.Context.shadow(context.underlying)   # its sockets are not closed by context.destroy()
     router = sync_context.socket(zmq.ROUTER)
     dealer = sync_context.socket(zmq.DEALER)
     try:
-        security.configure_server(router, keys_a)
+        curve.configure_server(router, keys_a)
         port = router.bind_to_random_port("tcp://127.0.0.1")
-        security.configure_client(dealer, keys_a)
+        curve.configure_client(dealer, keys_a)
         dealer.connect(f"tcp://127.0.0.1:{port}")
         dealer.send(b"hello")
         assert echo_once(router) == [b"hello"]
@@ -434,7 +435,8 @@ def test_sniffer_sees_plaintext_when_insecure_open(context):
 
 
 def test_a_freshly_created_code_is_redacted_at_once(node_home):
-    from cakep2p.security import load_or_create_code, redact
+    from cakep2p.redaction import redact
+    from cakep2p.security import load_or_create_code
 
     code = load_or_create_code()
     assert code not in redact(f"the code is {code}")

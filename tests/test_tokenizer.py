@@ -10,6 +10,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cakep2p.engine.tokenizer import StreamDecoder, Tokenizer
 from cakep2p.errors import ModelError
+from cakep2p.engine.checkpoint import Checkpoint
 
 # Block tags indented on their own lines: trim_blocks and lstrip_blocks must swallow that layout.
 LLAMA3_LIKE_TEMPLATE = """\
@@ -46,14 +47,15 @@ STREAM_TEXTS = [
 
 @pytest.fixture(scope="module")
 def stories_tokenizer(stories_dir) -> Tokenizer:
-    return Tokenizer.from_dir(stories_dir)
+    return Tokenizer.from_checkpoint(Checkpoint.open(stories_dir))
 
 
 def model_copy(stories_dir: Path, target: Path, tokenizer_config: dict | None = None,
                config_changes: dict | None = None, generation_config: dict | None = None) -> Path:
-    """A folder with stories260K's tokenizer.json and edited json files (no weights needed)."""
+    """A folder with stories260K's weights (linked) and tokenizer.json, and edited json files."""
     target.mkdir()
     shutil.copy(stories_dir / "tokenizer.json", target / "tokenizer.json")
+    (target / "model.safetensors").symlink_to(stories_dir / "model.safetensors")
     config = json.loads((stories_dir / "config.json").read_text())
     config.update(config_changes or {})
     (target / "config.json").write_text(json.dumps(config))
@@ -68,7 +70,7 @@ def model_copy(stories_dir: Path, target: Path, tokenizer_config: dict | None = 
 def with_template(stories_dir: Path, tmp_path: Path, template) -> Tokenizer:
     config = json.loads((stories_dir / "tokenizer_config.json").read_text())
     config["chat_template"] = template
-    return Tokenizer.from_dir(model_copy(stories_dir, tmp_path / "model", tokenizer_config=config))
+    return Tokenizer.from_checkpoint(Checkpoint.open(model_copy(stories_dir, tmp_path / "model", tokenizer_config=config)))
 
 
 def stream(tokenizer: Tokenizer, ids: list[int], prefix: list[int] = ()) -> list[str]:
@@ -114,7 +116,7 @@ def test_eos_ids_merge_config_generation_config_and_tokenizer_config(stories_dir
                         "bos_token": {"content": "<s>"}}
     folder = model_copy(stories_dir, tmp_path / "model", tokenizer_config=tokenizer_config,
                         config_changes={"eos_token_id": [2, 5]}, generation_config={"eos_token_id": 7})
-    tokenizer = Tokenizer.from_dir(folder)
+    tokenizer = Tokenizer.from_checkpoint(Checkpoint.open(folder))
     assert tokenizer.eos_ids == frozenset({0, 2, 5, 7})
     assert tokenizer.bos_id == 1
 
@@ -122,7 +124,7 @@ def test_eos_ids_merge_config_generation_config_and_tokenizer_config(stories_dir
 def test_add_bos_token_false_drops_bos(stories_dir, tmp_path):
     config = json.loads((stories_dir / "tokenizer_config.json").read_text())
     config["add_bos_token"] = False
-    tokenizer = Tokenizer.from_dir(model_copy(stories_dir, tmp_path / "model", tokenizer_config=config))
+    tokenizer = Tokenizer.from_checkpoint(Checkpoint.open(model_copy(stories_dir, tmp_path / "model", tokenizer_config=config)))
     assert tokenizer.encode("Once upon a time") == [403, 407, 261, 378]
 
 
@@ -155,7 +157,7 @@ def test_template_rendering_equals_transformers(stories_dir, tmp_path, template)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again"}]
     expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert Tokenizer.from_dir(folder).apply_chat_template(messages) == expected
+    assert Tokenizer.from_checkpoint(Checkpoint.open(folder)).apply_chat_template(messages) == expected
 
 
 def test_named_template_list_uses_default(stories_dir, tmp_path):
@@ -202,14 +204,14 @@ def test_missing_tokenizer_json_is_model_error(stories_dir, tmp_path):
     folder = model_copy(stories_dir, tmp_path / "model")
     (folder / "tokenizer.json").unlink()
     with pytest.raises(ModelError, match="has no tokenizer.json"):
-        Tokenizer.from_dir(folder)
+        Tokenizer.from_checkpoint(Checkpoint.open(folder))
 
 
 def test_corrupt_tokenizer_json_is_one_line_model_error(stories_dir, tmp_path):
     folder = model_copy(stories_dir, tmp_path / "model")
     (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": ')
     with pytest.raises(ModelError, match="tokenizer.json is corrupt") as raised:
-        Tokenizer.from_dir(folder)
+        Tokenizer.from_checkpoint(Checkpoint.open(folder))
     assert "\n" not in str(raised.value)
 
 
@@ -217,7 +219,7 @@ def test_corrupt_tokenizer_config_is_model_error(stories_dir, tmp_path):
     folder = model_copy(stories_dir, tmp_path / "model")
     (folder / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ModelError, match="tokenizer_config.json is not valid JSON"):
-        Tokenizer.from_dir(folder)
+        Tokenizer.from_checkpoint(Checkpoint.open(folder))
 
 
 @pytest.mark.parametrize("text", STREAM_TEXTS)

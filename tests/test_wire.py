@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cakep2p import wire
+from cakep2p.wire import codec
 
 PART = wire.PartRef(model_fingerprint="0123456789abcdef" * 2, start=2, end=5, has_embedding=False, has_head=True)
 
@@ -174,7 +175,7 @@ def test_payload_frame_on_an_op_without_payload_is_refused():
 def decodes_or_refuses(frames) -> None:
     """The inner decoder, below decode's safety net (which would turn a validator's own crash into WireError)."""
     try:
-        message = wire._decode(frames)
+        message = codec._decode(frames)
     except wire.WireError:
         return
     assert isinstance(message, wire.Message)

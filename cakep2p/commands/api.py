@@ -6,13 +6,9 @@ import argparse
 import ipaddress
 import os
 import sys
-from typing import TYPE_CHECKING, Callable
 
-from cakep2p.commands.options import add_cluster_options, add_model_options, open_model, port_or_zero, positive_int
+from cakep2p.commands.options import add_cluster_options, add_model_options, load_model, port_or_zero, positive_int
 from cakep2p.errors import CakeError
-
-if TYPE_CHECKING:
-    from cakep2p.loaded_model import LoadedModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,33 +45,19 @@ def check_options(args: argparse.Namespace) -> None:
         raise CakeError(f"--max-sessions must be >= 1, got {args.max_sessions}")
 
 
-def cluster_status(model: "LoadedModel") -> Callable[[], dict] | None:
-    """What GET /v1/cluster adds to the plan when the model runs over a cluster node: this node and its peers."""
-    node = model.node
-    if node is None:
-        return None
-
-    def status() -> dict:
-        peers = [{"name": peer.name, "id": peer.node_id, "address": peer.address, "port": peer.port,
-                  "status": peer.status, "serving": peer.serving, "offered_memory": peer.offered_memory,
-                  "accelerator": peer.accelerator, "device_name": peer.device_name} for peer in node.peers()]
-        return {"node": {"name": node.name, "id": node.node_id, "port": node.port}, "peers": peers}
-
-    return status
-
-
 def run(args: argparse.Namespace) -> int:
     check_options(args)
     import uvicorn
 
     from cakep2p.api import base_url, create_app, listen_socket
+    from cakep2p.engine.checkpoint import Checkpoint
 
+    checkpoint = Checkpoint.open(args.model)
     sock = listen_socket(args.host, args.port)  # before the model loads, so a taken port fails fast
     try:
-        model = open_model(args)
+        model = load_model(args, checkpoint)
         try:
-            app = create_app(model, api_key=args.api_key, max_sessions=args.max_sessions,
-                             status=cluster_status(model))
+            app = create_app(model, api_key=args.api_key, max_sessions=args.max_sessions)
             print(f"cakep2p: serving {model.name} on {base_url(sock)}/v1 (OpenAI-compatible); Ctrl-C stops",
                   file=sys.stderr, flush=True)
             config = uvicorn.Config(app, log_level="info" if args.verbose else "warning", timeout_graceful_shutdown=5)

@@ -10,11 +10,12 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Callable, TextIO
 
-from cakep2p.commands.options import add_cluster_options, add_model_options, open_model, seed_number
+from cakep2p.commands.options import (add_cluster_options, add_model_options, load_model, sampling_from_args,
+                                      seed_number)
 from cakep2p.errors import CakeError
 
 if TYPE_CHECKING:
-    from cakep2p.conversation import Conversation
+    from cakep2p.engine.conversation import Conversation
     from cakep2p.engine.sampling import SamplingParams
 
 HELP = "/reset starts a new chat, /exit (or Ctrl-D) quits, Ctrl-C stops the answer being written"
@@ -55,7 +56,7 @@ class _StopOnInterrupt:
 
 def answer(conversation: Conversation, text: str, params: SamplingParams, out: TextIO, notes: TextIO) -> None:
     """Stream the answer to `text` onto `out`; status lines go to `notes`."""
-    from cakep2p.conversation import ContextFull, Reply
+    from cakep2p.engine.conversation import ContextFull, Reply
 
     cancel = threading.Event()
     reply = Reply()
@@ -69,13 +70,12 @@ def answer(conversation: Conversation, text: str, params: SamplingParams, out: T
         return
     out.write("\n")
     out.flush()
-    stats = reply.stats
-    if stats is None:
+    if not reply.done:
         return
-    if stats.finish_reason == "cancelled":
+    if reply.finish_reason == "cancelled":
         print("(stopped)", file=notes)
     used = conversation.context_used()
-    print(f"[{stats.completion_tokens} tokens, {stats.tokens_per_s:.1f} tokens/s, "
+    print(f"[{reply.completion_tokens} tokens, {reply.tokens_per_s:.1f} tokens/s, "
           f"context {used}/{conversation.max_context}]", file=notes, flush=True)
     if used + 1 >= conversation.max_context:
         print("(the chat has filled the context; type /reset to start a new chat)", file=notes)
@@ -111,11 +111,12 @@ def chat_loop(conversation: Conversation, params: SamplingParams, read_line: Cal
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise CakeError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    from cakep2p.commands.generate import sampling_params
-    from cakep2p.conversation import Conversation
+    from cakep2p.engine.checkpoint import Checkpoint
+    from cakep2p.engine.conversation import Conversation
 
-    params = sampling_params(args, str(args.model), frozenset())
-    model = open_model(args)
+    checkpoint = Checkpoint.open(args.model)
+    params = sampling_from_args(args, checkpoint)
+    model = load_model(args, checkpoint)
     try:
         pipeline = model.new_pipeline()
         try:

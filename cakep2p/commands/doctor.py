@@ -11,8 +11,10 @@ import time
 import psutil
 
 from cakep2p.commands.options import port_number, wait_seconds
-from cakep2p.discovery import announce_addresses, is_virtual_interface, snapshot_peers
-from cakep2p.node import DEFAULT_PORT, cluster_fingerprint, listen_host, port_is_free, resolve_interfaces
+from cakep2p.discovery import snapshot_peers
+from cakep2p.network import (DEFAULT_PORT, announce_addresses, is_virtual_interface, listen_host, port_is_free,
+                             resolve_interfaces)
+from cakep2p.node import cluster_fingerprint
 
 MDNS_GROUP = "224.0.0.251"
 MDNS_PORT = 5353

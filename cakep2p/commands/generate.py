@@ -6,17 +6,18 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, TextIO
 
-from cakep2p.commands.options import add_cluster_options, add_model_options, open_model, seed_number
+from cakep2p.commands.options import (add_cluster_options, add_model_options, load_model, sampling_from_args,
+                                      seed_number)
 from cakep2p.errors import CakeError
 
 if TYPE_CHECKING:  # the engine imports torch; this module must stay cheap to import for `cakep2p --help`
+    from cakep2p.cluster import LoadedModel
+    from cakep2p.engine.conversation import Reply
     from cakep2p.engine.generate import LocalPipeline, Pipeline
     from cakep2p.engine.sampling import SamplingParams
     from cakep2p.engine.tokenizer import Tokenizer
-    from cakep2p.loaded_model import LoadedModel
     from cakep2p.mesh import RemotePipeline
 
 
@@ -36,42 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='print one JSON object: prompt_tokens, tokens, text, ttft_s, tokens_per_s, plan '
                              '(null on one machine), stages (where each ran, its weights\' source, its seconds)')
     add_cluster_options(parser)
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One finished request: ids, text and timings."""
-
-    prompt_tokens: list[int]
-    tokens: list[int]
-    text: str
-    ttft_s: float        # from the request to the first new token, prefill included
-    tokens_per_s: float  # decode rate after the first token: (n - 1) / (t_last - t_first)
-
-    def to_json(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "tokens": self.tokens, "text": self.text,
-                "ttft_s": round(self.ttft_s, 6), "tokens_per_s": round(self.tokens_per_s, 3)}
-
-
-def sampling_params(args: argparse.Namespace, model_dir: str, stop_token_ids: frozenset[int]) -> "SamplingParams":
-    """SamplingParams from the flags, falling back to the model's generation_config.json defaults."""
-    from cakep2p.engine.generation_config import read_generation_defaults
-    from cakep2p.engine.sampling import SamplingParams
-
-    defaults = read_generation_defaults(model_dir)
-    try:
-        return SamplingParams(
-            max_new_tokens=args.max_new_tokens,
-            temperature=defaults.temperature if args.temperature is None else args.temperature,
-            top_k=defaults.top_k if args.top_k is None else args.top_k,
-            top_p=defaults.top_p if args.top_p is None else args.top_p,
-            repetition_penalty=defaults.repetition_penalty if args.repetition_penalty is None else args.repetition_penalty,
-            seed=args.seed,
-            stop_token_ids=stop_token_ids,
-        )
-    except ValueError as error:  # SamplingParams names the field: "top_p must be in (0, 1], got 0.0"
-        field_name, _, rest = str(error).partition(" ")
-        raise CakeError(f"--{field_name.replace('_', '-')} {rest}") from None
 
 
 def check_device(device: str) -> None:
@@ -100,19 +65,26 @@ def prompt_ids(tokenizer: "Tokenizer", args: argparse.Namespace) -> list[int]:
                             add_special_tokens=False)
 
 
-def complete(pipeline: "Pipeline", tokenizer: "Tokenizer", args: argparse.Namespace, model_dir: str,
-             on_text: Callable[[str], None] = lambda text: None) -> Completion:
+def complete(pipeline: "Pipeline", tokenizer: "Tokenizer", args: argparse.Namespace, params: "SamplingParams",
+             on_text: Callable[[str], None] = lambda text: None) -> "Reply":
     """Run one request; `on_text` receives each whole-character chunk as soon as it is decoded."""
-    from cakep2p.conversation import Reply, stream_completion
+    from cakep2p.engine.conversation import Reply, stream_completion
 
     prompt = prompt_ids(tokenizer, args)
     if not prompt:
         raise CakeError("the prompt is empty and the model adds no bos token; pass some text with --prompt")
     reply = Reply()
-    for event in stream_completion(pipeline, tokenizer, prompt, sampling_params(args, model_dir, frozenset()), reply):
+    for event in stream_completion(pipeline, tokenizer, prompt, params, reply):
         if event.text:
             on_text(event.text)
-    return Completion(prompt, reply.token_ids, reply.text, reply.stats.ttft_s, reply.stats.tokens_per_s)
+    return reply
+
+
+def reply_json(reply: "Reply") -> dict:
+    """What --json prints of the reply itself."""
+    return {"prompt_tokens": reply.prompt_ids, "tokens": reply.token_ids, "text": reply.text,
+            "ttft_s": round(reply.ttft_s, 6), "tokens_per_s": round(reply.tokens_per_s, 3),
+            "finish_reason": reply.finish_reason, "context_full": reply.context_full}
 
 
 def _stream_to(out: TextIO) -> Callable[[str], None]:
@@ -125,7 +97,7 @@ def _stream_to(out: TextIO) -> Callable[[str], None]:
 def cluster_report(model: "LoadedModel", pipeline: "LocalPipeline | RemotePipeline") -> dict:
     """What --json adds: the plan (None on one machine) and, per pipeline stage, where it ran, the source of its
     weights (local, memory, cache, models_dir, transfer) and the seconds spent in it; plus any notices."""
-    from cakep2p.engine.part import ModelPart
+    from cakep2p.engine.model import ModelPart
 
     stage_seconds = list(pipeline.stage_seconds)
     sources = list(pipeline.load_sources)
@@ -133,8 +105,8 @@ def cluster_report(model: "LoadedModel", pipeline: "LocalPipeline | RemotePipeli
     for stage, source, seconds in zip(pipeline.stages, sources, stage_seconds):
         where = {"name": "local", "address": None, "port": None} if isinstance(stage, ModelPart) \
             else {"name": stage.name, "address": stage.address, "port": stage.port}
-        stages.append({**where, "start": stage.part.start, "end": stage.part.end,
-                       "embedding": stage.part.has_embedding, "head": stage.part.has_head,
+        stages.append({**where, "start": stage.layers.start, "end": stage.layers.end,
+                       "embedding": stage.layers.has_embedding, "head": stage.layers.has_head,
                        "source": source, "seconds": round(seconds, 6)})
     return {"plan": model.plan.to_json() if model.plan is not None else None, "stages": stages,
             "stage_seconds": [round(seconds, 6) for seconds in stage_seconds], "load_sources": sources,
@@ -144,20 +116,20 @@ def cluster_report(model: "LoadedModel", pipeline: "LocalPipeline | RemotePipeli
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise CakeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    from cakep2p.engine.config import ModelArgs
+    from cakep2p.engine.checkpoint import Checkpoint
 
-    ModelArgs.from_dir(args.model)  # config problems fail here, before torch is imported
+    checkpoint = Checkpoint.open(args.model)  # model problems fail here, before any peer is contacted
     check_device(args.device)
-    sampling_params(args, str(args.model), frozenset())  # bad flags fail before any peer is contacted
-    model = open_model(args)
+    params = sampling_from_args(args, checkpoint)  # and bad flags too
+    model = load_model(args, checkpoint)
     pipeline = None
     try:
         pipeline = model.new_pipeline()
         if args.json:
-            completion = complete(pipeline, model.tokenizer, args, str(args.model))
-            print(json.dumps({**completion.to_json(), **cluster_report(model, pipeline)}, ensure_ascii=False))
+            reply = complete(pipeline, model.tokenizer, args, params)
+            print(json.dumps({**reply_json(reply), **cluster_report(model, pipeline)}, ensure_ascii=False))
         else:
-            complete(pipeline, model.tokenizer, args, str(args.model), on_text=_stream_to(sys.stdout))
+            complete(pipeline, model.tokenizer, args, params, on_text=_stream_to(sys.stdout))
             sys.stdout.write("\n")
             sys.stdout.flush()
     except BrokenPipeError:  # `cakep2p generate ... | head`: the reader left; stop quietly

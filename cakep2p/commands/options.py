@@ -1,4 +1,4 @@
-"""Command-line options shared by every command that talks to the cluster, and opening the model they ask for."""
+"""Command-line options shared by every command that talks to the cluster, and loading the model they ask for."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import sys
 import uuid
 from typing import TYPE_CHECKING, Callable
 
+from cakep2p.errors import CakeError
 from cakep2p.units import format_size, parse_size
 
 if TYPE_CHECKING:
-    from cakep2p.engine.generate import Pipeline
-    from cakep2p.loaded_model import LoadedModel
+    from cakep2p.cluster import LoadedModel, ModelOptions
+    from cakep2p.engine.checkpoint import Checkpoint
+    from cakep2p.engine.sampling import SamplingParams
     from cakep2p.node import Node
-    from cakep2p.planner import Plan
 
 DEFAULT_WAIT_S = 2.0
 MAX_WAIT_S = 3600.0
@@ -111,6 +112,20 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
                         help="cap on the memory this machine offers for model parts (e.g. 8GB, 512MiB)")
 
 
+def sampling_from_args(args: argparse.Namespace, checkpoint: "Checkpoint") -> "SamplingParams":
+    """SamplingParams from the flags on top of the model's generation_config.json defaults; a bad flag is one
+    line naming it ("--top-p must be in (0, 1], got 0.0")."""
+    from cakep2p.engine.sampling import sampling_params
+
+    try:
+        return sampling_params(checkpoint.generation, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except ValueError as error:  # SamplingParams names the field: "top_p must be in (0, 1], got 0.0"
+        field_name, _, rest = str(error).partition(" ")
+        raise CakeError(f"--{field_name.replace('_', '-')} {rest}") from None
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Which model to run and how: shared by generate, chat and api."""
     parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
@@ -123,57 +138,38 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help=f"listen up to this long for peers before planning (default {DEFAULT_WAIT_S:g})")
 
 
-def open_model(args: argparse.Namespace, *, on_notice: Callable[[str], None] | None = None,
+def model_options(args: argparse.Namespace) -> "ModelOptions":
+    """The command's model flags as the ModelOptions every way of opening a model takes."""
+    from cakep2p.cluster import ModelOptions
+
+    return ModelOptions(dtype=args.dtype, device=args.device, strategy=args.strategy, context=args.context,
+                        local=args.local, max_memory=args.max_memory, wait_s=args.wait)
+
+
+def load_model(args: argparse.Namespace, checkpoint: "Checkpoint", *,
+               on_notice: Callable[[str], None] | None = None,
                on_progress: Callable[[str, int, int], None] | None = None) -> "LoadedModel":
-    """The model the command asked for, as a LoadedModel: over the cluster, or on this machine with --local.
+    """The model the command asked for (cluster.open_model): over the cluster, or on this machine with --local.
 
-    For the cluster the initiator node is started here (see start_initiator_node); it listens up to --wait seconds
-    for peers, then plans; closing the returned model unloads the peers' parts and stops the node.
-    Notices (a lost peer) and finished weight transfers go to stderr unless callbacks are given.
+    The checkpoint is checked first, so a broken model fails before any network activity. For the
+    cluster an initiator node is started (see start_initiator_node) that the model owns: closing the model unloads
+    the peers' parts and stops it. Notices (a lost peer) and finished transfers go to stderr unless callbacks are
+    given.
     """
-    from cakep2p import cluster
-    from cakep2p.loaded_model import LocalModel
+    from cakep2p.cluster import open_model
+    from cakep2p.engine.loading import check_complete
 
-    if args.local:
-        check_fits_locally(args.model, args.dtype, args.device, args.context, args.max_memory)
-        return LocalModel(args.model, dtype=args.dtype, device=args.device, context=args.context)
-    check_model_folder(args.model, args.dtype)  # a broken folder fails here, before any network activity
+    check_complete(checkpoint)
+    options = model_options(args)
+    if options.local:
+        return open_model(checkpoint, options)
     node = start_initiator_node(args)
     try:
-        model = cluster.open_model(node, args.model, dtype=args.dtype, device=args.device,
-                                   strategy=args.strategy, context=args.context, max_memory=args.max_memory,
-                                   wait_s=args.wait,
-                                   on_progress=on_progress or _print_transfers(), on_notice=on_notice or _print_notice)
+        return open_model(checkpoint, options, node=node, owns_node=True,
+                          on_progress=on_progress or _print_transfers(), on_notice=on_notice or _print_notice)
     except BaseException:
         node.stop()
         raise
-    return ModelWithNode(model, node)
-
-
-def check_fits_locally(model_dir: str, dtype: str, device: str, context: int | None,
-                       max_memory: int | None) -> None:
-    """PlanError unless the whole model (weights and KV cache) fits what this machine alone offers now.
-
-    Without it a model too big for --local loads until torch fails or the OS kills the process.
-    """
-    from dataclasses import replace
-
-    from cakep2p import planner
-    from cakep2p.capacity import offered_memory, probe
-    from cakep2p.engine.config import ModelArgs
-    from cakep2p.engine.sizes import model_spec
-    from cakep2p.errors import PlanError
-    from cakep2p.loaded_model import context_length
-
-    spec = model_spec(model_dir, dtype)
-    capacity = probe(run_benchmark=False)
-    if device == "cpu" and capacity.accelerator != "cpu":  # the weights go to RAM, not to the accelerator
-        capacity = replace(capacity, accelerator="cpu")
-    this_machine = planner.NodeBudget("local", "this machine", offered_memory(capacity, max_memory))
-    try:
-        planner.plan(spec, [this_machine], "local", context_length(ModelArgs.from_dir(model_dir), context))
-    except ValueError as error:  # planner.DoesNotFit names the model, the need and the offer
-        raise PlanError(f"--local: {error}") from None
 
 
 def start_initiator_node(args: argparse.Namespace) -> "Node":
@@ -181,68 +177,21 @@ def start_initiator_node(args: argparse.Namespace) -> "Node":
 
     It is NOT serving: a process that only runs a command uses the peers' memory but takes no work from others
     (run `cakep2p --serve` for that). It has a throwaway node id, so a `cakep2p --serve` of the same install on
-    this machine is a peer like any other, and its mesh port is whichever the OS picks. With --wait 0 it listens for no one (no mDNS, no static --peers): the
-    plan is for this machine alone.
+    this machine is a peer like any other, and its mesh port is whichever the OS picks. With --wait 0 it listens
+    for no one (no mDNS, no static --peers): the plan is for this machine alone.
     """
     from cakep2p.node import Node
 
     if not args.verbose:  # an initiator's user wants the text and notices, not the node's log
-        for name in ("cakep2p.node", "cakep2p.stage", "cakep2p.discovery", "cakep2p.cluster", "cakep2p.security"):
+        for name in ("cakep2p.node", "cakep2p.mesh.server", "cakep2p.discovery", "cakep2p.cluster", "cakep2p.mesh.curve"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        logging.getLogger("cakep2p.mesh").setLevel(logging.ERROR)  # its "moving the session" is our notice
+        logging.getLogger("cakep2p.mesh.pipeline").setLevel(logging.ERROR)  # its "moving the session" is our notice
     listen = args.wait > 0
     node = Node(port=0, interfaces=args.interface, max_memory=args.max_memory, cluster_code=args.cluster,
                 discovery=listen, serving=False, static_peers=args.peers if listen else [],
                 insecure_open=args.insecure_open, node_id=uuid.uuid4().hex)
     node.start()
     return node
-
-
-def check_model_folder(model_dir: str, dtype: str = "auto") -> None:
-    """ModelError unless every tensor of the whole model is in the checkpoint with the shape config.json implies."""
-    from cakep2p.engine.checkpoint import read_tensor_index
-    from cakep2p.engine.config import ModelArgs
-    from cakep2p.engine.part import PartSpec, expected_shapes
-    from cakep2p.engine.sizes import model_spec
-    from cakep2p.errors import ModelError
-
-    model_spec(model_dir, dtype)  # config, dtype, safetensors headers, missing tensors
-    model_args = ModelArgs.from_dir(model_dir)
-    index = read_tensor_index(model_dir)
-    whole = PartSpec(0, model_args.num_layers, has_embedding=True, has_head=True)
-    for name, shape in expected_shapes(model_args, whole).items():
-        if tuple(index[name].shape) != tuple(shape):
-            raise ModelError(f"model {model_dir}: tensor {name} has shape {list(index[name].shape)}, "
-                             f"expected {list(shape)}")
-
-
-class ModelWithNode:
-    """A LoadedModel opened on a node this command started: the model's members, and close() also stops the node."""
-
-    def __init__(self, model: "LoadedModel", node: "Node") -> None:
-        self.model, self.node = model, node
-        self.name, self.model_dir, self.args = model.name, model.model_dir, model.args
-        self.tokenizer, self.max_seq_len = model.tokenizer, model.max_seq_len
-
-    @property
-    def plan(self) -> "Plan | None":
-        return self.model.plan  # a cluster model re-plans when a peer is lost
-
-    @property
-    def notices(self) -> list[str]:
-        return self.model.notices
-
-    def new_pipeline(self) -> "Pipeline":
-        return self.model.new_pipeline()
-
-    def describe(self) -> dict:
-        return self.model.describe()
-
-    def close(self) -> None:
-        try:
-            self.model.close()
-        finally:
-            self.node.stop()
 
 
 def _print_notice(text: str) -> None:

@@ -7,7 +7,8 @@ import json
 
 from cakep2p.commands.options import wait_seconds
 from cakep2p.discovery import PeerInfo, snapshot_peers
-from cakep2p.node import cluster_fingerprint, resolve_interfaces
+from cakep2p.network import resolve_interfaces
+from cakep2p.node import cluster_fingerprint
 from cakep2p.units import format_size
 
 STATUS_TEXT = {"ok": "ok", "other_cluster": "other cluster", "incompatible": "incompatible"}

@@ -26,15 +26,18 @@ def run(args: argparse.Namespace) -> int:
     """Plan exactly as `generate` would (the same initiator node, the same peers, cluster.plan_model), load nothing."""
     from cakep2p import cluster
     from cakep2p.commands.options import start_initiator_node
+    from cakep2p.engine.checkpoint import Checkpoint
     from cakep2p.engine.sizes import model_spec
 
     if args.context is not None and args.context < 1:
         raise PlanError(f"--context must be at least 1 token, not {args.context}")
-    model_spec(args.model, args.dtype)  # a broken folder fails here, before any network activity
+    checkpoint = Checkpoint.open(args.model)
+    model_spec(checkpoint, args.dtype)  # a broken model fails here, before any network activity
+    options = cluster.ModelOptions(dtype=args.dtype, strategy=args.strategy, context=args.context,
+                                   max_memory=args.max_memory, wait_s=args.wait)
     node = start_initiator_node(args)
     try:
-        planned = cluster.plan_model(node, args.model, dtype=args.dtype, strategy=args.strategy,
-                                     context=args.context, max_memory=args.max_memory, wait_s=args.wait)
+        planned = cluster.plan_model(node, checkpoint, options)
     except cluster.NotEnoughMemory as error:
         if args.json:
             print(json.dumps({"fits": False, "missing_bytes": error.missing_bytes,
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(planned.plan.to_json(), indent=2))
     else:
-        spec, offered = planned.spec, sum(budget.offered_bytes for budget in planned.nodes)
+        spec, offered = planned.spec, planned.offered_bytes
         print(f"model {spec.name}: {spec.num_layers} layers, context {planned.context} tokens, "
               f"{len(planned.nodes)} node(s) offering {format_size(offered)}")
         print(planned.plan.table())

@@ -1,141 +1,84 @@
-"""Safetensors checkpoints: a validated index of every tensor, and memory-mapped loading of only the named ones."""
+"""A checkpoint, read once: `Checkpoint.open(path)` parses config.json and the tensor headers, and everything
+above the engine (the planner's sizes, loading a part, the mesh's transfers, the tokenizer) is handed this value
+instead of a bare path.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import mmap
-import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
+from cakep2p.engine.config import ModelArgs
+from cakep2p.engine.generation_config import GenerationDefaults, read_generation_defaults
+from cakep2p.engine.safetensors import TensorInfo, load_tensor, mapped_tensor, read_tensor_index
 from cakep2p.errors import ModelError
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "F64": (torch.float64, 8),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-}
+CONFIG_FILE = "config.json"
+FINGERPRINT_CHARS = 32
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes lie: `offset` is absolute in `file`."""
+class Checkpoint:
+    """A model on this machine: where it is, its shape, where each tensor lies, its identity and defaults."""
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    offset: int
-    nbytes: int
+    path: Path                          # the model folder
+    config_text: str                    # config.json as read (peers without the model receive it)
+    args: ModelArgs
+    tensors: Mapping[str, TensorInfo] = field(repr=False)
+    fingerprint: str                    # sha256 of config.json and the tensor headers: cheap, not of the weights
+    generation: GenerationDefaults
 
+    @property
+    def name(self) -> str:
+        return self.path.name
 
-def read_tensor_index(model_dir: str | Path) -> dict[str, TensorInfo]:
-    """Every tensor of the checkpoint in `model_dir` (single file or sharded); validates headers and sizes."""
-    model_dir = Path(model_dir)
-    index_path = model_dir / INDEX_FILE
-    single_path = model_dir / SINGLE_FILE
-    if single_path.is_file():
-        return read_safetensors_header(single_path)
-    if not index_path.is_file():
-        raise ModelError(f"model folder {model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}")
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-        raise ModelError(f"{index_path} is not a valid safetensors index ({error}); restore the file") from None
-    tensors: dict[str, TensorInfo] = {}
-    for file_name in files:
-        shard = model_dir / file_name
-        if not shard.is_file():
-            raise ModelError(f"{index_path} names {file_name}, which is missing; download the model again")
-        tensors.update(read_safetensors_header(shard))
-    for name, file_name in weight_map.items():
-        if name not in tensors or tensors[name].file.name != Path(file_name).name:
-            raise ModelError(f"{index_path} maps {name} to {file_name}, which lacks it; download the model again")
-    return tensors
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check one .safetensors header: its length, JSON, dtypes and data offsets against the file size."""
-    def corrupt(why: str) -> ModelError:
-        return ModelError(f"{path} is truncated or corrupt ({why}); download the model again")
-
-    try:
-        file_size = path.stat().st_size
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise corrupt("shorter than the 8-byte header length")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(file_size - 8, MAX_HEADER_BYTES):
-                raise corrupt(f"header length {header_len} runs past the file size {file_size}")
-            header_bytes = handle.read(header_len)
-    except OSError as error:
-        raise ModelError(f"cannot read {path} ({error.strerror})") from None
-    try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise corrupt("the header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise corrupt("the header is not a JSON object")
-    data_start = 8 + header_len
-    data_size = file_size - data_start
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
+    @classmethod
+    def open(cls, path: str | Path) -> "Checkpoint":
+        """Read a Hugging Face model folder's config.json and safetensors headers; ModelError with one clear line
+        when it is missing, corrupt or of an unsupported architecture."""
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            if path.exists():
+                raise ModelError(f"{path} is a file, not a model folder; pass the Hugging Face model directory")
+            raise ModelError(f"model folder {path} does not exist; pass a Hugging Face model directory")
+        config_path = path / CONFIG_FILE
+        if not config_path.is_file():
+            raise ModelError(f"model folder {path} has no config.json; is it a Hugging Face model directory?")
         try:
-            dtype_code = entry["dtype"]
-            shape = tuple(int(dim) for dim in entry["shape"])
-            begin, end = (int(value) for value in entry["data_offsets"])
-            element_size = DTYPES[dtype_code][1]
-        except (KeyError, TypeError, ValueError):
-            raise corrupt(f"tensor {name} has a malformed entry") from None
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        if not 0 <= begin <= end <= data_size:
-            raise corrupt(f"tensor {name} data [{begin}, {end}) lies beyond the file's {data_size} data bytes")
-        if end - begin != numel * element_size:
-            raise corrupt(f"tensor {name} has {end - begin} bytes for shape {list(shape)} of {dtype_code}")
-        tensors[name] = TensorInfo(name, dtype_code, shape, path, data_start + begin, end - begin)
-    return tensors
+            config_text = config_path.read_text(encoding="utf-8")
+            config = json.loads(config_text)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelError(f"{config_path} is not valid JSON ({error}); restore the file") from None
+        if not isinstance(config, dict):
+            raise ModelError(f"{config_path} does not hold a JSON object; restore the file")
+        args = ModelArgs.from_config(config, source=str(config_path))
+        tensors, headers = read_tensor_index(path)
+        digest = hashlib.sha256(b"cakep2p-model/v1\0" + config_text.encode("utf-8") + headers)
+        return cls(path=path, config_text=config_text, args=args, tensors=tensors,
+                   fingerprint=digest.hexdigest()[:FINGERPRINT_CHARS],
+                   generation=read_generation_defaults(path, config))
 
+    def info(self, name: str) -> TensorInfo:
+        """Where the named tensor lies; ModelError when the checkpoint lacks it."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ModelError(f"model {self.path} lacks tensor {name}; the checkpoint is incomplete or of another "
+                             "model") from None
 
-def load_tensor(
-    info: TensorInfo,
-    dtype: torch.dtype,
-    device: torch.device | str = "cpu",
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Map only this tensor's bytes and copy them, converted, into `out` (or a new tensor); nothing else is read."""
-    source_dtype, _ = DTYPES[info.dtype]
-    target = out if out is not None else torch.empty(info.shape, dtype=dtype, device=device)
-    if tuple(target.shape) != info.shape:
-        raise ModelError(f"tensor {info.name} has shape {list(info.shape)}, expected {list(target.shape)}")
-    if info.nbytes == 0:
-        return target
-    page = mmap.ALLOCATIONGRANULARITY
-    start = info.offset - info.offset % page
-    with info.file.open("rb") as handle:
-        mapped = mmap.mmap(handle.fileno(), info.offset + info.nbytes - start, offset=start, access=mmap.ACCESS_COPY)
-    try:
-        view = torch.frombuffer(mapped, dtype=source_dtype, count=info.nbytes // source_dtype.itemsize,
-                                offset=info.offset - start).view(info.shape)
-        target.copy_(view)
-        del view
-    finally:
-        mapped.close()
-    return target
+    def load(self, name: str, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The named tensor converted to `dtype` (into `out` when given), reading only its bytes."""
+        return load_tensor(self.info(name), dtype, out)
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """The named tensor as stored, over a memory map (nothing is read until used)."""
+        return mapped_tensor(self.info(name))
+
+    def weight_bytes(self) -> int:
+        """Bytes of every tensor as stored."""
+        return sum(info.nbytes for info in self.tensors.values())

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator, Protocol
 
 import torch
 
-from cakep2p.engine.config import ModelArgs
-from cakep2p.engine.part import ModelPart, PartSpec
+from cakep2p.engine.model import ModelPart
 from cakep2p.engine.sampling import Sampler, SamplingParams
 from cakep2p.errors import ModelError
 
@@ -41,13 +39,6 @@ class LocalPipeline:
         self.load_sources: list[str] = []
         self.stage_seconds: list[float] = []
 
-    @classmethod
-    def from_dir(cls, model_dir: str | Path, max_seq_len: int, dtype: str = "auto",
-                 device: str = "auto") -> "LocalPipeline":
-        """The whole model of `model_dir` as one part."""
-        part = ModelPart.load(model_dir, _whole(model_dir), dtype=dtype, device=device)
-        return cls([part], max_seq_len)
-
     def forward(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
         if not token_ids:
             raise ValueError("forward needs at least one token")
@@ -65,20 +56,16 @@ class LocalPipeline:
         self.caches = []
 
 
-def _whole(model_dir: str | Path) -> PartSpec:
-    return PartSpec(0, ModelArgs.from_dir(model_dir).num_layers, has_embedding=True, has_head=True)
-
-
 def _check_chain(parts: list[ModelPart]) -> None:
     if not parts:
         raise ModelError("a pipeline needs at least one model part")
-    if not parts[0].part.has_embedding or not parts[-1].part.has_head:
+    if not parts[0].layers.has_embedding or not parts[-1].layers.has_head:
         raise ModelError("the first part must hold the embedding and the last the LM head")
     for before, after in zip(parts, parts[1:]):
-        if before.part.has_head or after.part.has_embedding or before.part.end != after.part.start:
-            raise ModelError(f"parts {before.part} and {after.part} do not follow one another")
-    if parts[-1].part.end != parts[-1].args.num_layers or parts[0].part.start != 0:
-        raise ModelError(f"the parts cover layers {parts[0].part.start}..{parts[-1].part.end}, "
+        if before.layers.has_head or after.layers.has_embedding or before.layers.end != after.layers.start:
+            raise ModelError(f"parts {before.layers} and {after.layers} do not follow one another")
+    if parts[-1].layers.end != parts[-1].args.num_layers or parts[0].layers.start != 0:
+        raise ModelError(f"the parts cover layers {parts[0].layers.start}..{parts[-1].layers.end}, "
                          f"not all {parts[-1].args.num_layers}")
 
 

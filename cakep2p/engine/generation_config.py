@@ -54,10 +54,8 @@ def _number(config: dict[str, Any], key: str, default: float) -> float:
     return default
 
 
-def read_generation_defaults(model_dir: str | Path) -> GenerationDefaults:
-    """Merge config.json and generation_config.json (the latter wins for sampling values)."""
-    model_dir = Path(model_dir)
-    config = read_json_object(model_dir / "config.json")
+def read_generation_defaults(model_dir: Path, config: dict[str, Any]) -> GenerationDefaults:
+    """Merge the parsed config.json and model_dir's generation_config.json (the latter wins for sampling values)."""
     generation = read_json_object(model_dir / "generation_config.json")
     eos_ids = token_ids(config.get("eos_token_id")) | token_ids(generation.get("eos_token_id"))
     bos_candidates = token_ids(generation.get("bos_token_id")) or token_ids(config.get("bos_token_id"))

@@ -1,18 +1,23 @@
-"""The transformer block math: RMSNorm, fused QKV attention over the KV cache, fused gate/up MLP."""
+"""The whole forward pass of a model part, in one file: RMSNorm, rotary attention with fused QKV over a preallocated
+KV cache, the fused gate/up MLP, and a ModelPart that runs the embedding, its layers and the head in order.
+
+Weights are plain tensors (not Parameters: this engine only runs inference), allocated here and filled by
+cakep2p/engine/loading.py.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from cakep2p.engine.config import ModelArgs
-from cakep2p.engine.rope import apply_rope
+from cakep2p.engine.kvcache import KVCache
+from cakep2p.engine.rope import apply_rope, rope_tables
+from cakep2p.planner import LayerRange
 
 PACK_MIN_ELEMENTS = {torch.float32: 2**20, torch.bfloat16: 2**16}  # measured break-even, one thread
-Fill = Callable[[str, torch.Tensor], None]  # copies the named checkpoint tensor into the given destination
 
 
 def has_o_bias(args: ModelArgs) -> bool:
@@ -21,7 +26,7 @@ def has_o_bias(args: ModelArgs) -> bool:
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised weight storage (plain tensors, not Parameters: this engine only runs inference)."""
+    """Uninitialised weight storage."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -85,33 +90,6 @@ class DecoderLayer(torch.nn.Module):
         self.gate_up = empty((2 * args.intermediate_size, hidden), dtype, device)
         self.down = empty((hidden, args.intermediate_size), dtype, device)
 
-    def fill(self, prefix: str, fill: Fill) -> None:
-        """Copy this layer's checkpoint tensors straight into the fused weights, packing each big one at once."""
-        q, kv, inter = self.q_size, self.kv_size, self.args.intermediate_size
-        with torch.no_grad():
-            fill(prefix + "input_layernorm.weight", self.input_norm)
-            fill(prefix + "post_attention_layernorm.weight", self.post_norm)
-            if self.qkv_bias is not None:
-                fill(prefix + "self_attn.q_proj.bias", self.qkv_bias[:q])
-                fill(prefix + "self_attn.k_proj.bias", self.qkv_bias[q:q + kv])
-                fill(prefix + "self_attn.v_proj.bias", self.qkv_bias[q + kv:])
-            if self.q_norm is not None:
-                fill(prefix + "self_attn.q_norm.weight", self.q_norm)
-                fill(prefix + "self_attn.k_norm.weight", self.k_norm)
-            if self.o_bias is not None:
-                fill(prefix + "self_attn.o_proj.bias", self.o_bias)
-            fill(prefix + "self_attn.q_proj.weight", self.qkv[:q])
-            fill(prefix + "self_attn.k_proj.weight", self.qkv[q:q + kv])
-            fill(prefix + "self_attn.v_proj.weight", self.qkv[q + kv:])
-            self.qkv = pack_for_cpu(self.qkv)
-            fill(prefix + "self_attn.o_proj.weight", self.o_proj)
-            self.o_proj = pack_for_cpu(self.o_proj)
-            fill(prefix + "mlp.gate_proj.weight", self.gate_up[:inter])
-            fill(prefix + "mlp.up_proj.weight", self.gate_up[inter:])
-            self.gate_up = pack_for_cpu(self.gate_up)
-            fill(prefix + "mlp.down_proj.weight", self.down)
-            self.down = pack_for_cpu(self.down)
-
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor, start_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
         args = self.args
@@ -140,3 +118,77 @@ class DecoderLayer(torch.nn.Module):
         h = x + linear(attended, self.o_proj, self.o_bias)
         gate, up = linear(rms_norm(h, self.post_norm, args.rms_norm_eps), self.gate_up).chunk(2, dim=-1)
         return h + linear(F.silu(gate) * up, self.down)
+
+
+class ModelPart(torch.nn.Module):
+    """Embedding and/or the decoder blocks of `layers` and/or the final norm + head; `forward` runs them in order."""
+
+    def __init__(self, args: ModelArgs, layers: LayerRange, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.args, self.layers, self.dtype, self.device = args, layers, dtype, device
+        needs_embedding = layers.has_embedding or (layers.has_head and args.tie_word_embeddings)
+        self.embedding = empty((args.vocab_size, args.hidden_size), dtype, device) if needs_embedding else None
+        self.blocks = torch.nn.ModuleList(DecoderLayer(args, dtype, device) for _ in range(layers.num_layers))
+        self.final_norm = empty((args.hidden_size,), dtype, device) if layers.has_head else None
+        self.lm_head = None
+        if layers.has_head:
+            self.lm_head = self.embedding if args.tie_word_embeddings else empty(
+                (args.vocab_size, args.hidden_size), dtype, device)
+        self._rope_length = 0
+        self._cos = self._sin = torch.empty(0)
+
+    def weight_tensors(self) -> list[torch.Tensor]:
+        """Every weight this part holds (a tied head counted once)."""
+        found: dict[int, torch.Tensor] = {}
+        for holder in [self, *self.blocks]:
+            for key, value in vars(holder).items():
+                if isinstance(value, torch.Tensor) and not key.startswith("_"):
+                    found[id(value)] = value
+        return list(found.values())
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(tensor.numel() * tensor.element_size() for tensor in self.weight_tensors())
+
+    def new_cache(self, max_seq_len: int) -> KVCache:
+        """A preallocated cache for this part's layers, and rope tables long enough for it."""
+        if max_seq_len > self._rope_length:
+            self._cos, self._sin = rope_tables(self.args, max_seq_len, self.dtype, self.device)
+            self._rope_length = max_seq_len
+        return KVCache(len(self.blocks), self.args.num_kv_heads, self.args.head_dim, max_seq_len,
+                       self.dtype, self.device)
+
+    @torch.no_grad()
+    def forward(self, inputs: torch.Tensor, start_pos: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Token ids [T] (with embedding) or hidden [T, hidden] in; float32 logits [T, vocab] or hidden out.
+
+        With `last_only`, the head runs on the last position only (logits [1, vocab]).
+        """
+        length = inputs.shape[0]
+        end = start_pos + length
+        if end > cache.max_seq_len:
+            raise ValueError(f"positions up to {end} exceed the cache's max_seq_len {cache.max_seq_len}")
+        x = F.embedding(inputs.to(self.device), self.embedding) if self.layers.has_embedding else inputs.to(
+            device=self.device, dtype=self.dtype)
+        if self.blocks:
+            cos = self._cos[start_pos:end].unsqueeze(1)
+            sin = self._sin[start_pos:end].unsqueeze(1)
+            mask = self._attention_mask(start_pos, length)
+            for index, block in enumerate(self.blocks):
+                x = block(x, cos, sin, cache.keys[index], cache.values[index], start_pos, mask)
+        if not self.layers.has_head:
+            return x
+        if last_only:
+            x = x[-1:]
+        return linear(rms_norm(x, self.final_norm, self.args.rms_norm_eps), self.lm_head).float()
+
+    def _attention_mask(self, start_pos: int, length: int) -> torch.Tensor | None:
+        """Causal (and sliding-window) mask [T, start_pos + T]; None for a single token (it sees everything)."""
+        if length == 1:
+            return None
+        query = torch.arange(start_pos, start_pos + length, device=self.device).unsqueeze(1)
+        key = torch.arange(start_pos + length, device=self.device).unsqueeze(0)
+        allowed = key <= query
+        if self.args.sliding_window is not None:
+            allowed &= key > query - self.args.sliding_window
+        return allowed

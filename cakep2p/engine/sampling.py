@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, or temperature / top-k / top-p with a seeded generator."""
+"""Choosing the next token from logits: greedy, or temperature / top-k / top-p with a seeded generator; and the
+one place sampling settings are built, from the model's defaults plus what the user set."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from cakep2p.engine.generation_config import GenerationDefaults
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,25 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be from 0 to 2**63-1, got {self.seed}")
+
+
+def sampling_params(defaults: GenerationDefaults, *, max_new_tokens: int, temperature: float | None = None,
+                    top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+                    seed: int | None = None, stop_token_ids: frozenset[int] = frozenset()) -> SamplingParams:
+    """The model's recommended sampling (its generation_config.json; greedy when it has none), with every value
+    the user set (not None) on top. ValueError names a bad value: "top_p must be in (0, 1], got 0.0"."""
+    def chosen(value, default):
+        return default if value is None else value
+
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=chosen(temperature, defaults.temperature),
+        top_k=chosen(top_k, defaults.top_k),
+        top_p=chosen(top_p, defaults.top_p),
+        repetition_penalty=chosen(repetition_penalty, defaults.repetition_penalty),
+        seed=seed,
+        stop_token_ids=stop_token_ids,
+    )
 
 
 class Sampler:

@@ -1,59 +1,57 @@
-"""A model's memory figures for the planner: the actual tensor sizes in its safetensors, at the chosen dtype."""
+"""A model's memory figures: the bytes of a layer range's weights and KV cache, and the planner's ModelSpec, from the
+actual tensor shapes of a checkpoint (or from a config alone, for what-if plans) at the chosen dtype."""
 
 from __future__ import annotations
 
 from math import prod
-from pathlib import Path
+from typing import Callable
 
-from cakep2p.engine.checkpoint import read_tensor_index
+import torch
+
+from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.config import ModelArgs
-from cakep2p.engine.part import EMBEDDING, PartSpec, expected_shapes, resolve_dtype
-from cakep2p.errors import ModelError
-from cakep2p.planner import ModelSpec
+from cakep2p.engine.loading import EMBEDDING, expected_shapes, resolve_dtype
+from cakep2p.planner import LayerRange, ModelSpec
+
+ShapeOf = Callable[[str, tuple[int, ...]], tuple[int, ...]]  # (tensor name, expected shape) -> shape to count
 
 
-def element_size(args: ModelArgs, dtype: str = "auto") -> int:
-    """Bytes per element once loaded: 'auto' is the checkpoint's torch_dtype; ModelError for an unknown dtype."""
-    try:
-        return resolve_dtype(dtype, args).itemsize
-    except ValueError as error:
-        raise ModelError(str(error)) from None
+def weight_bytes(args: ModelArgs, layers: LayerRange, dtype: torch.dtype) -> int:
+    """Bytes of the range's weights once loaded in `dtype`."""
+    return sum(prod(shape) for shape in expected_shapes(args, layers).values()) * dtype.itemsize
 
 
-def model_spec(model_dir: str | Path, dtype: str = "auto") -> ModelSpec:
-    """The planner's view of the model in `model_dir`, from config.json and the safetensors headers.
+def kv_cache_bytes(args: ModelArgs, layers: LayerRange, dtype: torch.dtype, max_seq_len: int) -> int:
+    """Bytes of one session's K and V for the range's layers at a context of `max_seq_len`."""
+    return 2 * layers.num_layers * args.num_kv_heads * args.head_dim * max_seq_len * dtype.itemsize
 
-    Every tensor a part loads is counted at `dtype`'s element size from its shape in the checkpoint (the tied
-    embedding once: it is the embedding, the head adds only the final norm). ModelError when a tensor is missing.
-    """
-    model_dir = Path(model_dir)
-    args = ModelArgs.from_dir(model_dir)
-    index = read_tensor_index(model_dir)
 
+def model_spec(checkpoint: Checkpoint, dtype: str = "auto") -> ModelSpec:
+    """The planner's view of the checkpoint: every tensor a part loads, counted at `dtype`'s element size from its
+    shape in the checkpoint (the tied embedding once: it is the embedding, the head adds only the final norm)."""
     def actual_shape(name: str, expected: tuple[int, ...]) -> tuple[int, ...]:
-        if name not in index:
-            raise ModelError(f"model folder {model_dir} lacks the tensor {name}; download the model again")
-        return index[name].shape
+        return checkpoint.info(name).shape
 
-    return _spec(args, element_size(args, dtype), model_dir.name, actual_shape)
+    return _spec(checkpoint.args, dtype, checkpoint.name, actual_shape)
 
 
 def spec_from_args(args: ModelArgs, dtype: str = "auto", name: str = "model") -> ModelSpec:
     """The same figures from the config's shapes alone, with no weights on disk (for remote or what-if plans)."""
-    return _spec(args, element_size(args, dtype), name, lambda tensor_name, expected: expected)
+    return _spec(args, dtype, name, lambda tensor_name, expected: expected)
 
 
-def _spec(args: ModelArgs, element_bytes: int, name: str, shape_of) -> ModelSpec:
-    def part_bytes(part: PartSpec, skip: set[str] = frozenset()) -> int:
+def _spec(args: ModelArgs, dtype: str, name: str, shape_of: ShapeOf) -> ModelSpec:
+    element_bytes = resolve_dtype(dtype, args).itemsize
+
+    def range_bytes(layers: LayerRange, skip: frozenset[str] = frozenset()) -> int:
         return sum(prod(shape_of(tensor, shape)) * element_bytes
-                   for tensor, shape in expected_shapes(args, part).items() if tensor not in skip)
+                   for tensor, shape in expected_shapes(args, layers).items() if tensor not in skip)
 
-    layer_bytes = tuple(part_bytes(PartSpec(index, index + 1, False, False)) for index in range(args.num_layers))
     return ModelSpec(
         name=name,
-        layer_bytes=layer_bytes,
-        embedding_bytes=part_bytes(PartSpec(0, 0, True, False)),
-        head_bytes=part_bytes(PartSpec(0, 0, False, True), skip={EMBEDDING}),  # tied: already counted
+        layer_bytes=tuple(range_bytes(LayerRange(index, index + 1)) for index in range(args.num_layers)),
+        embedding_bytes=range_bytes(LayerRange(0, 0, has_embedding=True)),
+        head_bytes=range_bytes(LayerRange(0, 0, has_head=True), skip=frozenset({EMBEDDING})),  # tied: counted once
         kv_bytes_per_token=2 * args.num_kv_heads * args.head_dim * element_bytes,
         hidden_size=args.hidden_size,
     )

@@ -1,4 +1,4 @@
-"""Text <-> token ids for a model folder: `tokenizers` for the vocabulary, a jinja2 sandbox for the chat
+"""Text <-> token ids for a checkpoint: `tokenizers` for the vocabulary, a jinja2 sandbox for the chat
 template, and a streaming decoder that never emits half a character."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as RawTokenizer
 
-from cakep2p.engine.generation_config import read_generation_defaults, read_json_object
+from cakep2p.engine.checkpoint import Checkpoint
+from cakep2p.engine.generation_config import read_json_object
 from cakep2p.errors import ModelError
 
 # Used when a model ships no chat template (base models). Renders, for a system and a user message:
@@ -147,11 +148,10 @@ class Tokenizer:
         self._post_processor_adds_bos = self._probe_post_processor_bos()
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "Tokenizer":
-        """Read tokenizer.json, tokenizer_config.json, generation_config.json and config.json; ModelError if unusable."""
-        model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise ModelError(f"model folder {model_dir} does not exist; pass a Hugging Face model directory")
+    def from_checkpoint(cls, checkpoint: Checkpoint) -> "Tokenizer":
+        """Read the checkpoint folder's tokenizer.json, tokenizer_config.json and chat template; bos and eos come
+        from the checkpoint's generation defaults. ModelError when a file is missing or unusable."""
+        model_dir = checkpoint.path
         tokenizer_path = model_dir / "tokenizer.json"
         if not tokenizer_path.is_file():
             raise ModelError(f"model folder {model_dir} has no tokenizer.json; copy it from the model's repository")
@@ -160,8 +160,8 @@ class Tokenizer:
         except Exception as error:  # the Rust library raises plain Exception for every parse failure
             raise ModelError(f"{tokenizer_path} is corrupt ({_first_line(error)}); restore the file") from None
         tokenizer_config = read_json_object(model_dir / "tokenizer_config.json")
-        defaults = read_generation_defaults(model_dir)
-        return cls(raw, name=model_dir.name, tokenizer_config=tokenizer_config,
+        defaults = checkpoint.generation
+        return cls(raw, name=checkpoint.name, tokenizer_config=tokenizer_config,
                    chat_template=_read_chat_template(model_dir, tokenizer_config),
                    eos_ids=defaults.eos_ids, bos_id=defaults.bos_id)
 

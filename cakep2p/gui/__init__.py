@@ -21,7 +21,7 @@ def broken_qt_binding() -> str | None:
 
 def setup_logging(verbose: bool) -> None:
     """Log to stderr as the CLI does, with pairing codes and secret keys redacted from every record."""
-    from cakep2p.security import RedactingFilter, install_log_redaction
+    from cakep2p.redaction import RedactingFilter, install_log_redaction
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

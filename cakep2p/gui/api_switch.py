@@ -87,10 +87,9 @@ class ApiSwitch(QObject):
 
     def _start(self) -> None:
         from cakep2p.api import BackgroundServer, create_app
-        from cakep2p.commands.api import cluster_status
 
         model = self._model
-        server = BackgroundServer(create_app(model, status=cluster_status(model)), HOST, self._port)
+        server = BackgroundServer(create_app(model), HOST, self._port)
         try:
             url = server.start()
         except CakeError as error:

@@ -16,28 +16,13 @@ from typing import TYPE_CHECKING, Any, Callable
 from PySide6.QtCore import QObject, Signal
 
 from cakep2p.errors import CakeError
-from cakep2p.gui.state import (ModelInfo, ModelPreview, NodeState, PlanView, ReplyOutcome, plan_view,
-                               preview_model)
-
-if TYPE_CHECKING:
-    from cakep2p.loaded_model import LoadedModel
-    from cakep2p.node import Node
+from cakep2p.gui.state import ModelInfo, ModelPreview, NodeState, PlanView, ReplyOutcome, plan_view, preview_of
 
 log = logging.getLogger(__name__)
 
 DOWNLOAD_NEEDS = ("Downloading a model needs the huggingface_hub package (pip install huggingface_hub) "
                   "and a connection to huggingface.co. Without them, copy the model folder to this machine "
                   "and pick it with “Choose folder…”.")
-
-
-def open_model(node: "Node | None", model_dir: str | Path, *, on_progress: Callable[..., None],
-               on_notice: Callable[[str], None]) -> "LoadedModel":
-    """The ONE place the window opens a model: over the cluster when the core can, else on this machine."""
-    if node is not None:
-        return node.open_model(model_dir, on_progress=on_progress, on_notice=on_notice)
-    from cakep2p.loaded_model import LocalModel
-
-    return LocalModel(model_dir)
 
 
 def apply_serving(node: Any, serving: bool, timeout: float = 10.0) -> None:
@@ -91,7 +76,8 @@ class Bridge(QObject):
         self._tokens_at_stop: int | None = None
         self._generating = False
         self._closed = False
-        self._own_budget: Any = None
+        self.preview: Any = None    # the last plan preview (cluster.PlannedModel): Load uses it while it holds
+        self._inspecting: Future | None = None
         self._node_started: Future | None = None
         self._loads: set[Future] = set()
 
@@ -173,7 +159,7 @@ class Bridge(QObject):
                 if node is not None:
                     node.stop()
                 self._start_node()
-            self._own_budget = None
+            self.preview = None
             self.notice.emit("Joined the cluster of the new pairing code."
                              + (" Load the model again to spread it over this cluster." if self.model else ""))
         return self._node_jobs.submit(self._guard(job, self.error))
@@ -187,29 +173,36 @@ class Bridge(QObject):
     # Model ---------------------------------------------------------------------------------------
     def inspect_model(self, model_dir: str) -> Future:
         """Size of the model in `model_dir` and whether this node and its usable peers can hold it."""
-        return self._node_jobs.submit(self._guard(lambda: self.modelInspected.emit(self._inspect(model_dir)),
-                                                  self.modelFailed))
+        self._inspecting = self._node_jobs.submit(
+            self._guard(lambda: self.modelInspected.emit(self._inspect(model_dir)), self.modelFailed))
+        return self._inspecting
 
     def _inspect(self, model_dir: str) -> ModelPreview:
-        peers = self.node.directory.usable() if self.node is not None else []
-        return preview_model(model_dir, self._budget(), peers)
+        """The plan cluster.plan_model makes now (the one Load uses while the peers stay as they are)."""
+        from cakep2p import cluster
+        from cakep2p.engine.checkpoint import Checkpoint
+        from cakep2p.errors import PlanError
 
-    def _budget(self) -> Any:
-        from cakep2p import capacity, planner
+        checkpoint = Checkpoint.open(model_dir)
+        if self._node_started is not None:
+            self._node_started.result()
+        if self.node is None:
+            try:
+                cluster.check_fits_locally(checkpoint, self.model_options())
+            except PlanError as error:
+                return preview_of(checkpoint, None, "local", failure=f"too big for this machine: {error}")
+            return preview_of(checkpoint, None, "local")
+        try:
+            planned = cluster.plan_model(self.node, checkpoint, self.model_options())
+        except PlanError as error:
+            return preview_of(checkpoint, None, self.node.node_id, failure=f"too big for the cluster: {error}")
+        self.preview = planned
+        return preview_of(checkpoint, planned, self.node.node_id)
 
-        if self._own_budget is None:
-            node = self.node
-            max_memory = self.node_options.get("max_memory")
-            cap = node.capacity if node is not None else None
-            if cap is None:  # no node, or not started yet
-                cap = capacity.probe(max_memory)
-            offered = node.offered_memory if node is not None else None
-            if offered is None:
-                offered = capacity.offered_memory(cap, max_memory)
-            node_id = str(node.node_id) if node is not None else "local"
-            name = str(node.name) if node is not None else "this machine"
-            self._own_budget = planner.NodeBudget(node_id, name, offered, cap.gflops, cap.bandwidth)
-        return self._own_budget
+    def model_options(self) -> Any:
+        from cakep2p.cluster import ModelOptions
+
+        return ModelOptions(max_memory=self.node_options.get("max_memory"))
 
     def load_model(self, model_dir: str) -> Future:
         """Open the model (over the cluster when the core can); modelLoaded or modelFailed follows."""
@@ -225,31 +218,35 @@ class Bridge(QObject):
         return self.model is not None or any(not pending.done() for pending in self._loads)
 
     def _load(self, model_dir: str) -> None:
-        path = Path(model_dir).expanduser()
-        if not (path / "config.json").is_file():
-            raise CakeError(f"{path} is not a model folder: it has no config.json "
-                            "(choose the folder that holds config.json and *.safetensors)")
-        self.modelProgress.emit(0, 0, f"loading {path.name}")
+        from cakep2p import cluster
+        from cakep2p.engine.checkpoint import Checkpoint
+
+        checkpoint = Checkpoint.open(model_dir)
+        self.modelProgress.emit(0, 0, f"loading {checkpoint.name}")
         if self._node_started is not None:
             self._node_started.result()   # plan over the cluster once the node is up (or has failed)
+        if self._inspecting is not None:
+            self._inspecting.result()     # the preview being made is the plan to load
         self._close_session()
         previous, self.model = self.model, None
         if previous is not None:
             previous.close()
-        model = open_model(self.node, path, on_progress=self._on_progress, on_notice=self._on_notice)
+        preview = self.preview if self.preview is not None and self.preview.spec.name == checkpoint.name else None
+        model = cluster.open_model(checkpoint, self.model_options(), node=self.node, planned=preview,
+                                   on_progress=self._on_progress, on_notice=self._on_notice)
         self.model = model
         has_template = model.tokenizer.has_chat_template
         self.completion_mode = not has_template
         self.session = self._new_session()
         self._publish_plan()
         description = model.describe()
-        self.modelLoaded.emit(ModelInfo(model.name, str(path), model.args.num_layers, model.max_seq_len,
-                                        has_template, description))
+        self.modelLoaded.emit(ModelInfo(model.name, str(checkpoint.path), model.args.num_layers, model.max_seq_len,
+                                        has_template, description, checkpoint.generation))
         self.contextChanged.emit(0, model.max_seq_len)
 
     def _new_session(self) -> Any:
         """A chat (or raw completion) over a fresh pipeline: its own KV cache, its own remote sessions."""
-        from cakep2p.conversation import Conversation
+        from cakep2p.engine.conversation import Conversation
 
         return Conversation(self.model.new_pipeline(), self.model.tokenizer, raw=self.completion_mode)
 
@@ -279,23 +276,10 @@ class Bridge(QObject):
             self.plan = None
         else:
             own_id = str(self.node.node_id) if self.node is not None else "local"
-            source = model.plan
-            if source is None:  # a model on this machine only: one stage, sized from the checkpoint
-                source = [{**stage, "bytes": stage.get("bytes") or self._model_bytes(model)}
-                          for stage in model.describe().get("stages", ())]
+            source = model.plan or model.describe().get("stages", ())  # no plan: the whole model on this machine
             own_name = str(self.node.name) if self.node is not None else "this machine"
             self.plan = plan_view(source, own_id, model.args.num_layers, caption=model.name, own_name=own_name)
         self.planChanged.emit(self.plan)
-
-    @staticmethod
-    def _model_bytes(model: Any) -> int:
-        try:
-            from cakep2p.engine.sizes import model_spec
-
-            spec = model_spec(model.model_dir)
-            return sum(spec.layer_bytes) + spec.embedding_bytes + spec.head_bytes
-        except Exception:  # sizes are a nicety for the legend
-            return 0
 
     def _on_progress(self, what: str, done: int, total: int) -> None:
         self.modelProgress.emit(done, total, what)
@@ -352,7 +336,7 @@ class Bridge(QObject):
         def start(session: Any, reply: Any, cancel: threading.Event):
             messages = session.messages
             if not messages:
-                from cakep2p.conversation import ContextFull
+                from cakep2p.engine.conversation import ContextFull
 
                 raise ContextFull("this message alone is longer than the context: shorten it, "
                                   "or load the model with a larger context")
@@ -392,7 +376,7 @@ class Bridge(QObject):
         return self._model_jobs.submit(self._guard(job, self.error))
 
     def _start_reply(self, start: Callable, system_prompt: str | None, question: str) -> bool:
-        from cakep2p.conversation import Reply
+        from cakep2p.engine.conversation import Reply
 
         if not self.model_expected():
             self.error.emit("Load a model first: choose a model folder above.")
@@ -409,7 +393,7 @@ class Bridge(QObject):
 
     def _run_reply(self, start: Callable, reply: Any, cancel: threading.Event, system_prompt: str | None,
                    question: str) -> None:
-        from cakep2p.conversation import ContextFull
+        from cakep2p.engine.conversation import ContextFull
 
         session = self.session
         try:
@@ -421,8 +405,7 @@ class Bridge(QObject):
                 if event.text:
                     self.tokenArrived.emit(event.text)
             after_stop = None if self._tokens_at_stop is None else len(reply.token_ids) - self._tokens_at_stop
-            outcome = ReplyOutcome(reply.text, tuple(reply.token_ids), len(reply.token_ids), reply.stats,
-                                   session.context_used(), session.max_context, after_stop)
+            outcome = ReplyOutcome(reply, session.context_used(), session.max_context, after_stop)
             self._generating = False
             self.replyFinished.emit(outcome)
             self.contextChanged.emit(outcome.context_used, outcome.max_context)

@@ -6,7 +6,8 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (QCheckBox, QDoubleSpinBox, QFormLayout, QLabel, QPlainTextEdit, QSpinBox,
                                QVBoxLayout, QWidget)
 
-from cakep2p.engine.sampling import SamplingParams
+from cakep2p.engine.generation_config import GenerationDefaults
+from cakep2p.engine.sampling import SamplingParams, sampling_params
 
 
 class SettingsDrawer(QWidget):
@@ -20,12 +21,12 @@ class SettingsDrawer(QWidget):
         self.temperature = QDoubleSpinBox()
         self.temperature.setRange(0.0, 2.0)
         self.temperature.setSingleStep(0.1)
-        self.temperature.setValue(0.7)
+        self.temperature.setValue(0.0)
         self.temperature.setToolTip("0 = greedy: always the most likely token (reproducible)")
         self.top_p = QDoubleSpinBox()
         self.top_p.setRange(0.01, 1.0)
         self.top_p.setSingleStep(0.05)
-        self.top_p.setValue(0.95)
+        self.top_p.setValue(1.0)
         self.max_tokens = QSpinBox()
         self.max_tokens.setRange(1, 32768)
         self.max_tokens.setValue(512)
@@ -49,9 +50,19 @@ class SettingsDrawer(QWidget):
         layout.addStretch(1)
         self.setFixedWidth(260)
 
+        self.defaults = GenerationDefaults()
+
+    def set_model_defaults(self, defaults: GenerationDefaults | None, context: int) -> None:
+        """Show the loaded model's recommended sampling (its generation_config.json; greedy when it has none)."""
+        self.defaults = defaults or GenerationDefaults()
+        self.temperature.setValue(self.defaults.temperature)
+        self.top_p.setValue(self.defaults.top_p)
+        self.max_tokens.setValue(max(1, min(self.max_tokens.value(), context // 2)))
+
     def params(self) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_tokens.value(), temperature=self.temperature.value(),
-                              top_p=self.top_p.value())
+        """The drawer's values on top of the model's defaults (top-k and repetition penalty come from the model)."""
+        return sampling_params(self.defaults, max_new_tokens=self.max_tokens.value(),
+                               temperature=self.temperature.value(), top_p=self.top_p.value())
 
     def system_prompt(self) -> str | None:
         return self.system_prompt_edit.toPlainText().strip() or None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 from cakep2p.planner import Plan
@@ -54,6 +53,7 @@ class ModelPreview:
     fits: bool
     verdict: str
     plan: PlanView | None
+    planned: Any = None              # cakep2p.cluster.PlannedModel: what loading this model will use
 
 
 @dataclass(frozen=True)
@@ -64,14 +64,14 @@ class ModelInfo:
     context: int
     has_chat_template: bool
     description: dict
+    generation: Any = None           # cakep2p.engine.generation_config.GenerationDefaults: the model's sampling
 
 
 @dataclass(frozen=True)
 class ReplyOutcome:
-    text: str
-    token_ids: tuple[int, ...]
-    completion_tokens: int
-    stats: Any                       # cakep2p.conversation.ReplyStats
+    """A reply that ended, with the chat's context use after it."""
+
+    reply: Any                       # cakep2p.engine.conversation.Reply
     context_used: int
     max_context: int
     tokens_after_stop: int | None    # tokens produced after Stop was pressed (None: not stopped)
@@ -89,38 +89,25 @@ def plan_view(plan: Plan | Sequence[dict] | None, own_id: str, num_layers: int, 
             segments.append(PlanSegment(node_id, name, int(stage["start"]), int(stage["end"]),
                                         int(stage.get("bytes") or 0), node_id == own_id))
         else:
-            segments.append(PlanSegment(stage.node_id, stage.name, stage.start, stage.end, stage.bytes,
+            segments.append(PlanSegment(stage.node_id, stage.name, stage.layers.start, stage.layers.end, stage.bytes,
                                         stage.node_id == own_id))
     return PlanView(num_layers, tuple(segments), caption)
 
 
-def preview_model(model_dir: str | Path, own: Any, peers: list[Any]) -> ModelPreview:
-    """Size of the model in `model_dir` and the plan this node (`own`, a NodeBudget) and usable `peers` would get."""
-    from cakep2p import planner
-    from cakep2p.engine.config import ModelArgs
-    from cakep2p.engine.sizes import model_spec
-    from cakep2p.errors import ModelError, PlanError
-    from cakep2p.loaded_model import context_length
+def preview_of(checkpoint: Any, planned: Any, own_id: str, failure: str | None = None) -> ModelPreview:
+    """What the model panel shows before loading: the checkpoint's size and the plan cluster.plan_model made for it
+    (`planned`, a PlannedModel, the very plan open_model then loads), or why it does not fit (`failure`)."""
     from cakep2p.units import format_size
 
-    path = Path(model_dir).expanduser()
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{path} is not a model folder: it has no config.json "
-                         "(choose the folder that holds config.json and *.safetensors)")
-    args = ModelArgs.from_dir(path)
-    spec = model_spec(path)
-    weights = sum(spec.layer_bytes) + spec.embedding_bytes + spec.head_bytes
-    budgets = [own] + [planner.NodeBudget(peer.node_id, peer.name, peer.offered_memory, peer.gflops, peer.bandwidth)
-                       for peer in peers if peer.node_id != own.node_id]
-    offered = sum(budget.offered_bytes for budget in budgets)
-    try:
-        plan = planner.plan(spec, budgets, own.node_id, context_length(args, None))
-    except (PlanError, ValueError) as error:
-        verdict = (f"{format_size(weights)} of weights — too big for the cluster "
-                   f"({len(budgets)} node(s) offer {format_size(offered)}): {error}")
-        return ModelPreview(str(path), path.name, args.architecture, args.num_layers, weights, False, verdict, None)
-    nodes = len({stage.node_id for stage in plan.stages if stage.end > stage.start})
-    verdict = (f"{format_size(weights)} of weights, {args.num_layers} layers — fits: "
-               f"{nodes} of {len(budgets)} node(s) would hold it ({format_size(offered)} offered)")
-    view = plan_view(plan, own.node_id, args.num_layers, caption="plan preview")
-    return ModelPreview(str(path), path.name, args.architecture, args.num_layers, weights, True, verdict, view)
+    args = checkpoint.args
+    weights = checkpoint.weight_bytes()
+    name, path = checkpoint.name, str(checkpoint.path)
+    if planned is None:
+        verdict = f"{format_size(weights)} of weights, {args.num_layers} layers" + (f" — {failure}" if failure else "")
+        return ModelPreview(path, name, args.architecture, args.num_layers, weights, failure is None, verdict, None)
+    plan = planned.plan
+    nodes = len({stage.node_id for stage in plan.stages if stage.layers.num_layers})
+    verdict = (f"{format_size(weights)} of weights, {args.num_layers} layers — fits: {nodes} of "
+               f"{len(planned.nodes)} node(s) would hold it ({format_size(planned.offered_bytes)} offered)")
+    view = plan_view(plan, own_id, args.num_layers, caption="plan preview")
+    return ModelPreview(path, name, args.architecture, args.num_layers, weights, True, verdict, view, planned)

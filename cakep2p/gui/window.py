@@ -363,6 +363,7 @@ class MainWindow(QMainWindow):
         self.api_panel.set_model_ready(True)
         self.model_panel.set_recent(self.recent.remember(info.path))
         self.settings.set_completion_mode(not info.has_chat_template)
+        self.settings.set_model_defaults(info.generation, info.context)
         self.status_label.setText(f"{info.name} ready.")
         pending, self._pending_question = self._pending_question, None
         self.chat_model.clear()
@@ -401,13 +402,10 @@ class MainWindow(QMainWindow):
         self._set_generating(False)
         if self.chat_model.streaming_row() < 0:
             return  # the chat was cleared while this answer streamed: it belongs to no chat now
-        stats = outcome.stats
-        ending = {"stop": "", "length": " · hit the token limit", "cancelled": " · stopped"}.get(
-            getattr(stats, "finish_reason", ""), "")
-        status = (f"first token {stats.ttft_s * 1000:.0f} ms · {stats.tokens_per_s:.1f} tok/s · "
-                  f"{outcome.completion_tokens} tokens{ending}") if stats else ""
-        self.chat_model.finish_streaming(status, text=outcome.text)
-        self.chat_log.append("assistant", outcome.text)
+        reply = outcome.reply
+        status = reply.summary() if reply.done else ""
+        self.chat_model.finish_streaming(status, text=reply.text)
+        self.chat_log.append("assistant", reply.text)
         self.status_label.setText(status)
 
     def _on_reply_failed(self, message: str) -> None:

@@ -12,20 +12,17 @@ import logging
 import os
 import secrets
 import socket
-import threading
 import time
-from typing import Callable, Literal
+from typing import Callable
 
 from zeroconf import (DNSOutgoing, DNSQuestion, InterfaceChoice, IPVersion, ServiceInfo, ServiceStateChange,
                       current_time_millis)
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 from zeroconf.const import _CLASS_IN, _FLAGS_QR_QUERY, _TYPE_A, _TYPE_PTR, _TYPE_SRV, _TYPE_TXT
 
-from cakep2p.discovery_records import (PeerInfo, announce_addresses, encode_txt, is_virtual_interface, parse_txt,
-                                       peer_from_txt)
-
-__all__ = ["SERVICE_TYPE", "Discovery", "PeerDirectory", "PeerInfo", "announce_addresses", "is_virtual_interface",
-           "mdns_ttl", "snapshot_peers"]  # PeerInfo, announce_addresses, is_virtual_interface: re-exported
+from cakep2p.discovery.directory import PeerDirectory
+from cakep2p.discovery.records import PeerInfo, encode_txt, parse_txt, peer_from_txt
+from cakep2p.network import announce_addresses
 
 log = logging.getLogger(__name__)
 
@@ -33,66 +30,6 @@ SERVICE_TYPE = "_cakep2p._tcp.local."
 TTL_ENV = "CAKEP2P_MDNS_TTL"
 DEFAULT_TTL = 120
 ADDRESS_CHECK_INTERVAL_S = 3.0
-Event = Literal["added", "updated", "removed"]
-
-
-class PeerDirectory:
-    """The live peers, keyed by mDNS instance name; thread-safe, listeners run on the discovery loop."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._peers: dict[str, PeerInfo] = {}
-        self._listeners: list[Callable[[str, PeerInfo], None]] = []
-
-    def add_listener(self, callback: Callable[[str, PeerInfo], None]) -> None:
-        with self._lock:
-            self._listeners.append(callback)
-
-    def remove_listener(self, callback: Callable[[str, PeerInfo], None]) -> None:
-        with self._lock:
-            if callback in self._listeners:
-                self._listeners.remove(callback)
-
-    def peers(self) -> list[PeerInfo]:
-        with self._lock:
-            return sorted(self._peers.values(), key=lambda peer: (peer.name.lower(), peer.node_id))
-
-    def usable(self) -> list[PeerInfo]:
-        """Peers that may be planned: same cluster, same protocol, serving."""
-        return [peer for peer in self.peers() if peer.status == "ok" and peer.serving]
-
-    def get(self, node_id: str) -> PeerInfo | None:
-        return next((peer for peer in self.peers() if peer.node_id == node_id), None)
-
-    def put(self, key: str, peer: PeerInfo) -> Event | None:
-        with self._lock:
-            previous = self._peers.get(key)
-            if previous == peer:
-                return None
-            self._peers[key] = peer
-        event: Event = "added" if previous is None else "updated"
-        self._notify(event, peer)
-        return event
-
-    def remove(self, key: str) -> PeerInfo | None:
-        with self._lock:
-            peer = self._peers.pop(key, None)
-        if peer is not None:
-            self._notify("removed", peer)
-        return peer
-
-    def keys(self) -> list[str]:
-        with self._lock:
-            return list(self._peers)
-
-    def _notify(self, event: Event, peer: PeerInfo) -> None:
-        with self._lock:
-            listeners = list(self._listeners)
-        for listener in listeners:
-            try:
-                listener(event, peer)
-            except Exception:  # a broken listener must not break discovery
-                log.exception("peer listener %r failed on %s %s", listener, event, peer.name)
 
 
 def mdns_ttl() -> int:
@@ -102,8 +39,6 @@ def mdns_ttl() -> int:
     except ValueError:
         return DEFAULT_TTL
 
-
-# ---- the service -----------------------------------------------------------------------------------------------
 
 class Discovery:
     """Announces one node and browses for others; all methods run on one asyncio loop."""
@@ -280,7 +215,7 @@ class Discovery:
         cache = self._zeroconf.zeroconf.cache
         now = current_time_millis()
         names = {record.alias for record in cache.get_all_by_details(SERVICE_TYPE, _TYPE_PTR, _CLASS_IN)
-                 if not record.is_expired(now)} | set(self.directory.keys())
+                 if not record.is_expired(now)} | set(self.directory.mdns_keys())
         shortest_ttl_s = float(DEFAULT_TTL)
         for name in names - {self.full_name}:
             shortest_ttl_s = min(shortest_ttl_s, self._refresh_if_aging(name, now))

@@ -1,7 +1,7 @@
-"""OpenAI-compatible HTTP API over a LoadedModel: routes (chat and text completions, streamed or not, models,
-health, status), the ASGI app and a background server for the window and tests.
+"""OpenAI-compatible HTTP API over a LoadedModel: the routes (chat and text completions, streamed or not, models,
+health, status) and the ASGI app.
 
-Bodies are checked in `api_requests`, generations queue and run in `api_sessions`. 401 answers a missing
+Bodies are checked in requests.py, generations queue and run in sessions.py, server.py serves the app. 401 answers a missing
 or wrong API key, 404 an unknown path; the other status codes are listed in `api_requests`.
 """
 
@@ -11,25 +11,20 @@ import asyncio
 import contextlib
 import hmac
 import json
-import socket
-import threading
 import time
 import uuid
 from typing import AsyncIterator, Callable
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from cakep2p.api_requests import ApiError, GenerationRequest, RequestReader, parse_body
-from cakep2p.api_sessions import Generation, Sessions, SessionsFull, StopMatcher
-from cakep2p.errors import CakeError
-from cakep2p.loaded_model import LoadedModel
-
-__all__ = ["ApiError", "BackgroundServer", "StopMatcher", "base_url", "create_app", "listen_socket"]
+from cakep2p.api.requests import ApiError, GenerationRequest, RequestReader, parse_body
+from cakep2p.api.sessions import Generation, Sessions, SessionsFull, openai_finish_reason, usage
+from cakep2p.api.status import cluster_status
+from cakep2p.cluster import LoadedModel
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -171,8 +166,8 @@ class Api:
             watcher.cancel()
         outcome = generation.outcome
         return JSONResponse({**head, "object": shape.object_name,
-                             "choices": [shape.whole("".join(texts), outcome.finish_reason)],
-                             "usage": outcome.usage()})
+                             "choices": [shape.whole("".join(texts), openai_finish_reason(outcome))],
+                             "usage": usage(outcome)})
 
     async def _stream(self, request: Request, wanted: GenerationRequest, shape: ChatShape | TextShape,
                       head: dict) -> AsyncIterator[str]:
@@ -202,9 +197,9 @@ class Api:
                                       "param": None, "code": "generation_failed"}})
             else:
                 outcome = generation.outcome
-                yield _sse({**chunk_head, "choices": [shape.closing(outcome.finish_reason)]})
+                yield _sse({**chunk_head, "choices": [shape.closing(openai_finish_reason(outcome))]})
                 if wanted.include_usage:
-                    yield _sse({**chunk_head, "choices": [], "usage": outcome.usage()})
+                    yield _sse({**chunk_head, "choices": [], "usage": usage(outcome)})
             yield _sse("[DONE]")
         finally:
             generation.cancel()
@@ -225,79 +220,13 @@ async def _http_error(request: Request, error: Exception) -> Response:
     return ApiError(error.status_code, message, code=code).response()
 
 
-# ---------------------------------------------------------------- serving
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (0: any free port); CakeError naming the fix when it cannot be had."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-    except (OSError, UnicodeError) as error:
-        raise CakeError(f"cannot use --host {host} ({error}); pass an IP address of this machine") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(128)
-    except OSError as error:
-        sock.close()
-        raise CakeError(f"cannot listen on {host}:{port} ({error.strerror or error}); "
-                        "pick another --port, or a --host this machine has") from None
-    return sock
-
-
-def base_url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-class BackgroundServer:
-    """Serves an app with uvicorn on a thread (the window's on/off switch, tests); `stop()` always joins it."""
-
-    def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0):
-        self.app, self.host, self.port = app, host, port
-        self.url: str | None = None
-        self._sock: socket.socket | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, timeout: float = 15.0) -> str:
-        """Listen and wait until requests are served; returns the base URL (without /v1)."""
-        self._sock = listen_socket(self.host, self.port)
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        name="cakep2p-api-server", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise CakeError(f"the API server on {self.host}:{self.port} did not start; see the log above")
-            time.sleep(0.01)
-        self.url = base_url(self._sock)
-        return self.url
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """Finish open requests (cut after 5 s), then close the socket."""
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout)
-        if self._sock is not None:
-            self._sock.close()
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-
-def create_app(model: LoadedModel, *, api_key: str | None = None, status: Callable[[], dict] | None = None,
-               max_sessions: int = 4, max_waiting: int | None = None) -> Starlette:
+def create_app(model: LoadedModel, *, api_key: str | None = None, max_sessions: int = 4,
+               max_waiting: int | None = None) -> Starlette:
     """The ASGI app serving `model`; `app.state.sessions` counts open sessions (`open`, `waiting`, `finished`).
 
     Beyond `max_sessions` requests wait their turn; beyond `max_waiting` more (default 4 x max_sessions) they get 429.
     """
-    api = Api(model, api_key, status, max_sessions, max_waiting)
+    api = Api(model, api_key, cluster_status(model), max_sessions, max_waiting)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

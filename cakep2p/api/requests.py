@@ -13,10 +13,9 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from cakep2p.engine.generation_config import GenerationDefaults, read_generation_defaults
-from cakep2p.engine.sampling import SamplingParams
+from cakep2p.cluster import LoadedModel
+from cakep2p.engine.sampling import SamplingParams, sampling_params
 from cakep2p.errors import CakeError
-from cakep2p.loaded_model import LoadedModel
 
 MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; some editor plugins send more
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -151,10 +150,7 @@ class RequestReader:
 
     def __init__(self, model: LoadedModel):
         self.model = model
-        try:  # unset sampling values follow the model's generation_config.json, as transformers does
-            self.defaults = read_generation_defaults(model.model_dir)
-        except CakeError:
-            self.defaults = GenerationDefaults()
+        self.defaults = model.checkpoint.generation  # unset sampling values follow the model, as transformers does
 
     def _common(self, body: dict, allowed: set[str], default_max_tokens: int | None) -> tuple:
         unknown = sorted(set(body) - allowed)
@@ -173,13 +169,13 @@ class RequestReader:
         max_tokens = _number(body, "max_completion_tokens", None, 1, 1 << 30, integer=True)
         if max_tokens is None:
             max_tokens = _number(body, "max_tokens", None, 1, 1 << 30, integer=True)
-        params = SamplingParams(
+        params = sampling_params(
+            self.defaults,
             max_new_tokens=max_tokens or default_max_tokens or self.model.max_seq_len,
-            temperature=_number(body, "temperature", self.defaults.temperature, 0, 2),
-            top_p=_number(body, "top_p", self.defaults.top_p, 0, 1, low_open=True),
-            top_k=_number(body, "top_k", self.defaults.top_k, 0, 1 << 30, integer=True),
-            repetition_penalty=_number(body, "repetition_penalty", self.defaults.repetition_penalty, 0, 10,
-                                       low_open=True),
+            temperature=_number(body, "temperature", None, 0, 2),
+            top_p=_number(body, "top_p", None, 0, 1, low_open=True),
+            top_k=_number(body, "top_k", None, 0, 1 << 30, integer=True),
+            repetition_penalty=_number(body, "repetition_penalty", None, 0, 10, low_open=True),
             seed=_number(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True),
         )
         stream = _flag(body, "stream")

@@ -8,7 +8,7 @@ import os
 import platform
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -114,10 +114,8 @@ def _cached_benchmark(accelerator: str, device_name: str) -> tuple[float, float]
     gflops, bandwidth = run_benchmark(accelerator)
     stored = stored if isinstance(stored, dict) else {}
     stored[key] = {"gflops": gflops, "bandwidth": bandwidth, "measured_at": time.time()}
-    temporary = path.with_suffix(".tmp")
     try:
-        temporary.write_text(json.dumps(stored, indent=1))
-        temporary.replace(path)
+        paths.write_atomically(path, json.dumps(stored, indent=1).encode("utf-8"))
     except OSError as error:
         log.debug("could not cache the capacity benchmark in %s: %s", path, error)
     return gflops, bandwidth
@@ -160,8 +158,3 @@ def _best_rate(step, device, work: float, budget_s: float) -> float:
         if elapsed > 0:
             best = max(best, work / elapsed)
     return best
-
-
-def capacity_dict(cap: Capacity) -> dict:
-    """Plain dict for JSON output."""
-    return asdict(cap)

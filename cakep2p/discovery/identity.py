@@ -37,10 +37,7 @@ def node_id(config_dir: Path | None = None) -> str:
 def regenerate_node_id(config_dir: Path | None = None) -> str:
     """Make and store a fresh id: used on first start and when another live node turns out to share ours."""
     new_id = uuid.uuid4().hex
-    path = _id_path(config_dir)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(new_id + "\n")
-    temporary.replace(path)
+    paths.write_atomically(_id_path(config_dir), (new_id + "\n").encode("ascii"))
     return new_id
 
 

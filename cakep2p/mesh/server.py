@@ -1,5 +1,6 @@
 """A stage server: hosts model parts behind a CURVE ZeroMQ ROUTER and runs forward passes for remote initiators,
-with compute in an executor thread so pings and heartbeats keep flowing; sessions and limits (loading: stage_parts).
+with compute in an executor thread so pings and heartbeats keep flowing; sessions and limits here, the parts
+themselves in its PartStore.
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ import torch
 import zmq
 import zmq.asyncio
 
-from cakep2p import paths, security, wire
-from cakep2p.engine.part import ModelPart
+from cakep2p import wire
+from cakep2p.engine.dtypes import name_of
+from cakep2p.engine.model import ModelPart
+from cakep2p.engine.sizes import kv_cache_bytes
 from cakep2p.errors import CakeError
-from cakep2p.security import ClusterKeys
-from cakep2p.stage_parts import PartLoading, _LoadedPart, _Refusal
-from cakep2p.weights import PARTS_DIR, Transfer, kv_cache_bytes
+from cakep2p.mesh.client import layer_range
+from cakep2p.mesh.curve import Authenticator, configure_server
+from cakep2p.mesh.part_store import LoadedPart, PartStore, Refusal
+from cakep2p.mesh.parts_cache import default_parts_dir
+from cakep2p.network import endpoint
+from cakep2p.security import ClusterKeys, insecure_warning
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +64,7 @@ class StageLimits:
     max_frame_bytes: int = wire.MAX_FRAME_BYTES
 
 
-class StageServer(PartLoading):
+class StageServer:
     """Serves model parts on tcp://address:port; lives on one asyncio loop (start/stop from that loop)."""
 
     def __init__(self, *, node_id: str, name: str, keys: ClusterKeys | None, limits: StageLimits,
@@ -67,22 +73,18 @@ class StageServer(PartLoading):
                  on_refused: Callable[[str], None] | None = None, serving: bool = True) -> None:
         self.node_id, self.name, self.keys, self.limits = node_id, name, keys, limits
         self.address, self.port = address, port
-        self.models_dirs = [Path(path) for path in models_dirs]
-        self.parts_dir = Path(parts_dir) if parts_dir is not None else paths.cache_dir() / PARTS_DIR
-        self.device = device
         self.on_refused = on_refused
         self.serving = serving  # False: refuse new loads, transfers and sessions (running sessions go on)
         self.refused_requests = 0  # malformed or refused messages answered with an error
-        self._parts: dict[wire.PartRef, _LoadedPart] = {}
+        self.store = PartStore(parts_dir=Path(parts_dir) if parts_dir is not None else default_parts_dir(),
+                               models_dirs=[Path(path) for path in models_dirs], device=device,
+                               free_bytes=self.free_bytes, compute=self._compute)
         self._sessions: dict[tuple[str, wire.PartRef], _Session] = {}
-        self._transfers: dict[wire.PartRef, Transfer] = {}
-        self._pending: dict[wire.PartRef, asyncio.Event] = {}  # parts being loaded; set when done or failed
-        self._reserved_bytes = 0  # weights being loaded: counted from the budget check until registered or failed
         self._tasks: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cakep2p-compute")
         self._context: zmq.asyncio.Context | None = None
         self._router: zmq.asyncio.Socket | None = None
-        self._authenticator: security.Authenticator | None = None
+        self._authenticator: Authenticator | None = None
         self._log_budget = _LogLimiter()
 
     # -- life -----------------------------------------------------------------------------------------------
@@ -95,17 +97,17 @@ class StageServer(PartLoading):
         router.maxmsgsize = self.limits.max_frame_bytes
         router.sndhwm, router.rcvhwm = SEND_QUEUE_MESSAGES, RECEIVE_QUEUE_MESSAGES
         if self.keys is not None:
-            self._authenticator = security.start_authenticator(self._context, self.keys, self.on_refused)
+            self._authenticator = Authenticator(self._context, self.keys, self.on_refused)
         else:
-            log.warning(security.insecure_warning())
-        security.configure_server(router, self.keys)
+            log.warning(insecure_warning())
+        configure_server(router, self.keys)
         if self._authenticator is not None:
             self._authenticator.watch(router)
         try:
             if self.port:
-                router.bind(f"tcp://{_host(self.address)}:{self.port}")
+                router.bind(endpoint(self.address, self.port))
             else:
-                self.port = router.bind_to_random_port(f"tcp://{_host(self.address)}")
+                self.port = router.bind_to_random_port(endpoint(self.address, 0).rsplit(":", 1)[0])
         except zmq.ZMQError as error:
             router.close(linger=0)
             self._shutdown_context()
@@ -126,11 +128,8 @@ class StageServer(PartLoading):
             self._router = None
         self._shutdown_context()
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self._parts.clear()
+        self.store.close()
         self._sessions.clear()
-        for transfer in self._transfers.values():
-            transfer.close()
-        self._transfers.clear()
 
     def _shutdown_context(self) -> None:
         if self._authenticator is not None:
@@ -152,20 +151,17 @@ class StageServer(PartLoading):
         self.limits = dataclasses.replace(self.limits, budget_bytes=budget_bytes)
 
     def used_bytes(self) -> int:
-        return (sum(part.weight_bytes for part in self._parts.values())
-                + sum(session.kv_bytes for session in self._sessions.values())
-                + sum(transfer.reserved_bytes for transfer in self._transfers.values())
-                + self._reserved_bytes)
+        return self.store.used_bytes() + sum(session.kv_bytes for session in self._sessions.values())
 
     def free_bytes(self) -> int:
         return max(0, self.limits.budget_bytes - self.used_bytes())
 
     def stats(self) -> dict:
         """A snapshot for status displays and tests."""
-        return {"parts": len(self._parts), "sessions": len(self._sessions),
+        return {"parts": len(self.store.parts), "sessions": len(self._sessions),
                 "kv_bytes": sum(session.kv_bytes for session in list(self._sessions.values())),
                 "used_bytes": self.used_bytes(), "free_bytes": self.free_bytes(),
-                "transfers": len(self._transfers), "refused_requests": self.refused_requests}
+                "transfers": len(self.store.transfers), "refused_requests": self.refused_requests}
 
     # -- the socket -----------------------------------------------------------------------------------------
 
@@ -208,13 +204,18 @@ class StageServer(PartLoading):
             handler = {"forward": self._forward, "load_part": self._load, "transfer_end": self._finish_transfer}
             self._spawn(self._guarded(peer, message, handler[message.type](peer, message)))
         elif isinstance(message, wire.TensorChunk):
-            await self._chunk(peer, message)
+            try:
+                self.store.accept(peer, message)
+            except Refusal as refusal:
+                await self._refuse(peer, message.request_id, refusal.code, str(refusal))
+                return
+            await self._send(peer, wire.Ack(request_id=message.request_id))
         elif isinstance(message, wire.EndSession):
             for key in [key for key in self._sessions if key[0] == message.session_id]:
                 del self._sessions[key]
             await self._send(peer, wire.Ack(request_id=message.request_id))
         elif isinstance(message, wire.Unload):
-            if self._parts.pop(message.part, None) is None:
+            if not self.store.unload(message.part):
                 await self._refuse(peer, message.request_id, "unknown_part", "unload: this node lacks that part")
                 return
             for key in [key for key in self._sessions if key[1] == message.part]:
@@ -226,7 +227,7 @@ class StageServer(PartLoading):
     async def _guarded(self, peer: bytes, request: wire.Message, work) -> None:
         try:
             await work
-        except _Refusal as refusal:
+        except Refusal as refusal:
             await self._refuse(peer, request.request_id, refusal.code, str(refusal))
         except (CakeError, ValueError) as error:
             await self._refuse(peer, request.request_id, "bad_request", f"{request.type}: {error}")
@@ -237,33 +238,41 @@ class StageServer(PartLoading):
     def _pong(self, request_id: int) -> wire.Pong:
         """Capabilities; a node that is not serving offers no memory and no sessions (max_sessions 0)."""
         return wire.Pong(request_id=request_id, node_id=self.node_id, name=self.name[:64],
-                         loaded_parts=tuple(self._parts)[:wire.MAX_PARTS_LISTED],
+                         loaded_parts=tuple(self.store.parts)[:wire.MAX_PARTS_LISTED],
                          free_budget=self.free_bytes() if self.serving else 0, sessions=len(self._sessions),
                          max_sessions=self.limits.max_sessions if self.serving else 0)
 
     async def _compute(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
+    # -- loading (the store answers, the server sends) -------------------------------------------------------------
+
+    async def _load(self, peer: bytes, request: wire.LoadPart) -> None:
+        await self._send(peer, await self.store.load(peer, request))
+
+    async def _finish_transfer(self, peer: bytes, end: wire.TransferEnd) -> None:
+        await self._send(peer, await self.store.finish(peer, end))
+
     # -- forward --------------------------------------------------------------------------------------------
 
     async def _forward(self, peer: bytes, request: wire.Forward) -> None:
-        loaded = self._parts.get(request.part)
+        loaded = self.store.parts.get(request.part)
         if loaded is None:
-            raise _Refusal("unknown_part", "forward: this node does not hold that part; send load_part first")
+            raise Refusal("unknown_part", "forward: this node does not hold that part; send load_part first")
         inputs = _checked_inputs(loaded.model, request.tensor)
         session = self._sessions.get((request.session_id, request.part))
         if session is None and request.start_pos > 0:
-            raise _Refusal("unknown_session", f"forward: session {request.session_id} is not on this node "
+            raise Refusal("unknown_session", f"forward: session {request.session_id} is not on this node "
                                               "(expired or never started); replay it from position 0")
         max_seq_len = session.max_seq_len if session is not None else loaded.max_seq_len
         if request.start_pos + request.positions > max_seq_len:
-            raise _Refusal("bad_request", f"forward: positions up to {request.start_pos + request.positions} "
+            raise Refusal("bad_request", f"forward: positions up to {request.start_pos + request.positions} "
                                           f"exceed the session's max_seq_len {max_seq_len}")
         session = session or self._new_session(request.session_id, request.part, loaded)
         if session.busy:
-            raise _Refusal("bad_request", f"forward: session {request.session_id} is already computing")
+            raise Refusal("bad_request", f"forward: session {request.session_id} is already computing")
         if request.start_pos > session.position:
-            raise _Refusal("bad_request", f"forward: start_pos {request.start_pos} is beyond the "
+            raise Refusal("bad_request", f"forward: start_pos {request.start_pos} is beyond the "
                                           f"{session.position} positions cached for the session")
         session.busy = True
         try:
@@ -275,16 +284,16 @@ class StageServer(PartLoading):
         await self._send(peer, wire.ForwardResult(request_id=request.request_id, session_id=request.session_id,
                                                   step=request.step, tensor=output))
 
-    def _new_session(self, session_id: str, ref: wire.PartRef, loaded: _LoadedPart) -> _Session:
+    def _new_session(self, session_id: str, ref: wire.PartRef, loaded: LoadedPart) -> _Session:
         if not self.serving:
-            raise _Refusal("over_budget", NOT_SERVING.format(op="forward"))
+            raise Refusal("over_budget", NOT_SERVING.format(op="forward"))
         if len(self._sessions) >= self.limits.max_sessions:
-            raise _Refusal("too_many_sessions", f"this node already serves its maximum of "
+            raise Refusal("too_many_sessions", f"this node already serves its maximum of "
                                                 f"{self.limits.max_sessions} sessions; retry when one ends")
         model = loaded.model
-        kv_bytes = kv_cache_bytes(model.args, model.part, model.dtype, loaded.max_seq_len)
+        kv_bytes = kv_cache_bytes(model.args, model.layers, model.dtype, loaded.max_seq_len)
         if kv_bytes > self.free_bytes():
-            raise _Refusal("over_budget", f"a KV cache of {kv_bytes} bytes exceeds the {self.free_bytes()} "
+            raise Refusal("over_budget", f"a KV cache of {kv_bytes} bytes exceeds the {self.free_bytes()} "
                                           "bytes this node still offers")
         session = _Session(session_id, ref, loaded.max_seq_len, kv_bytes)
         self._sessions[(session_id, ref)] = session
@@ -300,37 +309,30 @@ class StageServer(PartLoading):
                         if not session.busy and session.last_used < deadline]:
                 del self._sessions[key]
                 log.info("session %s expired after %.0f s idle", key[0], self.limits.session_idle_s)
-            for key in [key for key, transfer in self._transfers.items() if transfer.last_used < deadline]:
-                self._drop_transfer(key)
-                log.info("abandoned weight transfer of layers %d-%d dropped", key.start, key.end)
+            for ref in self.store.drop_abandoned(deadline):
+                log.info("abandoned weight transfer of %s dropped", layer_range(ref).describe())
 
 
 def _checked_inputs(model: ModelPart, tensor: torch.Tensor) -> torch.Tensor:
     args = model.args
-    if model.part.has_embedding:
+    if model.layers.has_embedding:
         if tensor.dim() != 1 or tensor.dtype != torch.int64:
-            raise _Refusal("shape_mismatch", f"forward: this part takes int64 token ids [T], got "
+            raise Refusal("shape_mismatch", f"forward: this part takes int64 token ids [T], got "
                                              f"{wire.DTYPE_NAMES[tensor.dtype]}{list(tensor.shape)}")
         if int(tensor.min()) < 0 or int(tensor.max()) >= args.vocab_size:
-            raise _Refusal("shape_mismatch", f"forward: token ids must lie in [0, {args.vocab_size})")
+            raise Refusal("shape_mismatch", f"forward: token ids must lie in [0, {args.vocab_size})")
         return tensor
     if tensor.dim() != 2 or tensor.shape[1] != args.hidden_size or tensor.dtype != model.dtype:
-        raise _Refusal("shape_mismatch", f"forward: this part takes {wire.DTYPE_NAMES[model.dtype]} hidden states "
+        raise Refusal("shape_mismatch", f"forward: this part takes {name_of(model.dtype)} hidden states "
                                          f"[T, {args.hidden_size}], got {wire.DTYPE_NAMES[tensor.dtype]}"
                                          f"{list(tensor.shape)}")
     return tensor
 
 
-def _run_part(loaded: _LoadedPart, session: _Session, inputs: torch.Tensor, start_pos: int) -> torch.Tensor:
+def _run_part(loaded: LoadedPart, session: _Session, inputs: torch.Tensor, start_pos: int) -> torch.Tensor:
     if session.cache is None:
         session.cache = loaded.model.new_cache(session.max_seq_len)
-    return loaded.model(inputs, start_pos, session.cache, last_only=loaded.model.part.has_head)
-
-
-def _host(address: str) -> str:
-    if address in ("", "0.0.0.0", "*"):
-        return "*"
-    return f"[{address}]" if ":" in address else address
+    return loaded.model(inputs, start_pos, session.cache, last_only=loaded.model.layers.has_head)
 
 
 class _LogLimiter:

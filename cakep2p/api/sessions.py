@@ -14,12 +14,11 @@ import collections
 import contextlib
 import logging
 import threading
-from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from cakep2p.api_requests import GenerationRequest
-from cakep2p.conversation import Reply, stream_completion
-from cakep2p.loaded_model import LoadedModel
+from cakep2p.api.requests import GenerationRequest
+from cakep2p.cluster import LoadedModel
+from cakep2p.engine.conversation import Reply, stream_completion
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +55,14 @@ class StopMatcher:
         return text
 
 
-@dataclass(frozen=True)
-class Outcome:
-    finish_reason: str  # OpenAI's: 'stop' or 'length'
-    prompt_tokens: int
-    completion_tokens: int
+def openai_finish_reason(reply: Reply) -> str:
+    """OpenAI's finish_reason for a reply: 'stop' (a stop token or string, or cancelled) or 'length'."""
+    return FINISH_REASONS.get(reply.finish_reason or "stop", "stop")
 
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+def usage(reply: Reply) -> dict:
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens}
 
 
 class Sessions:
@@ -152,7 +150,7 @@ class Generation:
         self.sessions = sessions
         self.request = request
         self.cancelled = threading.Event()
-        self.outcome: Outcome | None = None
+        self.outcome: Reply | None = None
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._thread = threading.Thread(target=self._work, name="cakep2p-api-generation", daemon=True)
@@ -186,9 +184,10 @@ class Generation:
 
     def _work(self) -> None:
         request, model = self.request, self.sessions.model
-        reply = Reply()
+        reply = Reply(prompt_ids=list(request.prompt_ids))
         if not self.sessions.acquire(self):
-            self._emit("end", Outcome("stop", len(request.prompt_ids), 0))
+            reply.finish_reason = "cancelled"
+            self._emit("end", reply)
             return
         finish = "error"
         pipeline = None
@@ -203,10 +202,10 @@ class Generation:
                     if text:
                         self._emit("text", text)
                     if stopped:
-                        finish = "stop"
+                        finish = reply.finish_reason = "stop"
                         break
                 else:
-                    finish = reply.stats.finish_reason if reply.stats else "cancelled"
+                    finish = reply.finish_reason or "cancelled"
                     tail = matcher.flush()
                     if tail:
                         self._emit("text", tail)
@@ -223,5 +222,6 @@ class Generation:
                     log.warning("closing a session's pipeline failed: %s", error)
             self.sessions.release(self, finish)
         if finish != "error":
-            self._emit("end", Outcome(FINISH_REASONS[finish], len(request.prompt_ids), len(reply.token_ids)))
+            reply.finish_reason = reply.finish_reason or "cancelled"
+            self._emit("end", reply)
 

@@ -1,20 +1,14 @@
-"""What a cakep2p mDNS announcement says: PeerInfo, its compact TXT record (encode, parse, validate) and the
-addresses a node announces and dials.
-"""
+"""What a cakep2p mDNS announcement says: PeerInfo and its compact TXT record (encode, parse, validate)."""
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-import psutil
-
 from cakep2p import PROTOCOL_VERSION
+from cakep2p.network import pick_address
 
 MAX_TXT_BYTES = 1300                   # ours is ~300; anything near an Ethernet frame is not from cakep2p
-VIRTUAL_INTERFACE_PREFIXES = ("docker", "virbr", "veth", "br-", "cni", "flannel", "vboxnet", "vmnet", "podman")
 # TXT keys: id node id, pv protocol, v version, cf cluster fingerprint, rt/ra RAM total/available, vt/vf VRAM
 # total/free, ac accelerator, dn device, om offered bytes, gf GFLOP/s, bw bytes/s, sv serving, p mesh port, t start ms
 REQUIRED_KEYS = ("id", "pv", "v", "cf", "rt", "ra", "vt", "vf", "ac", "dn", "om", "gf", "bw", "sv", "p", "t")
@@ -142,48 +136,3 @@ def peer_from_txt(name: str, properties: dict[str, str], addresses: list[str], s
         addresses=tuple(addresses),
     )
     return peer, _non_negative_int(values["t"] or "0")
-
-
-# ---- addresses -----------------------------------------------------------------------------------------------
-
-def is_virtual_interface(name: str) -> bool:
-    return name == "lo" or name.startswith(VIRTUAL_INTERFACE_PREFIXES)
-
-
-def announce_addresses(interfaces: list[str] | None) -> list[str]:
-    """IPv4 addresses to announce: the pinned ones, else every up, non-loopback, non-virtual interface's."""
-    if interfaces:
-        return list(interfaces)
-    stats = psutil.net_if_stats()
-    found = []
-    for interface, addresses in sorted(psutil.net_if_addrs().items()):
-        if is_virtual_interface(interface) or not getattr(stats.get(interface), "isup", False):
-            continue
-        for address in addresses:
-            if address.family == socket.AF_INET and not address.address.startswith(("127.", "169.254.")):
-                found.append(address.address)
-    return found
-
-
-def _local_networks() -> list[ipaddress.IPv4Network]:
-    networks = []
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family == socket.AF_INET and address.netmask:
-                networks.append(ipaddress.IPv4Network(f"{address.address}/{address.netmask}", strict=False))
-    return networks
-
-
-def pick_address(addresses: list[str]) -> str:
-    """The address of a peer to dial: one on a local subnet first, loopback last."""
-    if not addresses:
-        return ""
-    networks = _local_networks()
-
-    def rank(text: str) -> int:
-        address = ipaddress.ip_address(text)
-        if address.is_loopback:
-            return 2
-        return 0 if any(address in network for network in networks) else 1
-    return min(addresses, key=rank)
-

@@ -32,23 +32,41 @@ class TokenEvent:
     text: str
 
 
-@dataclass(frozen=True)
-class ReplyStats:
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_s: float
-    tokens_per_s: float
-    finish_reason: FinishReason
-    reused_prefix: int = 0
-
-
 @dataclass
 class Reply:
-    """Filled in while a reply streams; `stats` is set when it ends."""
+    """One generation, filled in while it streams (the one result record: CLI, API and window read it).
 
+    `finish_reason` is None until it ends: "stop" (a stop token or string), "length" (max tokens or the end of
+    the context, see `context_full`) or "cancelled".
+    """
+
+    prompt_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    stats: ReplyStats | None = None
+    ttft_s: float = 0.0         # from the request to the first new token, prefill included
+    tokens_per_s: float = 0.0   # decode rate after the first token: (n - 1) / (t_last - t_first)
+    finish_reason: FinishReason | None = None
+    reused_prefix: int = 0      # prompt tokens whose keys and values were already cached
+    context_full: bool = False  # it stopped because the context had no room left
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def summary(self) -> str:
+        """`48 tokens · first token 120 ms · 31.2 tok/s`, plus how it ended when that was not a stop."""
+        text = f"{self.completion_tokens} tokens · first token {self.ttft_s * 1000:.0f} ms · {self.tokens_per_s:.1f} tok/s"
+        if self.context_full:
+            return text + " · stopped at the end of the context"
+        return text + {"length": " · hit the token limit", "cancelled": " · stopped"}.get(self.finish_reason or "", "")
 
 
 def _common_prefix(cached: list[int], prompt: list[int]) -> int:
@@ -84,23 +102,20 @@ def stream_completion(
             f"the prompt has {len(prompt_ids)} tokens but the context holds {pipeline.max_seq_len}: "
             "start a new chat or remove earlier messages"
         )
-    params = replace(params, stop_token_ids=frozenset(params.stop_token_ids) | tokenizer.eos_ids)
-    max_new = min(params.max_new_tokens, pipeline.max_seq_len - len(prompt_ids))
-    params = replace(params, max_new_tokens=max_new)
+    room = pipeline.max_seq_len - len(prompt_ids)
+    limited = replace(params, stop_token_ids=frozenset(params.stop_token_ids) | tokenizer.eos_ids,
+                      max_new_tokens=min(params.max_new_tokens, room))
     start_pos = _common_prefix(cached_ids or [], prompt_ids)
+    reply.prompt_ids, reply.reused_prefix = list(prompt_ids), start_pos
     decoder = tokenizer.stream_decoder(prompt_ids)
-    started = time.perf_counter()
-    first_at = last_at = started
+    clock = _Clock()
     finish: FinishReason = "length"
-    for token_id in generate(pipeline, prompt_ids, params, start_pos=start_pos):
-        last_at = time.perf_counter()
-        if not reply.token_ids:
-            first_at = last_at
-        if token_id in params.stop_token_ids:
-            reply.token_ids.append(token_id)
+    for token_id in generate(pipeline, prompt_ids, limited, start_pos=start_pos):
+        clock.tick(first=not reply.token_ids)
+        reply.token_ids.append(token_id)
+        if token_id in limited.stop_token_ids:
             finish = "stop"
             break
-        reply.token_ids.append(token_id)
         text = decoder.push(token_id)
         if trim_start and not reply.text:
             text = text.lstrip()
@@ -115,15 +130,27 @@ def stream_completion(
     if tail:
         reply.text += tail
         yield TokenEvent(-1, tail)
-    generated = len(reply.token_ids)
-    reply.stats = ReplyStats(
-        prompt_tokens=len(prompt_ids),
-        completion_tokens=generated,
-        ttft_s=(first_at - started) if generated else 0.0,
-        tokens_per_s=(generated - 1) / (last_at - first_at) if generated > 1 and last_at > first_at else 0.0,
-        finish_reason=finish,
-        reused_prefix=start_pos,
-    )
+    reply.ttft_s, reply.tokens_per_s = clock.rates(len(reply.token_ids))
+    reply.context_full = finish == "length" and room < params.max_new_tokens
+    reply.finish_reason = finish
+
+
+class _Clock:
+    """When the request started, and when its first and latest tokens came."""
+
+    def __init__(self) -> None:
+        self.started = self.first_at = self.last_at = time.perf_counter()
+
+    def tick(self, first: bool) -> None:
+        self.last_at = time.perf_counter()
+        if first:
+            self.first_at = self.last_at
+
+    def rates(self, generated: int) -> tuple[float, float]:
+        """(time to first token, decode tokens/s after it)."""
+        ttft = (self.first_at - self.started) if generated else 0.0
+        decode = self.last_at - self.first_at
+        return ttft, (generated - 1) / decode if generated > 1 and decode > 0 else 0.0
 
 
 class Conversation:
@@ -204,6 +231,6 @@ class Conversation:
             finally:
                 # The cache now holds the prompt and every generated token but the last one;
                 # after an interrupted run nothing in it is trusted.
-                self._cached_ids = prompt_ids + reply.token_ids[:-1] if reply.stats else []
+                self._cached_ids = prompt_ids + reply.token_ids[:-1] if reply.done else []
             self._last_used = len(prompt_ids) + len(reply.token_ids)
             self.messages.append({"role": "assistant", "content": reply.text})

@@ -1,0 +1,199 @@
+"""The initiator's end of one stage: a DEALER with request ids, heartbeats, liveness and capped reconnect backoff;
+the async ping that discovery and static peers use; and the wire's names for layer ranges (PartRef).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+
+import torch
+import zmq
+
+from cakep2p import wire
+from cakep2p.errors import MeshError, ProtocolError
+from cakep2p.mesh.curve import configure_client
+from cakep2p.network import endpoint
+from cakep2p.planner import LayerRange
+from cakep2p.security import ClusterKeys
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_CODES = ("bad_request", "unsupported_version", "shape_mismatch")
+
+
+class StageRefused(MeshError):
+    """A stage answered with an error reply; `code` is the wire error code."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+def part_ref(fingerprint: str, layers: LayerRange) -> wire.PartRef:
+    """The wire's name for a layer range of the model with this fingerprint."""
+    return wire.PartRef(model_fingerprint=fingerprint, start=layers.start, end=layers.end,
+                        has_embedding=layers.has_embedding, has_head=layers.has_head)
+
+
+def layer_range(ref: wire.PartRef) -> LayerRange:
+    return LayerRange(ref.start, ref.end, ref.has_embedding, ref.has_head)
+
+
+class StageClient:
+    """A DEALER connected to one stage server; request/response with ids, heartbeats and timeouts.
+
+    Thread-safe (one request at a time). Liveness: any frame from the stage counts; while waiting, a heartbeat is
+    sent every `heartbeat_s` of silence and the stage is declared lost after `liveness` silent intervals.
+    """
+
+    def __init__(self, address: str, port: int, keys: ClusterKeys | None, *, name: str = "",
+                 heartbeat_s: float = 1.0, liveness: int = 3, timeout_s: float = 300.0,
+                 context: zmq.Context | None = None) -> None:
+        self.address, self.port, self.keys = address, port, keys
+        self.label = name or f"{address}:{port}"
+        self.heartbeat_s, self.liveness, self.timeout_s = heartbeat_s, liveness, timeout_s
+        self._context = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._lock = threading.Lock()
+        self._request_ids = itertools.count(1)
+        self._backoff_s = 0.0
+        self._reconnect_at = 0.0
+        self.lost = False  # declared dead (silent for `liveness` intervals) and not heard from since
+
+    def __repr__(self) -> str:
+        return f"StageClient({self.label!r})"
+
+    # -- connection -----------------------------------------------------------------------------------------
+
+    def _connect(self) -> zmq.Socket:
+        if self._socket is None:
+            wait = self._reconnect_at - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)  # capped exponential backoff after a lost connection
+            socket = self._context.socket(zmq.DEALER)
+            socket.linger = 0
+            socket.reconnect_ivl = 100
+            socket.reconnect_ivl_max = 2000
+            socket.maxmsgsize = wire.MAX_FRAME_BYTES
+            configure_client(socket, self.keys)
+            socket.connect(endpoint(self.address, self.port))
+            self._socket = socket
+        return self._socket
+
+    def _drop(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        self.lost = True
+        self._backoff_s = min(2.0, max(0.1, self._backoff_s * 2))
+        self._reconnect_at = time.monotonic() + self._backoff_s
+
+    def close(self) -> None:
+        with self._lock:
+            if self._socket is not None:
+                self._socket.close(linger=0)
+                self._socket = None
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    def request(self, message: wire.Message, timeout_s: float | None = None) -> wire.Message:
+        """Send `message` and return the stage's reply; MeshError if the stage is lost or too slow,
+        StageRefused (or ProtocolError for malformed-request codes) if it answers with an error."""
+        with self._lock:
+            socket = self._connect()
+            request_id = next(self._request_ids)
+            try:
+                frames = wire.encode(dataclasses.replace(message, request_id=request_id))
+            except wire.WireError as error:
+                raise ProtocolError(f"cannot send {message.type} to stage {self.label}: {error}") from None
+            socket.send_multipart(frames, copy=False)
+            reply = self._await_reply(socket, request_id, timeout_s or self.timeout_s, message.type)
+        if isinstance(reply, wire.Error):
+            text = f"stage {self.label} refused {message.type}: {reply.message}"
+            if reply.code in PROTOCOL_CODES:
+                raise ProtocolError(text)
+            raise StageRefused(text, reply.code)
+        return reply
+
+    def _await_reply(self, socket: zmq.Socket, request_id: int, timeout_s: float, op: str) -> wire.Message:
+        started = last_heard = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now - started > timeout_s:
+                raise MeshError(f"stage {self.label} at {self.address}:{self.port} lost: no reply to {op} "
+                                f"within {timeout_s:.0f} s")
+            if now - last_heard > self.liveness * self.heartbeat_s:
+                self._drop()
+                raise MeshError(f"stage {self.label} at {self.address}:{self.port} lost: silent for "
+                                f"{now - last_heard:.1f} s")
+            if not socket.poll(int(self.heartbeat_s * 1000)):
+                socket.send_multipart(wire.encode(wire.Heartbeat(request_id=0)))
+                continue
+            frames = socket.recv_multipart(copy=False)
+            last_heard = time.monotonic()
+            self._backoff_s, self.lost = 0.0, False
+            try:
+                reply = wire.decode(frames)
+            except wire.WireError as error:
+                raise ProtocolError(f"stage {self.label} sent a malformed reply ({error}); "
+                                    "run the same cakep2p version on every node") from None
+            if reply.request_id == request_id and not isinstance(reply, wire.Heartbeat):
+                return reply
+
+    def ping(self, timeout_s: float | None = None) -> wire.Pong:
+        reply = self.request(wire.Ping(), timeout_s)
+        if not isinstance(reply, wire.Pong):
+            raise ProtocolError(f"stage {self.label} answered ping with {reply.type}")
+        return reply
+
+    def forward(self, session_id: str, part: wire.PartRef, step: int, start_pos: int, inputs: torch.Tensor,
+                *, width: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Run `inputs` through the stage's part. The reply must be float32 logits [1, width] from a head, else
+        hidden states [positions, width] in `dtype` (width and dtype checked when given); ProtocolError if not."""
+        reply = self.request(wire.Forward(session_id=session_id, part=part, step=step, start_pos=start_pos,
+                                          positions=inputs.shape[0], tensor=inputs))
+        if not isinstance(reply, wire.ForwardResult) or reply.session_id != session_id or reply.step != step:
+            raise ProtocolError(f"stage {self.label} answered forward with {reply.type} for another request")
+        rows, dtype = (1, torch.float32) if part.has_head else (inputs.shape[0], dtype)
+        tensor = reply.tensor
+        if (tensor.shape[0] != rows or (width is not None and tensor.shape[1] != width)
+                or (dtype is not None and tensor.dtype != dtype)):
+            expected = f"{wire.DTYPE_NAMES[dtype] if dtype is not None else ''}[{rows}, {width or 'width'}]"
+            raise ProtocolError(f"stage {self.label} answered forward with {wire.DTYPE_NAMES[tensor.dtype]}"
+                                f"{list(tensor.shape)}, expected {expected}; run the same model on every node")
+        return tensor
+
+    def end_session(self, session_id: str, timeout_s: float | None = None) -> None:
+        self.request(wire.EndSession(session_id=session_id), timeout_s)
+
+
+async def ping(context, address: str, port: int, keys: ClusterKeys | None, timeout_s: float) -> wire.Pong | None:
+    """Ask a stage server for its capabilities from an asyncio loop (`context` is a zmq.asyncio.Context); None when it
+    does not answer in time, answers garbage, or refuses our keys (a failed CURVE handshake simply never answers)."""
+    socket = context.socket(zmq.DEALER)
+    socket.linger = 0
+    socket.maxmsgsize = 1 << 20
+    try:
+        configure_client(socket, keys)
+        socket.connect(endpoint(address, port))
+        await socket.send_multipart(wire.encode(wire.Ping(request_id=1)))
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not await socket.poll(int(left * 1000) + 1):
+                break
+            try:
+                reply = wire.decode(await socket.recv_multipart())
+            except wire.WireError:
+                return None
+            if isinstance(reply, wire.Pong):
+                return reply
+        return None
+    except zmq.ZMQError as error:
+        log.debug("ping %s:%d failed: %s", address, port, error)
+        return None
+    finally:
+        socket.close(linger=0)

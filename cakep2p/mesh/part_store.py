@@ -1,0 +1,224 @@
+"""The parts a stage server holds: loaded from its parts cache, a models dir or a weight transfer streamed by the
+initiator, each counted against the memory the node lends. A collaborator of the server: it answers load requests
+with replies (or a Refusal) and the server does the talking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable, Sequence
+
+from cakep2p import wire
+from cakep2p.engine.config import ModelArgs
+from cakep2p.engine.dtypes import name_of
+from cakep2p.engine.loading import load_part, part_from_tensors, part_tensor_names, resolve_dtype
+from cakep2p.engine.model import ModelPart
+from cakep2p.engine.sizes import weight_bytes
+from cakep2p.mesh.client import layer_range
+from cakep2p.mesh.parts_cache import find_model_dir, read_cached_part
+from cakep2p.mesh.transfer import Transfer, TransferRejected, accept_chunk, store_transfer
+
+log = logging.getLogger("cakep2p.mesh.server")  # one logger for the whole stage server
+
+TRANSFER_STALL_S = 30.0  # a transfer without a chunk for this long may be taken over by another initiator
+Compute = Callable[..., Awaitable]  # runs a function in the server's compute thread
+
+
+class Refusal(Exception):
+    """A request the stage turns down; `code` is the wire error code of the answer."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class LoadedPart:
+    model: ModelPart
+    max_seq_len: int
+    weight_bytes: int
+    source: str
+
+
+class PartStore:
+    """Loaded parts by wire name, the transfers under way, and the memory both take from the node's offer."""
+
+    def __init__(self, *, parts_dir: Path, models_dirs: Sequence[Path], device: str,
+                 free_bytes: Callable[[], int], compute: Compute) -> None:
+        self.parts_dir, self.models_dirs, self.device = parts_dir, list(models_dirs), device
+        self._free_bytes, self._compute = free_bytes, compute
+        self.parts: dict[wire.PartRef, LoadedPart] = {}
+        self.transfers: dict[wire.PartRef, Transfer] = {}
+        self._pending: dict[wire.PartRef, asyncio.Event] = {}  # parts being loaded; set when done or failed
+        self._reserved_bytes = 0  # weights being loaded: counted from the budget check until registered or failed
+
+    def used_bytes(self) -> int:
+        return (sum(part.weight_bytes for part in self.parts.values())
+                + sum(transfer.reserved_bytes for transfer in self.transfers.values()) + self._reserved_bytes)
+
+    def close(self) -> None:
+        self.parts.clear()
+        for transfer in self.transfers.values():
+            transfer.close()
+        self.transfers.clear()
+
+    def unload(self, ref: wire.PartRef) -> bool:
+        return self.parts.pop(ref, None) is not None
+
+    # -- load_part ----------------------------------------------------------------------------------------------
+
+    async def load(self, peer: bytes, request: wire.LoadPart) -> wire.LoadReply:
+        """'ready' when the part is (or now is) in memory, 'send' when the initiator must stream it; Refusal else."""
+        ref = request.part
+        while True:
+            loaded = self.parts.get(ref)
+            if loaded is not None:
+                loaded.max_seq_len = max(loaded.max_seq_len, request.max_seq_len)
+                return _ready(request.request_id, "memory", loaded.model)
+            pending = self._pending.get(ref)
+            if pending is None:
+                break
+            transfer = self.transfers.get(ref)
+            stalled = transfer is not None and time.monotonic() - transfer.last_used > TRANSFER_STALL_S
+            if transfer is not None and (transfer.peer == peer or stalled):
+                self.drop_transfer(ref)  # the same initiator starts over, or takes over a stalled transfer
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):  # another initiator is loading it: share its result
+                await asyncio.wait_for(pending.wait(), timeout=TRANSFER_STALL_S / 4)
+        self._pending[ref] = asyncio.Event()
+        transfer_follows = False
+        try:
+            source = await self._load_own_copy(request)
+            if source is not None:
+                return _ready(request.request_id, source, self.parts[ref].model)
+            if request.source != "transfer":
+                raise Refusal("not_found", f"this node has no copy of model {request.model_name} "
+                                           f"({ref.model_fingerprint}); send it with source 'transfer'")
+            args = _args_from_json(request.config_json)
+            layers = layer_range(ref)
+            reserved = weight_bytes(args, layers, resolve_dtype(request.dtype, args))
+            with self._reservation(reserved):  # handed over to the transfer, which counts it until it ends
+                self.transfers[ref] = Transfer(peer, request, args, part_tensor_names(args, layers), reserved,
+                                               spool_dir=self.parts_dir)
+            transfer_follows = True
+            return wire.LoadReply(request_id=request.request_id, status="send")
+        finally:
+            if not transfer_follows:
+                self._end_pending(ref)
+
+    async def _load_own_copy(self, request: wire.LoadPart) -> str | None:
+        """Load from the parts cache or a models dir; the source name, or None if this node has no copy."""
+        ref, layers = request.part, layer_range(request.part)
+        cached = await self._compute(read_cached_part, ref, self.parts_dir)
+        if cached is not None:
+            config_json, tensors = cached
+            args = _args_from_json(config_json)
+            with self._reservation(weight_bytes(args, layers, resolve_dtype(request.dtype, args))):
+                model = await self._compute(part_from_tensors, args, layers, tensors, request.dtype, self.device)
+                self._register(request, model, "cache")
+            return "cache"
+        checkpoint = await self._compute(find_model_dir, self.models_dirs, ref.model_fingerprint)
+        if checkpoint is None:
+            return None
+        args = checkpoint.args
+        with self._reservation(weight_bytes(args, layers, resolve_dtype(request.dtype, args))):
+            model = await self._compute(load_part, checkpoint, layers, request.dtype, self.device)
+            self._register(request, model, "models_dir")
+        return "models_dir"
+
+    @contextlib.contextmanager
+    def _reservation(self, nbytes: int):
+        """Count `nbytes` as used while the block runs (a load awaits; a concurrent one must see them taken);
+        the block registers what it loaded before the reservation is released."""
+        if nbytes > self._free_bytes():
+            raise Refusal("over_budget", f"loading needs {nbytes} bytes but this node offers only "
+                                         f"{self._free_bytes()} more; plan with fewer layers here")
+        self._reserved_bytes += nbytes
+        try:
+            yield
+        finally:
+            self._reserved_bytes -= nbytes
+
+    def _register(self, request: wire.LoadPart, model: ModelPart, source: str) -> None:
+        nbytes = weight_bytes(model.args, model.layers, model.dtype)
+        self.parts[request.part] = LoadedPart(model, request.max_seq_len, nbytes, source)
+        log.info("loaded %s of %s from %s", model.layers.describe(), request.model_name, source)
+
+    def _end_pending(self, ref: wire.PartRef) -> None:
+        pending = self._pending.pop(ref, None)
+        if pending is not None:
+            pending.set()
+
+    # -- tensor_chunk and transfer_end --------------------------------------------------------------------------
+
+    def drop_transfer(self, ref: wire.PartRef) -> None:
+        transfer = self.transfers.pop(ref, None)
+        if transfer is not None:
+            transfer.close()
+        self._end_pending(ref)
+
+    def drop_abandoned(self, deadline: float) -> list[wire.PartRef]:
+        """Drop the transfers that have had no chunk since `deadline` (monotonic); returns their parts."""
+        abandoned = [ref for ref, transfer in self.transfers.items() if transfer.last_used < deadline]
+        for ref in abandoned:
+            self.drop_transfer(ref)
+        return abandoned
+
+    def accept(self, peer: bytes, chunk: wire.TensorChunk) -> None:
+        """Take one chunk of a transfer from `peer`; Refusal (and the transfer dropped) when it does not fit."""
+        transfer = self.transfers.get(chunk.part)
+        if transfer is None or transfer.peer != peer:
+            raise Refusal("transfer_failed", "tensor_chunk: no transfer of that part in progress from you; "
+                                             "send load_part")
+        try:
+            accept_chunk(transfer, chunk)
+        except TransferRejected as rejection:
+            self.drop_transfer(chunk.part)
+            raise Refusal("transfer_failed", str(rejection)) from None
+
+    async def finish(self, peer: bytes, end: wire.TransferEnd) -> wire.LoadReply:
+        """Verify a complete transfer, store it in the parts cache and build the part from the stored file."""
+        transfer = self.transfers.get(end.part)
+        if transfer is None or transfer.peer != peer:
+            raise Refusal("transfer_failed", "transfer_end: no transfer of that part in progress from you")
+        transfer.last_used = float("inf")  # being built: neither stalled nor abandoned
+        try:  # the transfer keeps its memory reservation until the part is registered
+            if transfer.complete_tensors != len(transfer.names) or end.tensor_count != len(transfer.names):
+                raise Refusal("transfer_failed", f"transfer_end after {transfer.complete_tensors} of "
+                                                 f"{len(transfer.names)} tensors")
+            if transfer.digest.hexdigest() != end.sha256:
+                raise Refusal("transfer_failed", "transfer_end: sha256 of the received tensors does not match")
+            request = transfer.request
+            await self._compute(store_transfer, transfer, end.sha256, self.parts_dir)
+            transfer.close()
+            # built from the file, one tensor at a time: the part is in memory once, never twice
+            cached = await self._compute(read_cached_part, end.part, self.parts_dir)
+            if cached is None:
+                raise Refusal("transfer_failed", "transfer_end: the received part could not be stored; retry")
+            model = await self._compute(part_from_tensors, transfer.args, layer_range(end.part), cached[1],
+                                        request.dtype, self.device)
+            self.transfers.pop(end.part, None)
+            self._register(request, model, "transfer")
+        finally:
+            self.drop_transfer(end.part)
+        return _ready(end.request_id, "transfer", model)
+
+
+def _ready(request_id: int, source: str, model: ModelPart) -> wire.LoadReply:
+    return wire.LoadReply(request_id=request_id, status="ready", source=source, dtype=name_of(model.dtype))
+
+
+def _args_from_json(config_json: str) -> ModelArgs:
+    try:
+        config = json.loads(config_json)
+    except ValueError:
+        raise Refusal("bad_request", "load_part: config_json is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise Refusal("bad_request", "load_part: config_json must be a JSON object")
+    return ModelArgs.from_config(config, source="the initiator's config.json")

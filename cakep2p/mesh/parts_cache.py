@@ -1,0 +1,120 @@
+"""The parts cache: model parts a stage received from peers, kept as safetensors files with their config and
+checksum in the metadata, verified on every read and never trusted when damaged; and finding a stage's own copy of
+a model in its models dirs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from cakep2p import paths, wire
+from cakep2p.engine.checkpoint import Checkpoint
+from cakep2p.engine.safetensors import Entry, TensorInfo, mapped_tensor, read_safetensors_header, write_safetensors
+from cakep2p.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+PARTS_DIR = "parts"
+READ_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def default_parts_dir() -> Path:
+    return paths.cache_dir() / PARTS_DIR
+
+
+def cached_part_path(ref: wire.PartRef, parts_dir: Path) -> Path:
+    """Where a received part is kept: <parts_dir>/<fingerprint>-<start>-<end>.safetensors."""
+    return parts_dir / f"{ref.model_fingerprint}-{ref.start}-{ref.end}.safetensors"
+
+
+def write_cached_part(ref: wire.PartRef, config_json: str, sha256: str, entries: Sequence[Entry],
+                      write_data: Callable[[BinaryIO], None], parts_dir: Path) -> Path:
+    """Atomically store a part: its tensors (`entries`, bytes as `write_data` streams them, in transfer order) with
+    the part's config, name and checksum in the metadata."""
+    path = cached_part_path(ref, parts_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"cakep2p_fingerprint": ref.model_fingerprint, "cakep2p_sha256": sha256, "cakep2p_config": config_json,
+                "cakep2p_part": json.dumps(_ref_fields(ref)), "cakep2p_order": json.dumps([e.name for e in entries])}
+    return write_safetensors(path, entries, write_data, metadata)
+
+
+class FileTensors(Mapping):
+    """The tensors of a cached part, each mapped from disk when asked for and not kept: filling a ModelPart from it
+    holds one tensor at a time besides the part."""
+
+    def __init__(self, index: dict[str, TensorInfo], order: Sequence[str]) -> None:
+        self._index, self._order = index, list(order)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return mapped_tensor(self._index[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+def read_cached_part(ref: wire.PartRef, parts_dir: Path) -> tuple[str, FileTensors] | None:
+    """(config_json, tensors read on demand) of a cached part whose checksum still matches; None (and the file
+    removed) if not. The checksum is computed by streaming the file, so the part is never all in memory here."""
+    path = cached_part_path(ref, parts_dir)
+    if not path.is_file():
+        return None
+    try:
+        index, _ = read_safetensors_header(path)
+        with path.open("rb") as handle:  # read_safetensors_header has checked the length against the file
+            metadata = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))["__metadata__"]
+        order = json.loads(metadata["cakep2p_order"])
+        valid = (metadata["cakep2p_fingerprint"] == ref.model_fingerprint
+                 and json.loads(metadata["cakep2p_part"]) == _ref_fields(ref)
+                 and sorted(order) == sorted(index)
+                 and _file_sha256(path, [index[name] for name in order]) == metadata["cakep2p_sha256"])
+    except Exception as error:  # a damaged cache file is re-fetched, never trusted
+        log.warning("cached part %s is unreadable (%s); it will be transferred again", path.name, error)
+        valid = False
+    if not valid:
+        log.warning("cached part %s does not match its checksum; removing it", path.name)
+        path.unlink(missing_ok=True)
+        return None
+    return metadata["cakep2p_config"], FileTensors(index, order)
+
+
+def _file_sha256(path: Path, infos: Sequence[TensorInfo]) -> str:
+    """sha256 over the tensors' bytes in the file, in the given order, read READ_CHUNK_BYTES at a time."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for info in infos:
+            handle.seek(info.offset)
+            left = info.nbytes
+            while left:
+                piece = handle.read(min(left, READ_CHUNK_BYTES))
+                if not piece:
+                    raise ModelError(f"{path} is truncated")
+                digest.update(piece)
+                left -= len(piece)
+    return digest.hexdigest()
+
+
+def find_model_dir(models_dirs: Sequence[Path], fingerprint: str) -> Checkpoint | None:
+    """A checkpoint under the given models dirs (each dir, its children, grandchildren) with this fingerprint."""
+    for root in models_dirs:
+        candidates = [Path(root)] + sorted(Path(root).glob("*/")) + sorted(Path(root).glob("*/*/"))
+        for candidate in candidates:
+            if (candidate / "config.json").is_file():
+                try:
+                    checkpoint = Checkpoint.open(candidate)
+                except ModelError:
+                    continue
+                if checkpoint.fingerprint == fingerprint:
+                    return checkpoint
+    return None
+
+
+def _ref_fields(ref: wire.PartRef) -> list:
+    return [ref.start, ref.end, ref.has_embedding, ref.has_head]

@@ -1,0 +1,214 @@
+"""The wire's vocabulary: limits, error codes, its dtype names, WireError, and the field checks every message field
+declares (each takes (value, field name) and returns the value or raises WireError), plus building and checking
+records from maps. Imports nothing from cakep2p outside cakep2p.wire."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import field, fields
+from typing import Any, Callable, Sequence
+
+import torch
+
+PROTOCOL_VERSION = 1
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_CONFIG_BYTES = 48 * 1024
+MAX_CHUNK_BYTES = 16 * 1024 * 1024
+MAX_FORWARD_BYTES = 128 * 1024 * 1024
+MAX_FRAME_BYTES = MAX_FORWARD_BYTES + MAX_HEADER_BYTES  # what ZMQ_MAXMSGSIZE is set to
+MAX_TENSOR_BYTES = 1 << 36
+MAX_REQUEST_ID = (1 << 63) - 1
+MAX_LAYER = 4096
+MAX_SEQ_LEN = 1 << 20
+MAX_DIM = 1 << 31
+MAX_PARTS_LISTED = 256
+MAX_TENSORS_PER_PART = 100_000
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+PART_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ERROR_CODES = (
+    "bad_request",  # the message failed validation
+    "unsupported_version",  # the peer speaks another protocol version
+    "unknown_part",  # forward/unload/chunk for a part this node does not hold
+    "unknown_session",
+    "too_many_sessions",
+    "over_budget",  # the request would exceed the memory this node offers
+    "shape_mismatch",  # tensor shape or dtype does not fit the loaded part
+    "not_found",  # load with source=local, but the node has no copy of the model
+    "transfer_failed",  # sha256 mismatch, out-of-order chunk, incomplete transfer
+    "internal",  # the node failed while serving a valid request
+)
+
+_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_FINGERPRINT_PATTERN = re.compile(r"[0-9a-f]{16,64}")
+_SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+_TENSOR_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+
+
+class WireError(ValueError):
+    """A message that cannot be encoded or decoded; `code` is the error code to answer with."""
+
+    def __init__(self, message: str, code: str = "bad_request", request_id: int = 0):
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+
+Check = Callable[[Any, str], Any]
+
+
+def _integer(low: int, high: int) -> Check:
+    def check(value: Any, name: str) -> int:
+        if type(value) is not int or not low <= value <= high:
+            raise WireError(f"{name} must be an integer in [{low}, {high}]")
+        return value
+
+    return check
+
+
+def _boolean(value: Any, name: str) -> bool:
+    if type(value) is not bool:
+        raise WireError(f"{name} must be true or false")
+    return value
+
+
+def _pattern(pattern: re.Pattern, what: str) -> Check:
+    def check(value: Any, name: str) -> str:
+        if type(value) is not str or not pattern.fullmatch(value):
+            raise WireError(f"{name} must be {what}")
+        return value
+
+    return check
+
+
+def _text(max_chars: int) -> Check:
+    def check(value: Any, name: str) -> str:
+        if type(value) is not str or len(value) > max_chars or not value.isprintable():
+            raise WireError(f"{name} must be one printable line of at most {max_chars} characters")
+        return value
+
+    return check
+
+
+def _choice(options: Sequence[str]) -> Check:
+    def check(value: Any, name: str) -> str:
+        if type(value) is not str or value not in options:
+            raise WireError(f"{name} must be one of {', '.join(options)}")
+        return value
+
+    return check
+
+
+def _json_text(value: Any, name: str) -> str:
+    if type(value) is not str or len(value.encode("utf-8", "replace")) > MAX_CONFIG_BYTES:
+        raise WireError(f"{name} must be a string of at most {MAX_CONFIG_BYTES} bytes")
+    return value
+
+
+def _shape(value: Any, name: str) -> tuple[int, ...]:
+    if type(value) not in (tuple, list) or len(value) > 4:
+        raise WireError(f"{name} must be a list of at most 4 dimensions")
+    for size in value:
+        if type(size) is not int or not 1 <= size <= MAX_DIM:
+            raise WireError(f"{name} dimensions must be integers in [1, {MAX_DIM}]")
+    return tuple(value)
+
+
+def _records(record_type: type, max_items: int) -> Check:
+    def check(value: Any, name: str) -> tuple:
+        if type(value) not in (tuple, list) or len(value) > max_items:
+            raise WireError(f"{name} must be a list of at most {max_items} items")
+        return tuple(_record(record_type, item, name) for item in value)
+
+    return check
+
+
+def _version(value: Any, name: str) -> int:
+    if type(value) is not int:
+        raise WireError(f"{name} must be an integer")
+    if value != PROTOCOL_VERSION:
+        raise WireError(
+            f"protocol version {value} is not supported (this node speaks {PROTOCOL_VERSION}); "
+            "run the same cakep2p version on every node",
+            code="unsupported_version",
+        )
+    return value
+
+
+REQUEST_ID = _integer(0, MAX_REQUEST_ID)
+LAYER = _integer(0, MAX_LAYER)
+COUNT = _integer(0, MAX_REQUEST_ID)
+SESSION_ID = _pattern(_ID_PATTERN, "1-64 characters of A-Z a-z 0-9 _ . : -")
+FINGERPRINT = _pattern(_FINGERPRINT_PATTERN, "16-64 lowercase hex digits")
+SHA256 = _pattern(_SHA256_PATTERN, "64 lowercase hex digits")
+TENSOR_NAME = _pattern(_TENSOR_NAME_PATTERN, "1-200 characters of A-Z a-z 0-9 _ . -")
+DTYPE = _choice(tuple(DTYPES))
+
+
+def _field(check: Check, **kwargs: Any) -> Any:
+    return field(metadata={"check": check}, **kwargs)
+
+
+def _payload(kind: str) -> Any:
+    """A field carried as the raw frame after the header ('tensor' or 'bytes'), not in the header."""
+    return field(metadata={"payload": kind})
+
+
+
+def _checked_values(record_type: type, mapping: Any) -> dict[str, Any]:
+    """The header fields of `record_type` from `mapping`: exactly the expected keys, each value checked."""
+    if not isinstance(mapping, dict):
+        raise WireError(f"{record_type.__name__} must be a map")
+    header_fields = [f for f in fields(record_type) if "check" in f.metadata]
+    names = {f.name for f in header_fields}
+    unknown = set(mapping) - names
+    if unknown:
+        raise WireError(f"unexpected field {sorted(map(str, unknown))[0][:40]!r} in {record_type.__name__}")
+    missing = names - set(mapping)
+    if missing:
+        raise WireError(f"missing field {sorted(missing)[0]!r} in {record_type.__name__}")
+    return {f.name: f.metadata["check"](mapping[f.name], f.name) for f in header_fields}
+
+
+def _build(record_type: type, values: dict[str, Any]) -> Any:
+    record = record_type(**values)
+    record.validate()
+    return record
+
+
+def _record(record_type: type, value: Any, name: str) -> Any:
+    if isinstance(value, record_type):
+        _to_map(value)  # checks every field of a record built locally
+        return value
+    if not isinstance(value, dict):
+        raise WireError(f"{name} must be a map")
+    return _build(record_type, _checked_values(record_type, value))
+
+
+def _to_map(record: Any) -> dict[str, Any]:
+    """The header fields of a locally built record or message, checked; nested records become maps."""
+    mapping: dict[str, Any] = {}
+    for record_field in fields(record):
+        if "check" not in record_field.metadata:
+            continue
+        value = record_field.metadata["check"](getattr(record, record_field.name), record_field.name)
+        if dataclasses.is_dataclass(value):
+            value = _to_map(value)
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            value = [_to_map(item) for item in value]
+        elif isinstance(value, tuple):
+            value = list(value)
+        mapping[record_field.name] = value
+    record.validate()
+    return mapping
+
