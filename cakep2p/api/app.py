@@ -101,7 +101,7 @@ class Api:
             raise ApiError(401, "Invalid or missing API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
-    async def _body(self, request: Request) -> dict:
+    async def _raw_body(self, request: Request) -> bytes:
         self._authorize(request)
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -109,7 +109,7 @@ class Api:
             if size > MAX_BODY_BYTES:
                 raise ApiError(413, f"The request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
             chunks.append(chunk)
-        return parse_body(b"".join(chunks))
+        return b"".join(chunks)
 
     def _model_card(self) -> dict:
         return {"id": self.model.name, "object": "model", "created": self.created, "owned_by": "cakep2p"}
@@ -136,25 +136,28 @@ class Api:
         return JSONResponse(body)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await self._body(request)
-        return await self._respond(request, self.reader.chat(body), ChatShape())
+        return await self._respond(request, await self._read(request, self.reader.chat), ChatShape())
 
     async def completions(self, request: Request) -> Response:
-        body = await self._body(request)
-        return await self._respond(request, self.reader.completion(body), TextShape())
+        return await self._respond(request, await self._read(request, self.reader.completion), TextShape())
+
+    async def _read(self, request: Request, reader: Callable[[dict], GenerationRequest]) -> GenerationRequest:
+        """The request, parsed, templated and tokenized in a worker thread: a huge prompt must not stall /health
+        or the other streams on the event loop."""
+        raw = await self._raw_body(request)
+        return await asyncio.to_thread(lambda: reader(parse_body(raw)))
 
     async def _respond(self, request: Request, wanted: GenerationRequest, shape: ChatShape | TextShape) -> Response:
         head = {"id": shape.id_prefix + uuid.uuid4().hex[:24], "created": int(time.time()), "model": self.model.name,
                 "system_fingerprint": None}
-        try:
-            self.sessions.check_room()  # a stream is refused here too, while the status can still be 429
-            if wanted.stream:
-                headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-                return StreamingResponse(self._stream(request, wanted, shape, head), media_type="text/event-stream",
-                                         headers=headers)
+        try:  # admitted before any response starts: a refusal is a 429, streamed or not
             generation = Generation(self.sessions, wanted).start()
         except SessionsFull as error:
             raise _too_many_requests(error) from None
+        if wanted.stream:
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(self._stream(request, generation, shape, head), media_type="text/event-stream",
+                                     headers=headers)
         watcher = asyncio.create_task(_watch_disconnect(request, generation))
         try:
             texts = [wanted.echo] + [text async for text in generation.texts()]
@@ -169,19 +172,12 @@ class Api:
                              "choices": [shape.whole("".join(texts), openai_finish_reason(outcome))],
                              "usage": usage(outcome)})
 
-    async def _stream(self, request: Request, wanted: GenerationRequest, shape: ChatShape | TextShape,
+    async def _stream(self, request: Request, generation: Generation, shape: ChatShape | TextShape,
                       head: dict) -> AsyncIterator[str]:
+        wanted = generation.request
         chunk_head = {**head, "object": shape.chunk_name}
         if wanted.include_usage:
             chunk_head["usage"] = None
-        try:
-            generation = Generation(self.sessions, wanted).start()
-        except SessionsFull as error:  # the room checked in _respond filled up meanwhile
-            refusal = _too_many_requests(error)
-            yield _sse({"error": {"message": refusal.message, "type": refusal.error_type, "param": None,
-                                  "code": refusal.code}})
-            yield _sse("[DONE]")
-            return
         watcher = asyncio.create_task(_watch_disconnect(request, generation))
         try:
             opening = shape.opening()

@@ -18,6 +18,7 @@ from cakep2p.engine.sampling import SamplingParams, sampling_params
 from cakep2p.errors import CakeError
 
 MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; some editor plugins send more
+MAX_SEED = (1 << 63) - 1
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Arguments OpenAI clients commonly send that change nothing here (or are checked for an unsupported value).
 _COMMON_ARGS = {"model", "temperature", "top_p", "max_tokens", "stop", "seed", "stream", "stream_options", "n",
@@ -176,7 +177,7 @@ class RequestReader:
             top_p=_number(body, "top_p", None, 0, 1, low_open=True),
             top_k=_number(body, "top_k", None, 0, 1 << 30, integer=True),
             repetition_penalty=_number(body, "repetition_penalty", None, 0, 10, low_open=True),
-            seed=_number(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True),
+            seed=_number(body, "seed", None, 0, MAX_SEED, integer=True),
         )
         stream = _flag(body, "stream")
         options = body.get("stream_options")
@@ -191,9 +192,19 @@ class RequestReader:
         if not prompt_ids:
             raise _invalid(param, "is empty and this model adds no start token: send some text")
         if len(prompt_ids) >= self.model.max_seq_len:
-            raise ApiError(400, f"This model's context holds {self.model.max_seq_len} tokens but the prompt has "
-                                f"{len(prompt_ids)}: shorten the {param}", param=param, code="context_length_exceeded")
+            raise self._too_long(f"{len(prompt_ids)}", param)
         return prompt_ids
+
+    def _encode(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
+        """The text's token ids; a text that cannot fit the context however it tokenizes is refused unread."""
+        fewest = self.model.tokenizer.fewest_tokens(text)
+        if fewest >= self.model.max_seq_len:
+            raise self._too_long(f"at least {fewest}", param)
+        return self._fit(self.model.tokenizer.encode(text, add_special_tokens=add_special_tokens), param)
+
+    def _too_long(self, count: str, param: str) -> ApiError:
+        return ApiError(400, f"This model's context holds {self.model.max_seq_len} tokens but the prompt has "
+                             f"{count}: shorten the {param}", param=param, code="context_length_exceeded")
 
     def chat(self, body: dict) -> GenerationRequest:
         params, stops, stream, include_usage = self._common(body, CHAT_ARGS, None)
@@ -202,7 +213,7 @@ class RequestReader:
             text = tokenizer.apply_chat_template(_messages(body), add_generation_prompt=True)
         except CakeError as error:
             raise ApiError(400, str(error), param="messages", code="invalid_messages") from None
-        prompt_ids = self._fit(tokenizer.encode(text, add_special_tokens=False), "messages")
+        prompt_ids = self._encode(text, "messages", add_special_tokens=False)
         return GenerationRequest(prompt_ids, params, stops, stream, include_usage)
 
     def completion(self, body: dict) -> GenerationRequest:
@@ -211,7 +222,7 @@ class RequestReader:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            prompt_ids = self.model.tokenizer.encode(prompt, add_special_tokens=True)
+            prompt_ids = self._encode(prompt, "prompt", add_special_tokens=True)
             text = prompt
         elif isinstance(prompt, list) and prompt and all(
             isinstance(token, int) and not isinstance(token, bool) and 0 <= token < self.model.args.vocab_size
@@ -232,11 +243,17 @@ def _reject_constant(name: str) -> None:
 
 
 def parse_body(raw: bytes) -> dict:
-    """The JSON object a request carries (NaN and Infinity refused); ApiError 400 otherwise."""
+    """The JSON object a request carries (NaN and Infinity refused, and text that is no valid Unicode, such as a
+    lone surrogate escape); ApiError 400 otherwise."""
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except ValueError as error:
         raise ApiError(400, f"The body is not valid JSON: {error}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The body must be a JSON object", code="invalid_json")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "The body holds text that is not valid Unicode (a lone surrogate \\ud800-\\udfff "
+                            "escape): send UTF-8 text", code="invalid_unicode") from None
     return body

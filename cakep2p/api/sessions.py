@@ -31,28 +31,56 @@ class SessionsFull(Exception):
 
 
 class StopMatcher:
-    """Cuts streamed text at the first stop string, holding back a tail that may be the start of one."""
+    """Cuts streamed text at the first stop string, holding back a tail that may be the start of one.
+
+    Linear in the text: each stop string keeps a Knuth-Morris-Pratt state (how much of it the text ends with), so a
+    long stop string costs its length once, not once per token.
+    """
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = stops
+        self._failures = [_failure_table(stop) for stop in stops]
+        self._matched = [0] * len(stops)  # per stop: the length of its longest prefix the text so far ends with
         self.pending = ""
 
     def push(self, text: str) -> tuple[str, bool]:
         """Text safe to emit now, and whether a stop string was reached (the text before it is returned)."""
+        start = len(self.pending)
         self.pending += text
-        hits = [index for index in (self.pending.find(stop) for stop in self.stops) if index >= 0]
-        if hits:
-            text, self.pending = self.pending[: min(hits)], ""
-            return text, True
-        keep = max((size for stop in self.stops for size in range(1, len(stop))
-                    if self.pending.endswith(stop[:size])), default=0)
-        cut = len(self.pending) - keep
-        text, self.pending = self.pending[:cut], self.pending[cut:]
-        return text, False
+        for offset, char in enumerate(text, start):
+            for index, stop in enumerate(self.stops):
+                matched = _advance(stop, self._failures[index], self._matched[index], char)
+                if matched == len(stop):
+                    emitted, self.pending = self.pending[:offset + 1 - len(stop)], ""
+                    self._matched = [0] * len(self.stops)
+                    return emitted, True
+                self._matched[index] = matched
+        cut = len(self.pending) - max(self._matched, default=0)
+        emitted, self.pending = self.pending[:cut], self.pending[cut:]
+        return emitted, False
 
     def flush(self) -> str:
         text, self.pending = self.pending, ""
+        self._matched = [0] * len(self.stops)
         return text
+
+
+def _failure_table(pattern: str) -> list[int]:
+    """failure[i]: the length of the longest proper prefix of pattern[:i + 1] that is also its suffix."""
+    failure, length = [0] * len(pattern), 0
+    for index in range(1, len(pattern)):
+        while length and pattern[index] != pattern[length]:
+            length = failure[length - 1]
+        if pattern[index] == pattern[length]:
+            length += 1
+        failure[index] = length
+    return failure
+
+
+def _advance(pattern: str, failure: list[int], matched: int, char: str) -> int:
+    while matched and char != pattern[matched]:
+        matched = failure[matched - 1]
+    return matched + 1 if char == pattern[matched] else 0
 
 
 def openai_finish_reason(reply: Reply) -> str:
@@ -88,11 +116,6 @@ class Sessions:
             cancelling = sum(generation.cancelled.is_set() for generation in self._running)
             return {"open": self.open, "waiting": len(self._queue), "cancelling": cancelling, "max": self.limit,
                     "finished": dict(self.finished)}
-
-    def check_room(self) -> None:
-        """SessionsFull when a new request would have to wait behind max_waiting others."""
-        with self._condition:
-            self._check_room()
 
     def admit(self) -> None:
         """Count a new generation in (SessionsFull when there is no room); it leaves the count in acquire()."""

@@ -10,6 +10,8 @@ import torch
 
 from cakep2p.engine.generation_config import GenerationDefaults
 
+GREEDY_BELOW = 1e-4  # temperatures this small pick the likeliest token as temperature 0 does
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -79,7 +81,7 @@ class Sampler:
             scores = scores.clone()
             scores[seen] = torch.where(picked < 0, picked * params.repetition_penalty,
                                        picked / params.repetition_penalty)
-        if params.temperature == 0.0:
+        if params.temperature < GREEDY_BELOW:  # 1e-300 would overflow the division: it is greedy in all but name
             return int(torch.argmax(scores))
         scores = scores / params.temperature
         if 0 < params.top_k < scores.numel():
