@@ -128,9 +128,12 @@ def sampling_from_args(args: argparse.Namespace, checkpoint: "Checkpoint") -> "S
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Which model to run and how: shared by generate, chat and api."""
-    parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("--model", required=True, metavar="PATH",
+                        help="a .gguf file, or a folder: Hugging Face (config.json, *.safetensors, tokenizer.json) "
+                             "or holding one .gguf")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="weights and activations dtype (auto: the checkpoint's)")
+                        help="weights and activations dtype (auto: the checkpoint's; float32 on a GGUF dequantizes "
+                             "it exactly)")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     parser.add_argument("--context", type=positive_int, default=None, metavar="N", help="tokens of KV cache to reserve (default: min(4096, model max))")
     parser.add_argument("--local", action="store_true", help="run on this machine only, no cluster")

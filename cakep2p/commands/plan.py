@@ -11,7 +11,8 @@ from cakep2p.units import format_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model folder (safetensors)")
+    parser.add_argument("--model", required=True, metavar="PATH",
+                        help="a .gguf file, or a Hugging Face model folder (or one holding a .gguf)")
     parser.add_argument("--context", type=positive_int, default=None, metavar="N",
                         help="tokens of KV cache to reserve (default and cap: what generate and chat use)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",

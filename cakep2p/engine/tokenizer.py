@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as RawTokenizer
 
 from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.generation_config import read_json_object
+from cakep2p.engine.gguf_tokenizer import build_tokenizer
 from cakep2p.errors import ModelError
 
 # Used when a model ships no chat template (base models). Renders, for a system and a user message:
@@ -150,8 +151,12 @@ class Tokenizer:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint) -> "Tokenizer":
-        """Read the checkpoint folder's tokenizer.json, tokenizer_config.json and chat template; bos and eos come
-        from the checkpoint's generation defaults. ModelError when a file is missing or unusable."""
+        """Read the checkpoint folder's tokenizer.json, tokenizer_config.json and chat template (bos and eos come from
+        the checkpoint's generation defaults), or rebuild a GGUF's from its metadata. ModelError when unusable."""
+        if checkpoint.gguf is not None:
+            raw, config, eos_ids, bos_id = build_tokenizer(checkpoint.gguf)
+            return cls(raw, name=checkpoint.name, tokenizer_config=config, chat_template=config["chat_template"],
+                       eos_ids=eos_ids, bos_id=bos_id)
         model_dir = checkpoint.path
         tokenizer_path = model_dir / "tokenizer.json"
         if not tokenizer_path.is_file():
