@@ -25,7 +25,32 @@ class PeersPanel(QWidget):
         super().__init__(parent)
         self.peers_model = peers_model
         self.current_code = ""
+        self._make_membership()
+        self._make_code_row()
+        self._make_table(peers_model)
 
+        title = QLabel("Cluster")
+        title.setStyleSheet("font-size: 15px; font-weight: 700;")
+        top = QHBoxLayout()
+        top.addWidget(title)
+        top.addStretch(1)
+        top.addWidget(self.join_toggle)
+        code_row = QHBoxLayout()
+        code_row.addWidget(QLabel("Pairing code:"))
+        code_row.addWidget(self.code_edit, 1)
+        code_row.addWidget(self.copy_button)
+        code_row.addWidget(self.join_code_button)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(top)
+        layout.addWidget(self.self_label)
+        layout.addLayout(code_row)
+        layout.addWidget(self.table, 1)
+        layout.addWidget(self.empty_hint)
+        layout.addWidget(self.show_foreign)
+
+    def _make_membership(self) -> None:
+        """This machine's line and the "Join this cluster" toggle."""
         self.self_label = QLabel("Starting this node…")
         self.self_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.join_toggle = QCheckBox("Join this cluster")
@@ -35,6 +60,8 @@ class PeersPanel(QWidget):
                                     "Off: it stops announcing and refuses new work; your own chat keeps running.")
         self.join_toggle.toggled.connect(self._on_toggled)
 
+    def _make_code_row(self) -> None:
+        """The pairing code: shown, copied, or replaced by another cluster's."""
         self.code_edit = QLineEdit()
         self.code_edit.setPlaceholderText("pairing code, e.g. amber-falcon-river-tulip-maple-orbit-048213")
         self.code_edit.setToolTip("Every machine of one cluster uses the same pairing code.\n"
@@ -49,6 +76,8 @@ class PeersPanel(QWidget):
         self.join_code_button.setEnabled(False)
         self.join_code_button.clicked.connect(self._request_code_change)
 
+    def _make_table(self, peers_model: PeersModel) -> None:
+        """The live peers table, its filter for other clusters, and the hint shown while it is empty."""
         self.peers_filter = PeersFilter(peers_model, self)
         self.table = QTableView()
         self.table.setModel(self.peers_filter)
@@ -72,26 +101,6 @@ class PeersPanel(QWidget):
         self.empty_hint.setStyleSheet("color: #6b7280;")
         for signal in (peers_model.rowsInserted, peers_model.rowsRemoved, peers_model.modelReset):
             signal.connect(self._update_hint)
-
-        title = QLabel("Cluster")
-        title.setStyleSheet("font-size: 15px; font-weight: 700;")
-        top = QHBoxLayout()
-        top.addWidget(title)
-        top.addStretch(1)
-        top.addWidget(self.join_toggle)
-        code_row = QHBoxLayout()
-        code_row.addWidget(QLabel("Pairing code:"))
-        code_row.addWidget(self.code_edit, 1)
-        code_row.addWidget(self.copy_button)
-        code_row.addWidget(self.join_code_button)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addLayout(top)
-        layout.addWidget(self.self_label)
-        layout.addLayout(code_row)
-        layout.addWidget(self.table, 1)
-        layout.addWidget(self.empty_hint)
-        layout.addWidget(self.show_foreign)
 
     def show_node(self, state: NodeState) -> None:
         self.self_label.setText(f"This machine: <b>{state.name}</b> · port {state.port} · "
