@@ -42,6 +42,28 @@ def pump_until(condition: Callable[[], object], timeout: float = 20.0, message: 
         app.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 50)
 
 
+def chat_as_each_holds_it(window) -> dict[str, list[tuple[str, str]]]:
+    """The chat on screen as the list model shows it (notices aside), as its log file reads back from disk and as
+    the engine's Conversation holds it."""
+    from cakep2p.gui.history import ChatLog
+
+    conversation = window.bridge.chat.conversation
+    return {"list model": [(row.role, row.text) for row in window.chat_model.messages() if row.role != "notice"],
+            "log file": [(message.role, message.content) for message in ChatLog(window.chat_log.path).messages],
+            "conversation": [(message["role"], message["content"]) for message in list(conversation.messages)]}
+
+
+def wait_for_one_chat(window, qtbot, timeout_ms: int = 10000) -> list[tuple[str, str]]:
+    """Wait until the list model, the log file and the conversation hold the same chat (the conversation takes
+    a stored or new chat on the model thread), and return it."""
+    def same() -> None:
+        held = chat_as_each_holds_it(window)
+        assert held["list model"] == held["log file"] == held["conversation"], held
+
+    qtbot.waitUntil(same, timeout=timeout_ms)
+    return chat_as_each_holds_it(window)["list model"]
+
+
 def reference_greedy(model_dir: Path, index: int = 0) -> dict:
     """One greedy row of the model's REFERENCE.json: prompt, new_token_ids, text."""
     return json.loads((Path(model_dir) / "REFERENCE.json").read_text())["greedy"][index]

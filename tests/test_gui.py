@@ -3,6 +3,7 @@ real `cakep2p peers`, and a streaming chat with the trained stories260K model.""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -26,10 +27,11 @@ from cakep2p.gui.state import PlanSegment, PlanView  # noqa: E402
 from cakep2p.gui.history import ChatHistory, ChatLog  # noqa: E402
 from cakep2p.gui.models import ChatModel, PeersFilter, PeersModel  # noqa: E402
 from cakep2p.gui.recent import RecentModels  # noqa: E402
+from cakep2p.gui.transcript import Transcript  # noqa: E402
 from cakep2p.gui.window import MainWindow  # noqa: E402
 from cakep2p.security import new_code  # noqa: E402
 from tests._discovery_helpers import free_port, loopback_multicast_on, seed_benchmark, start_serve  # noqa: E402
-from tests._gui_helpers import CLUSTER_CODE, peers_json, pump_until, reference_greedy  # noqa: E402
+from tests._gui_helpers import CLUSTER_CODE, peers_json, pump_until, reference_greedy, wait_for_one_chat  # noqa: E402
 
 RUN = uuid.uuid4().hex[:6]
 
@@ -64,28 +66,60 @@ def test_peers_model_passes_qtmodeltester_through_adds_updates_and_removals(qtmo
 
 
 def test_chat_model_passes_qtmodeltester_while_streaming(qtmodeltester, qtbot):
-    model = ChatModel(render_interval_ms=10)
-    model.append("user", "Hello")
-    model.append("assistant", "", streaming=True)
+    transcript = Transcript()
+    model = ChatModel(transcript, render_interval_ms=10)
+    transcript.append("user", "Hello")
+    transcript.append("assistant", "", state="streaming")
     with qtbot.waitSignal(model.dataChanged, timeout=2000):
         for piece in ("Hi", " there", "!"):
-            model.append_text(piece)
-    model.finish_streaming("first token 1 ms")
-    model.append("notice", "peer-2 left the cluster.")
+            transcript.append_text(piece)
+    transcript.finish_streaming("first token 1 ms")
+    transcript.append("notice", "peer-2 left the cluster.")
     qtmodeltester.check(model, force_py=True)
     assert [message.text for message in model.messages()] == ["Hello", "Hi there!", "peer-2 left the cluster."]
     assert model.index(1, 0).data(ChatModel.StatusRole) == "first token 1 ms"
 
 
 def test_chat_model_throttles_view_updates_while_tokens_stream(qtbot):
-    model = ChatModel(render_interval_ms=100)
-    model.append("assistant", "", streaming=True)
+    transcript = Transcript()
+    model = ChatModel(transcript, render_interval_ms=100)
+    transcript.append("assistant", "", state="streaming")
     changes = []
     model.dataChanged.connect(lambda *args: changes.append(args))
     for _ in range(200):
-        model.append_text("x")
+        transcript.append_text("x")
     qtbot.waitUntil(lambda: len(changes) == 1, timeout=2000)
     assert model.message(0).text == "x" * 200
+
+
+def test_chat_model_follows_each_transcript_operation_under_qtmodeltester(qtmodeltester):
+    transcript = Transcript()
+    model = ChatModel(transcript, render_interval_ms=0)
+    qtmodeltester.check(model, force_py=True)            # and it keeps checking every change that follows
+    for role, text in (("user", "a"), ("assistant", "b"), ("notice", "peer-2 left"), ("user", "c"), ("assistant", "d")):
+        transcript.append(role, text)
+    assert transcript.regenerate()
+    transcript.append_text("d2")
+    transcript.finish_streaming("4 tokens")
+    assert transcript.drop_oldest_turn() == 2
+    transcript.append("user", "too long")
+    transcript.append("assistant", "", state="streaming")
+    transcript.withdraw_answer(question_too=True)
+    assert [(row.role, row.text) for row in model.messages()] == [("notice", "peer-2 left"), ("user", "c"),
+                                                                   ("assistant", "d2")]
+    transcript.replace([("user", "x"), ("assistant", "y")])
+    assert model.rowCount() == 2 and model.index(1, 0).data() == "y"
+
+
+def test_failed_answers_and_queued_questions_are_shown_but_not_in_the_history():
+    transcript = Transcript()
+    transcript.append("user", "a")
+    transcript.append("assistant", "half an answ", state="streaming")
+    transcript.finish_streaming("failed", failed=True)
+    transcript.append("user", "b", state="queued", status="waiting for the model to load…")
+    assert len(transcript) == 3 and transcript.history() == [{"role": "user", "content": "a"}]
+    transcript.remove_queued()
+    assert [row.text for row in transcript.messages()] == ["a", "half an answ"]
 
 
 # ---- history -------------------------------------------------------------------------------------------------
@@ -109,6 +143,18 @@ def test_history_records_regenerate_and_dropped_turns(tmp_path):
     log.append("assistant", "d2")
     log.drop_first(2)
     assert [message.content for message in ChatLog(tmp_path / "chat.jsonl").messages] == ["c", "d2"]
+
+
+def test_history_log_follows_a_history_with_the_fewest_records(tmp_path):
+    log = ChatLog(tmp_path / "chat.jsonl")
+    turns = [{"role": role, "content": text} for role, text in (("user", "a"), ("assistant", "b"),
+                                                                ("user", "c"), ("assistant", "d"))]
+    log.follow(turns)
+    log.follow(turns[2:] + [{"role": "user", "content": "e"}])    # the oldest turn dropped, a question added
+    log.follow(turns[2:3])                                          # that question withdrawn, the answer redone
+    kinds = [json.loads(line)["type"] for line in log.path.read_text().splitlines()]
+    assert kinds == ["meta"] + ["message"] * 4 + ["drop_first", "message", "truncate"]
+    assert [message.content for message in ChatLog(log.path).messages] == ["c"]
 
 
 def test_recent_models_remembers_newest_first_without_duplicates(tmp_path):
@@ -237,6 +283,23 @@ def test_chat_streams_the_reference_greedy_tokens_into_the_view(greedy, qtbot, s
     qtbot.waitUntil(lambda: greedy.context_bar.value() == outcome.context_used > len(reference["new_token_ids"]))
 
 
+def test_streamed_text_reaches_the_transcript_on_the_ui_thread(greedy, qtbot):
+    import threading
+
+    threads = set()
+
+    def record(_row: int) -> None:   # a direct connection: it runs on the thread that changed the transcript
+        threads.add(threading.current_thread())
+
+    greedy.chat.transcript.changed.connect(record)
+    try:
+        with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000):
+            send(greedy, "Once upon a time", 16)
+    finally:
+        greedy.chat.transcript.changed.disconnect(record)
+    assert threads == {threading.main_thread()}
+
+
 def test_stop_ends_generation_within_one_token(greedy, qtbot):
     with qtbot.waitSignal(greedy.bridge.tokenArrived, timeout=60000):
         send(greedy, "Once upon a time", 400)
@@ -323,7 +386,8 @@ def test_markdown_answers_render_code_in_a_monospaced_font(qapp):
 def test_chat_view_follows_new_text_until_the_user_scrolls_up(qtbot):
     from cakep2p.gui.chat_view import ChatView
 
-    model = ChatModel(render_interval_ms=0)
+    transcript = Transcript()
+    model = ChatModel(transcript, render_interval_ms=0)
     view = ChatView()
     view.setModel(model)
     view.resize(400, 300)
@@ -331,16 +395,16 @@ def test_chat_view_follows_new_text_until_the_user_scrolls_up(qtbot):
     view.show()
     scroll_bar = view.verticalScrollBar()
     for index in range(30):
-        model.append("assistant", f"answer number {index}")
+        transcript.append("assistant", f"answer number {index}")
     qtbot.waitUntil(lambda: scroll_bar.maximum() > 0 and scroll_bar.value() == scroll_bar.maximum())
     scroll_bar.setValue(0)                      # the user scrolls up to read
     old_maximum = scroll_bar.maximum()
     for index in range(10):
-        model.append("assistant", f"later answer {index}")
+        transcript.append("assistant", f"later answer {index}")
     qtbot.waitUntil(lambda: scroll_bar.maximum() > old_maximum)
     assert scroll_bar.value() == 0 and not view.follow
     scroll_bar.setValue(scroll_bar.maximum())   # back at the end: following again
-    model.append("assistant", "newest")
+    transcript.append("assistant", "newest")
     qtbot.waitUntil(lambda: scroll_bar.value() == scroll_bar.maximum())
     assert view.follow
 
@@ -472,6 +536,50 @@ def test_an_earlier_chat_reopens_from_history_and_continues(greedy, qtbot):
     with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000):
         send(greedy, "The little dog", 8)
     assert [message.role for message in ChatLog(stored_path).messages] == ["user", "assistant"] * 2
+
+
+def test_regenerate_leaves_one_chat_in_the_view_the_log_and_the_conversation(greedy, qtbot):
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000):
+        send(greedy, "Once upon a time", 12)
+    greedy.settings.max_tokens.setValue(4)                  # a shorter answer: the new one differs from the old
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000) as again:
+        greedy.regenerate_button.click()
+    assert wait_for_one_chat(greedy, qtbot) == [("user", "Once upon a time"), ("assistant", again.args[0].reply.text)]
+
+
+def test_dropping_the_oldest_turn_leaves_one_chat_in_the_view_the_log_and_the_conversation(greedy, qtbot):
+    for prompt in ("Once upon a time", "The little dog"):
+        with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000):
+            send(greedy, prompt, 6)
+    greedy.show_notice("peer-7 (layers 3–4) left the cluster.")
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000):
+        greedy.chat.drop_oldest_turn_and_ask("The cat")
+    chat = wait_for_one_chat(greedy, qtbot)
+    assert [text for role, text in chat if role == "user"] == ["The little dog", "The cat"] and len(chat) == 4
+    assert [row.role for row in greedy.chat_model.messages()].count("notice") == 1   # notices stay
+
+
+def test_restoring_a_stored_chat_leaves_one_chat_and_writes_nothing_to_its_log(greedy, qtbot):
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000):
+        send(greedy, "Once upon a time", 6)
+    stored = greedy.chat_log.path
+    written = stored.read_bytes()
+    greedy.new_chat()
+    greedy.open_chat(ChatLog(stored))
+    assert len(wait_for_one_chat(greedy, qtbot)) == 2 and stored.read_bytes() == written
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000):
+        send(greedy, "The little dog", 6)
+    assert [role for role, _text in wait_for_one_chat(greedy, qtbot)] == ["user", "assistant"] * 2
+
+
+def test_a_new_chat_leaves_one_empty_chat_and_the_old_one_stored(greedy, qtbot):
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000):
+        send(greedy, "Once upon a time", 6)
+    old = greedy.chat_log.path
+    written = old.read_bytes()
+    greedy.new_chat_button.click()
+    assert wait_for_one_chat(greedy, qtbot) == []
+    assert greedy.chat_log.path != old and old.read_bytes() == written
 
 
 def test_without_pyside6_the_app_prints_an_install_hint_and_exits_2(monkeypatch, capsys):

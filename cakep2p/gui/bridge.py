@@ -3,6 +3,8 @@
 Core callbacks arrive on the node's threads and are re-emitted as signals (queued to the UI thread);
 intents run on two worker threads — one for the node (start, serving, cluster code, model checks),
 one for the model (load, generate, reset) — so the UI thread never waits on the network or on torch.
+The worker threads only emit: they never touch a widget, a model or the window's Transcript. A chat
+reaches the engine as the history the window hands `ask` (see chat_session.py).
 """
 
 from __future__ import annotations
@@ -10,19 +12,16 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Sequence
 
 from PySide6.QtCore import QObject, Signal
 
 from cakep2p.errors import CakeError
-from cakep2p.gui.state import ModelInfo, ModelPreview, NodeState, PlanView, ReplyOutcome, plan_view, preview_of
+from cakep2p.gui.chat_session import ChatSession
+from cakep2p.gui.downloads import download, why_not_downloadable
+from cakep2p.gui.state import ModelInfo, ModelPreview, NodeState, PlanView, plan_view, preview_of
 
 log = logging.getLogger(__name__)
-
-DOWNLOAD_NEEDS = ("Downloading a model needs the huggingface_hub package (pip install huggingface_hub) "
-                  "and a connection to huggingface.co. Without them, copy the model folder to this machine "
-                  "and pick it with “Choose folder…”.")
 
 
 def apply_serving(node: Any, serving: bool, timeout: float = 10.0) -> None:
@@ -37,7 +36,8 @@ def is_serving(node: Any) -> bool:
 
 
 class Bridge(QObject):
-    """Owns the Node and the chat session; every public method is called on the UI thread and returns at once."""
+    """Owns the Node, the model and the chat's session; every public method is called on the UI thread and returns
+    at once."""
 
     nodeStarted = Signal(object)          # NodeState
     nodeFailed = Signal(str)
@@ -58,22 +58,18 @@ class Bridge(QObject):
     replyFailed = Signal(str)
     contextFull = Signal(str, str)        # message, the question that did not fit
     contextChanged = Signal(int, int)     # used, max
-    turnDropped = Signal(int)             # messages dropped from the start of the chat
 
     def __init__(self, node_options: dict | None = None, parent: QObject | None = None):
         super().__init__(parent)
         self.node_options = dict(node_options or {})
         self.node: Any = None
         self.model: Any = None
-        self.session: Any = None
+        self.chat = ChatSession()             # the loaded model's Conversation, used on the model thread
         self.completion_mode = False
         self.plan: PlanView | None = None
         self._node_jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cakep2p-gui-node")
         self._model_jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cakep2p-gui-model")
         self._listener_epoch = 0
-        self._cancel = threading.Event()
-        self._current_reply: Any = None
-        self._tokens_at_stop: int | None = None
         self._generating = False
         self._closed = False
         self.preview: Any = None    # the last plan preview (cluster.PlannedModel): Load uses it while it holds
@@ -227,7 +223,7 @@ class Bridge(QObject):
             self._node_started.result()   # plan over the cluster once the node is up (or has failed)
         if self._inspecting is not None:
             self._inspecting.result()     # the preview being made is the plan to load
-        self._close_session()
+        self.chat.close()
         previous, self.model = self.model, None
         if previous is not None:
             previous.close()
@@ -237,38 +233,12 @@ class Bridge(QObject):
         self.model = model
         has_template = model.tokenizer.has_chat_template
         self.completion_mode = not has_template
-        self.session = self._new_session()
+        self.chat.open(model, raw=self.completion_mode)
         self._publish_plan()
         description = model.describe()
         self.modelLoaded.emit(ModelInfo(model.name, str(checkpoint.path), model.args.num_layers, model.max_seq_len,
                                         has_template, description, checkpoint.generation))
         self.contextChanged.emit(0, model.max_seq_len)
-
-    def _new_session(self) -> Any:
-        """A chat (or raw completion) over a fresh pipeline: its own KV cache, its own remote sessions."""
-        from cakep2p.engine.conversation import Conversation
-
-        return Conversation(self.model.new_pipeline(), self.model.tokenizer, raw=self.completion_mode)
-
-    def _replace_session(self) -> None:
-        """A new session in the new mode; the old one is swapped out only once the new one exists."""
-        if self.model is None:
-            return
-        old, self.session = self.session, self._new_session()
-        if old is not None:
-            self._close_pipeline(old)
-
-    def _close_session(self) -> None:
-        session, self.session = self.session, None
-        if session is not None:
-            self._close_pipeline(session)
-
-    @staticmethod
-    def _close_pipeline(session: Any) -> None:
-        try:
-            session.pipeline.close()
-        except Exception:  # a lost peer cannot be told; the session is gone either way
-            log.debug("closing the chat pipeline failed", exc_info=True)
 
     def _publish_plan(self) -> None:
         model = self.model
@@ -292,92 +262,27 @@ class Bridge(QObject):
     def download_model(self, hub_id: str) -> Future | None:
         """Fetch a Hugging Face Hub model (needs huggingface_hub and a network), then load it."""
         hub_id = hub_id.strip()
-        try:
-            import huggingface_hub  # noqa: F401  (optional dependency)
-            del huggingface_hub
-        except ImportError:
-            self.modelFailed.emit(DOWNLOAD_NEEDS)
-            return None
-        if not hub_id or hub_id.count("/") != 1:
-            self.modelFailed.emit(f"“{hub_id}” is not a hub id: use the form owner/name, e.g. Qwen/Qwen3-0.6B")
+        refusal = why_not_downloadable(hub_id)
+        if refusal:
+            self.modelFailed.emit(refusal)
             return None
         self.modelLoading.emit(hub_id)
         return self._track_load(self._model_jobs.submit(self._guard(lambda: self._download(hub_id), self.modelFailed)))
 
     def _download(self, hub_id: str) -> None:
-        from huggingface_hub import snapshot_download
-
         self.modelProgress.emit(0, 0, f"downloading {hub_id}")
-        try:
-            folder = snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])
-        except Exception as error:  # any hub/network failure becomes one message
-            raise CakeError(f"could not download {hub_id}: {str(error).splitlines()[0] if str(error) else error!r}. "
-                            + DOWNLOAD_NEEDS) from None
-        self._load(folder)
+        self._load(download(hub_id))
 
     # Chat ----------------------------------------------------------------------------------------
     def set_completion_mode(self, enabled: bool) -> None:
-        """Raw completion (no chat template) or chat; switching starts a new chat."""
+        """Raw completion (no chat template) or chat; the window starts a new chat with it."""
         if enabled != self.completion_mode:
             self.completion_mode = enabled
-            self._submit_chat(self._replace_session)
+            self._submit_chat(lambda: self.chat.open(self.model, raw=enabled) if self.model is not None else None)
 
-    def ask(self, text: str, params: Any, system_prompt: str | None = None) -> bool:
-        """Stream an answer to `text`; False (with an error signal) when no model is loaded or one is streaming."""
-        return self._start_reply(lambda session, reply, cancel: session.ask(text, params, reply, cancel),
-                                 system_prompt, question=text)
-
-    def regenerate(self, params: Any, system_prompt: str | None = None) -> bool:
-        return self._start_reply(lambda session, reply, cancel: session.regenerate(params, reply, cancel),
-                                 system_prompt, question="")
-
-    def drop_oldest_turn_and_ask(self, text: str, params: Any, system_prompt: str | None = None) -> bool:
-        """After ContextFull: forget the oldest user message and its answer, then ask again."""
-        def start(session: Any, reply: Any, cancel: threading.Event):
-            messages = session.messages
-            if not messages:
-                from cakep2p.engine.conversation import ContextFull
-
-                raise ContextFull("this message alone is longer than the context: shorten it, "
-                                  "or load the model with a larger context")
-            count = 1
-            while count < len(messages) and messages[count]["role"] != "user":
-                count += 1
-            del messages[:count]
-            self.turnDropped.emit(count)
-            return session.ask(text, params, reply, cancel)
-        return self._start_reply(start, system_prompt, question=text)
-
-    def stop(self) -> None:
-        """End the streaming answer within one token."""
-        reply = self._current_reply
-        if self._generating and reply is not None and not self._cancel.is_set():
-            self._tokens_at_stop = len(reply.token_ids)
-            self._cancel.set()
-
-    def new_chat(self) -> None:
-        self.stop()
-        self._submit_chat(lambda: self.session.reset() if self.session is not None else None)
-        if self.model is not None:
-            self.contextChanged.emit(0, self.model.max_seq_len)
-
-    def restore_chat(self, messages: list[dict[str, str]]) -> Future:
-        """Continue a stored chat: a new session whose history is `messages` (text only; the cache refills)."""
-        self.stop()
-
-        def job() -> None:
-            if self.session is not None:
-                self.session.reset()
-                self.session.messages.extend(dict(message) for message in messages)
-                self.contextChanged.emit(self.session.context_used(), self.session.max_context)
-        return self._submit_chat(job)
-
-    def _submit_chat(self, job: Callable[[], Any]) -> Future:
-        return self._model_jobs.submit(self._guard(job, self.error))
-
-    def _start_reply(self, start: Callable, system_prompt: str | None, question: str) -> bool:
-        from cakep2p.engine.conversation import Reply
-
+    def ask(self, history: Sequence[dict[str, str]], params: Any, system_prompt: str | None = None) -> bool:
+        """Stream the answer to the last message of `history` (the chat on screen, oldest first, ending with the
+        question); False (with an error signal) when no model is loaded or an answer is streaming."""
         if not self.model_expected():
             self.error.emit("Load a model first: choose a model folder above.")
             return False
@@ -385,27 +290,42 @@ class Bridge(QObject):
             self.error.emit("An answer is still streaming: wait for it or press Stop.")
             return False
         self._generating = True
-        self._cancel = threading.Event()
-        self._tokens_at_stop = None
-        self._current_reply = Reply()
-        self._model_jobs.submit(self._run_reply, start, self._current_reply, self._cancel, system_prompt, question)
+        reply, cancel = self.chat.begin()
+        history = [dict(message) for message in history]   # the worker's own copy
+        self._model_jobs.submit(self._run_reply, history, params, system_prompt, reply, cancel)
         return True
 
-    def _run_reply(self, start: Callable, reply: Any, cancel: threading.Event, system_prompt: str | None,
-                   question: str) -> None:
+    def stop(self) -> None:
+        """End the streaming answer within one token."""
+        if self._generating:
+            self.chat.stop()
+
+    def set_history(self, history: Sequence[dict[str, str]]) -> Future:
+        """Another chat is on screen (a stored one, a new one): the session starts over with it, and
+        contextChanged says how much of the context it takes."""
+        self.stop()
+        history = [dict(message) for message in history]
+
+        def job() -> None:
+            used = self.chat.set_history(history)
+            if used is not None:
+                self.contextChanged.emit(*used)
+        return self._submit_chat(job)
+
+    def _submit_chat(self, job: Callable[[], Any]) -> Future:
+        return self._model_jobs.submit(self._guard(job, self.error))
+
+    def _run_reply(self, history: list[dict[str, str]], params: Any, system_prompt: str | None, reply: Any,
+                   cancel: threading.Event) -> None:
         from cakep2p.engine.conversation import ContextFull
 
-        session = self.session
         try:
-            if session is None:
-                raise CakeError("no model is loaded: choose a model folder and press Load")
-            session.system_prompt = system_prompt or None
+            events = self.chat.answer(history, params, system_prompt, reply, cancel)
             self.replyStarted.emit()
-            for event in start(session, reply, cancel):
+            for event in events:
                 if event.text:
                     self.tokenArrived.emit(event.text)
-            after_stop = None if self._tokens_at_stop is None else len(reply.token_ids) - self._tokens_at_stop
-            outcome = ReplyOutcome(reply, session.context_used(), session.max_context, after_stop)
+            outcome = self.chat.outcome(reply)
             self._generating = False
             self.replyFinished.emit(outcome)
             self.contextChanged.emit(outcome.context_used, outcome.max_context)
@@ -413,7 +333,7 @@ class Bridge(QObject):
                 self._publish_plan()
         except ContextFull as error:
             self._generating = False
-            self.contextFull.emit(str(error), question)
+            self.contextFull.emit(str(error), history[-1]["content"])
         except CakeError as error:
             self._generating = False
             self.replyFailed.emit(str(error))
@@ -422,8 +342,7 @@ class Bridge(QObject):
             self._generating = False
             self.replyFailed.emit(f"generation failed: {error}")
         finally:
-            if self._current_reply is reply:
-                self._current_reply = None
+            self.chat.finished(reply)
 
     # Life ----------------------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -432,10 +351,10 @@ class Bridge(QObject):
             return
         self._closed = True
         self._listener_epoch += 1
-        self._cancel.set()
+        self.chat.cancel()
         self._model_jobs.shutdown(wait=True, cancel_futures=True)
         self._node_jobs.shutdown(wait=True, cancel_futures=True)
-        self._close_session()
+        self.chat.close()
         if self.model is not None:
             try:
                 self.model.close()

@@ -1,7 +1,9 @@
 """Chat history on disk: one append-only JSONL file per chat in the data dir (text only), exportable as Markdown.
 
-Each message is appended and fsync'ed as soon as it exists, so a crash loses at most the answer being
-written; a torn last line is skipped when the file is read back.
+A ChatLog follows the window's Transcript: each time the transcript's history changes, the log writes the
+few records that make its messages equal it again (a new message, a truncated end, a dropped oldest turn).
+Each record is fsync'ed as soon as it exists, so a crash loses at most the answer being written; a torn
+last line is skipped when the file is read back.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from cakep2p import paths
 
@@ -51,6 +54,26 @@ class ChatLog:
         first = next((message.content for message in self._messages if message.role == "user"), "")
         line = " ".join(first.split())
         return (line[:60] + "…") if len(line) > 60 else (line or "(empty chat)")
+
+    def follow(self, history: Sequence[Mapping[str, str]]) -> None:
+        """Make the stored messages equal `history` ({"role", "content"} dicts) with the fewest records: keep the
+        longest run of stored messages that still opens `history` (after dropping some oldest ones, or none),
+        then append the rest."""
+        wanted = [StoredMessage(str(message["role"]), str(message["content"])) for message in history]
+        stored = self._messages
+        if wanted == stored:
+            return
+        kept_at_start = 0
+        while kept_at_start < min(len(stored), len(wanted)) and stored[kept_at_start] == wanted[kept_at_start]:
+            kept_at_start += 1
+        dropped = next((count for count in range(1, len(stored)) if wanted and stored[count] == wanted[0]
+                        and stored[count:] == wanted[:len(stored) - count]), len(stored))
+        if dropped < len(stored) and len(stored) - dropped > kept_at_start:
+            self.drop_first(dropped)
+        else:
+            self.truncate(kept_at_start)
+        for message in wanted[len(self._messages):]:
+            self.append(message.role, message.content)
 
     def append(self, role: str, content: str, **extra) -> None:
         """Store one message now (user messages when sent, answers when they end)."""

@@ -1,20 +1,21 @@
-"""Qt item models the window's views show: the live peers table and the chat transcript.
+"""Qt item models the window's views show: the live peers table and the chat.
 
-Both are fed on the UI thread by the bridge's signals; they hold display state only.
+Both change on the UI thread only: the peers model by the bridge's signals, the chat model by following its
+Transcript. They hold display state only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from PySide6.QtCore import (QAbstractListModel, QAbstractTableModel, QModelIndex, QPersistentModelIndex,
                             QSortFilterProxyModel, Qt, QTimer)
 from PySide6.QtGui import QBrush, QColor
 
+from cakep2p.gui.transcript import ChatMessage, Transcript
 from cakep2p.units import format_size
 
-ChatRole = Literal["user", "assistant", "notice"]
 STATUS_TEXT = {"ok": "ok", "other_cluster": "other cluster", "incompatible": "incompatible"}
 STATUS_COLOR = {"ok": "#2e7d32", "other_cluster": "#b26a00", "incompatible": "#c62828"}
 AnyIndex = QModelIndex | QPersistentModelIndex
@@ -193,44 +194,42 @@ class PeersFilter(QSortFilterProxyModel):
         return self.show_foreign or peer is None or peer.status == "ok"
 
 
-@dataclass
-class ChatMessage:
-    """One row of the transcript; `status` carries an answer's timing line or how it ended."""
-
-    role: ChatRole
-    text: str
-    streaming: bool = False
-    status: str = ""
-
-
 class ChatModel(QAbstractListModel):
-    """The transcript: user and assistant messages plus inline notices, with throttled updates while streaming.
+    """The list views show of a Transcript: one row per message, following the transcript's changes as they come.
 
-    Streamed text is stored at once but `dataChanged` for the streaming row is emitted at most every
-    `render_interval_ms`, so views re-render Markdown a few times a second, never once per token.
+    It holds no messages of its own. Streamed text is in the transcript at once, but `dataChanged` for the
+    streaming row is emitted at most every `render_interval_ms`, so views re-render Markdown a few times a
+    second, never once per token.
     """
 
     RoleRole = Qt.ItemDataRole.UserRole + 1
     StreamingRole = Qt.ItemDataRole.UserRole + 2
     StatusRole = Qt.ItemDataRole.UserRole + 3
 
-    def __init__(self, parent=None, render_interval_ms: int = 100):
+    def __init__(self, transcript: Transcript, parent=None, render_interval_ms: int = 100):
         super().__init__(parent)
-        self._messages: list[ChatMessage] = []
+        self.transcript = transcript
         self._flush_timer = QTimer(self)
         self._flush_timer.setSingleShot(True)
         self._flush_timer.setInterval(render_interval_ms)
         self._flush_timer.timeout.connect(self._flush)
         self._dirty_row = -1
+        transcript.aboutToInsert.connect(self._before_insert)
+        transcript.inserted.connect(self._after_insert)
+        transcript.aboutToRemove.connect(self._before_remove)
+        transcript.removed.connect(self._after_remove)
+        transcript.aboutToReplace.connect(self._before_replace)
+        transcript.replaced.connect(self._after_replace)
+        transcript.changed.connect(self._on_changed)
 
     # Qt model interface -------------------------------------------------------------------------
     def rowCount(self, parent: AnyIndex = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self._messages)
+        return 0 if parent.isValid() else len(self.transcript)
 
     def data(self, index: AnyIndex, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
-        if not index.isValid() or not 0 <= index.row() < len(self._messages) or index.column() != 0:
+        if not index.isValid() or not 0 <= index.row() < len(self.transcript) or index.column() != 0:
             return None
-        message = self._messages[index.row()]
+        message = self.transcript.message(index.row())
         if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole):
             return message.text
         if role == Qt.ItemDataRole.ToolTipRole:
@@ -248,75 +247,49 @@ class ChatModel(QAbstractListModel):
         names.update({self.RoleRole: b"role", self.StreamingRole: b"streaming", self.StatusRole: b"status"})
         return names
 
-    # Transcript operations (UI thread) ------------------------------------------------------------
+    # Reading the transcript -------------------------------------------------------------------------
     def messages(self) -> list[ChatMessage]:
-        return list(self._messages)
+        return self.transcript.messages()
 
     def message(self, row: int) -> ChatMessage:
-        return self._messages[row]
+        return self.transcript.message(row)
 
-    def append(self, role: ChatRole, text: str = "", *, streaming: bool = False, status: str = "") -> int:
+    # Following the transcript -----------------------------------------------------------------------
+    def _before_insert(self, first: int, last: int) -> None:
         self._flush()
-        row = len(self._messages)
-        self.beginInsertRows(QModelIndex(), row, row)
-        self._messages.append(ChatMessage(role, text, streaming, status))
+        self.beginInsertRows(QModelIndex(), first, last)
+
+    def _after_insert(self, _first: int, _last: int) -> None:
         self.endInsertRows()
-        return row
 
-    def streaming_row(self) -> int:
-        for row in range(len(self._messages) - 1, -1, -1):
-            if self._messages[row].streaming:
-                return row
-        return -1
-
-    def append_text(self, text: str) -> None:
-        """Streamed text for the message being generated; views hear of it at the next throttle tick."""
-        row = self.streaming_row()
-        if row < 0 or not text:
-            return
-        self._messages[row].text += text
-        self._dirty_row = row
-        if not self._flush_timer.isActive():
-            self._flush_timer.start()
-
-    def finish_streaming(self, status: str = "", text: str | None = None) -> None:
-        """The streamed message ended: store its final text and status line and update views now."""
-        row = self.streaming_row()
-        if row < 0:
-            return
-        message = self._messages[row]
-        message.streaming = False
-        message.status = status
-        if text is not None:
-            message.text = text
-        self._dirty_row = row
+    def _before_remove(self, first: int, last: int) -> None:
         self._flush()
+        self.beginRemoveRows(QModelIndex(), first, last)
 
-    def remove_rows_from(self, first: int) -> None:
-        """Drop rows `first..end` (regenerate drops the last answer)."""
-        self._flush()
-        if 0 <= first < len(self._messages):
-            self.beginRemoveRows(QModelIndex(), first, len(self._messages) - 1)
-            del self._messages[first:]
-            self.endRemoveRows()
+    def _after_remove(self, _first: int, _last: int) -> None:
+        self.endRemoveRows()
 
-    def remove_row(self, row: int) -> None:
-        self._flush()
-        if 0 <= row < len(self._messages):
-            self.beginRemoveRows(QModelIndex(), row, row)
-            del self._messages[row]
-            self.endRemoveRows()
-
-    def clear(self) -> None:
+    def _before_replace(self) -> None:
         self._flush_timer.stop()
         self._dirty_row = -1
         self.beginResetModel()
-        self._messages.clear()
+
+    def _after_replace(self) -> None:
         self.endResetModel()
+
+    def _on_changed(self, row: int) -> None:
+        """A streaming row is re-shown at the next throttle tick; any other change at once."""
+        if self._dirty_row not in (-1, row):
+            self._flush()
+        self._dirty_row = row
+        if not self.transcript.message(row).streaming:
+            self._flush()
+        elif not self._flush_timer.isActive():
+            self._flush_timer.start()
 
     def _flush(self) -> None:
         self._flush_timer.stop()
         row, self._dirty_row = self._dirty_row, -1
-        if 0 <= row < len(self._messages):
+        if 0 <= row < len(self.transcript):
             index = self.index(row, 0)
             self.dataChanged.emit(index, index)

@@ -1,6 +1,7 @@
 """The main window: cluster panel and model picker on the left, the streaming chat on the right.
 
-Widgets only show state and forward intents to the Bridge; chat text is also appended to the history log.
+Widgets only show state and forward intents: core intents to the Bridge, chat intents to the ChatController,
+whose Transcript the chat view shows (through ChatModel) and the history log stores.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from PySide6.QtWidgets import (QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWi
 
 from cakep2p.gui.api_switch import ApiPanel, ApiSwitch
 from cakep2p.gui.bridge import Bridge
-from cakep2p.gui.state import ModelInfo, ModelPreview, NodeState, PlanView, ReplyOutcome
+from cakep2p.gui.chat import ChatController
+from cakep2p.gui.state import ModelInfo, ModelPreview, NodeState, PlanView
 from cakep2p.gui.chat_view import ChatView
 from cakep2p.gui.history import ChatHistory, ChatLog
 from cakep2p.gui.model_panel import ModelPanel
@@ -82,14 +84,13 @@ class MainWindow(QMainWindow):
         self.bridge = Bridge(node_options, self)
         self.api_switch = ApiSwitch(self)
         self.peers_model = PeersModel(self)
-        self.chat_model = ChatModel(self)
         self.history = history or ChatHistory()
-        self.chat_log: ChatLog = self.history.new_chat()
         self.recent = recent or RecentModels()
         self.model_info: ModelInfo | None = None
         self.plan: PlanView | None = None
-        self._loading = False
-        self._pending_question: str | None = None
+        self.settings = SettingsDrawer()
+        self.chat = ChatController(self.bridge, self.history, self.settings, self)
+        self.chat_model = ChatModel(self.chat.transcript, self)
         self._build()
         self._connect()
         self.model_panel.set_recent(self.recent.load())
@@ -152,7 +153,6 @@ class MainWindow(QMainWindow):
         chat_layout.addWidget(self.input)
         chat_layout.addLayout(buttons)
         chat_layout.addLayout(status_row)
-        self.settings = SettingsDrawer()
         self.settings.setVisible(False)
         right = QWidget()
         right_layout = QHBoxLayout(right)
@@ -196,12 +196,14 @@ class MainWindow(QMainWindow):
         bridge.modelLoaded.connect(self._on_model_loaded)
         bridge.modelFailed.connect(self._on_model_failed)
         bridge.planChanged.connect(self._on_plan_changed)
-        bridge.tokenArrived.connect(self.chat_model.append_text)
-        bridge.replyFinished.connect(self._on_reply_finished)
-        bridge.replyFailed.connect(self._on_reply_failed)
-        bridge.contextFull.connect(self._on_context_full)
         bridge.contextChanged.connect(self._on_context_changed)
-        bridge.turnDropped.connect(self._on_turn_dropped)
+        chat = self.chat
+        chat.errorRaised.connect(self.show_error)
+        chat.choiceOffered.connect(self._offer_choice)
+        chat.busyChanged.connect(self._set_generating)
+        chat.statusChanged.connect(self.status_label.setText)
+        for changed in (chat.transcript.inserted, chat.transcript.removed, chat.transcript.replaced):
+            changed.connect(self._update_regenerate)
         self.peers_panel.servingRequested.connect(bridge.set_serving)
         self.peers_panel.codeChangeRequested.connect(bridge.change_cluster)
         self.model_panel.inspectRequested.connect(bridge.inspect_model)
@@ -216,7 +218,7 @@ class MainWindow(QMainWindow):
         self.input.submitted.connect(self.send)
         self.send_button.clicked.connect(self.send)
         self.stop_button.clicked.connect(bridge.stop)
-        self.regenerate_button.clicked.connect(self.regenerate)
+        self.regenerate_button.clicked.connect(chat.regenerate)
         self.new_chat_button.clicked.connect(self.new_chat)
         self.export_button.clicked.connect(lambda: self.export_chat())
 
@@ -226,80 +228,29 @@ class MainWindow(QMainWindow):
         self.bridge.inspect_model(folder)
         self.bridge.load_model(folder)
 
+    @property
+    def chat_log(self) -> ChatLog:
+        """The log of the chat on screen."""
+        return self.chat.log
+
     def send(self) -> None:
         text = self.input.toPlainText().strip()
         if not text:
             return
-        if self.bridge.generating:
-            self.show_error("An answer is still streaming: wait for it or press Stop.")
-            return
-        if self.model_info is None and not self._loading:
-            self.show_error("Load a model first: choose a model folder on the left, then press Load.")
-            return
-        self.input.clear()
         self.banner.hide()
-        if self._loading:
-            self._pending_question = text
-            self.chat_model.append("user", text, status="waiting for the model to load…")
-            return
-        self._ask(text, show_question=True)
-
-    def _ask(self, text: str, *, show_question: bool, drop_oldest: bool = False) -> None:
-        if show_question:
-            self.chat_model.append("user", text)
-        self.chat_model.append("assistant", "", streaming=True)
-        settings = self.settings
-        if drop_oldest:
-            started = self.bridge.drop_oldest_turn_and_ask(text, settings.params(), settings.system_prompt())
-        else:
-            started = self.bridge.ask(text, settings.params(), settings.system_prompt())
-        if not started:
-            self.chat_model.remove_rows_from(self.chat_model.rowCount() - (2 if show_question else 1))
-            return
-        self.chat_log.append("user", text)
-        self._set_generating(True)
-
-    def regenerate(self) -> None:
-        rows = self.chat_model.messages()
-        if self.bridge.generating or not rows:
-            return
-        last = len(rows) - 1
-        while last >= 0 and rows[last].role == "notice":
-            last -= 1
-        if last >= 0 and rows[last].role == "assistant":
-            self.chat_model.remove_rows_from(last)
-            logged = self.chat_log.messages
-            if logged and logged[-1].role == "assistant":
-                self.chat_log.truncate(len(logged) - 1)
-        self.chat_model.append("assistant", "", streaming=True)
-        if self.bridge.regenerate(self.settings.params(), self.settings.system_prompt()):
-            self._set_generating(True)
-        else:
-            self.chat_model.remove_rows_from(self.chat_model.rowCount() - 1)
+        if self.chat.send(text):
+            self.input.clear()
 
     def new_chat(self) -> None:
-        self.bridge.new_chat()
-        self.chat_model.clear()
         self.banner.hide()
-        self.chat_log = self.history.new_chat(model=self.model_info.name if self.model_info else "",
-                                              system_prompt=self.settings.system_prompt())
-        self.regenerate_button.setEnabled(False)
+        self.chat.new_chat()
 
     def open_chat(self, log: ChatLog) -> None:
         """Show a stored chat and continue it (the model re-reads its text on the next message)."""
-        if self.bridge.generating:
-            self.bridge.stop()
-        self.chat_model.clear()
         self.banner.hide()
-        for message in log.messages:
-            if message.role in ("user", "assistant"):
-                self.chat_model.append(message.role, message.content)
-        self.chat_log = log
         if log.system_prompt is not None:
             self.settings.system_prompt_edit.setPlainText(log.system_prompt)
-        self.bridge.restore_chat([{"role": message.role, "content": message.content} for message in log.messages
-                                  if message.role in ("user", "assistant")])
-        self.regenerate_button.setEnabled(bool(log.messages))
+        self.chat.open_chat(log)
 
     def _fill_chats_menu(self) -> None:
         self.chats_menu.clear()
@@ -326,7 +277,7 @@ class MainWindow(QMainWindow):
         self.banner.show_message(message, "error")
 
     def show_notice(self, message: str) -> None:
-        self.chat_model.append("notice", message)
+        self.chat.add_notice(message)
 
     # Core events ---------------------------------------------------------------------------------
     def _on_node_started(self, state: NodeState) -> None:
@@ -349,14 +300,13 @@ class MainWindow(QMainWindow):
         self.model_panel.show_preview(preview, loaded=self.model_info is not None)
 
     def _on_model_loading(self, what: str) -> None:
-        self._loading = True
+        self.chat.model_loading()
         self.model_panel.show_loading(what)
         self.api_switch.set_model(None)   # the old model is about to close: stop serving it
         self.api_panel.set_model_ready(False, loading=True)
         self.status_label.setText(f"Loading {Path(what).name or what}… (you can type your message meanwhile)")
 
     def _on_model_loaded(self, info: ModelInfo) -> None:
-        self._loading = False
         self.model_info = info
         self.model_panel.show_loaded(info)
         self.api_switch.set_model(self.bridge.model)
@@ -365,18 +315,12 @@ class MainWindow(QMainWindow):
         self.settings.set_completion_mode(not info.has_chat_template)
         self.settings.set_model_defaults(info.generation, info.context)
         self.status_label.setText(f"{info.name} ready.")
-        pending, self._pending_question = self._pending_question, None
-        self.chat_model.clear()
-        self.chat_log = self.history.new_chat(model=info.name, system_prompt=self.settings.system_prompt())
-        if pending:
-            self._ask(pending, show_question=True)
+        self.chat.model_loaded(info.name)
 
     def _on_model_failed(self, message: str) -> None:
-        self._loading = False
-        pending, self._pending_question = self._pending_question, None
-        if pending:  # give the unsent message back
-            self.chat_model.remove_rows_from(self.chat_model.rowCount() - 1)
-            self.input.setPlainText(pending)
+        queued = self.chat.model_failed()
+        if queued:  # give the unsent message back
+            self.input.setPlainText(queued)
         self.model_panel.show_failed(message)
         self.api_switch.set_model(self.bridge.model)   # the previous model, when the failure left it loaded
         self.api_panel.set_model_ready(self.bridge.model is not None)
@@ -398,56 +342,15 @@ class MainWindow(QMainWindow):
         self.bridge.set_completion_mode(enabled)
         self.new_chat()
 
-    def _on_reply_finished(self, outcome: ReplyOutcome) -> None:
-        self._set_generating(False)
-        if self.chat_model.streaming_row() < 0:
-            return  # the chat was cleared while this answer streamed: it belongs to no chat now
-        reply = outcome.reply
-        status = reply.summary() if reply.done else ""
-        self.chat_model.finish_streaming(status, text=reply.text)
-        self.chat_log.append("assistant", reply.text)
-        self.status_label.setText(status)
-
-    def _on_reply_failed(self, message: str) -> None:
-        self.chat_model.finish_streaming("failed")
-        self.show_error(message)
-        self._set_generating(False)
-
     def _on_api_failed(self, message: str) -> None:
         self.api_panel.show_stopped(message)
         self.show_error(message)
 
-    def _on_context_full(self, message: str, question: str) -> None:
-        if self.chat_model.streaming_row() < 0:
-            self._set_generating(False)
-            return
-        rows = self.chat_model.rowCount()
-        self.chat_model.remove_rows_from(rows - 2 if question else rows - 1)
-        if question:
-            self.chat_log.truncate(len(self.chat_log.messages) - 1)
-        self._set_generating(False)
-        if not question:
-            self.show_error(message)
-            return
+    def _offer_choice(self, message: str, question: str) -> None:
         self.banner.show_message(
             f"The chat no longer fits the model's context ({message}). Choose how to continue:", "choice",
-            actions=(("New chat", lambda: self._retry_in_new_chat(question)),
-                     ("Drop oldest turn", lambda: self._ask(question, show_question=True, drop_oldest=True))))
-
-    def _retry_in_new_chat(self, question: str) -> None:
-        self.new_chat()
-        self._ask(question, show_question=True)
-
-    def _on_turn_dropped(self, count: int) -> None:
-        dropped = 0
-        row = 0
-        while dropped < count and row < self.chat_model.rowCount():
-            if self.chat_model.message(row).role == "notice":
-                row += 1
-                continue
-            self.chat_model.remove_row(row)
-            dropped += 1
-        self.chat_log.drop_first(count)
+            actions=(("New chat", lambda: self.chat.ask_in_new_chat(question)),
+                     ("Drop oldest turn", lambda: self.chat.drop_oldest_turn_and_ask(question))))
 
     def _on_context_changed(self, used: int, maximum: int) -> None:
         self.context_bar.setRange(0, max(1, maximum))
@@ -459,7 +362,10 @@ class MainWindow(QMainWindow):
     def _set_generating(self, generating: bool) -> None:
         self.stop_button.setEnabled(generating)
         self.send_button.setEnabled(not generating)
-        self.regenerate_button.setEnabled(not generating and self.chat_model.rowCount() > 0)
+        self._update_regenerate()
+
+    def _update_regenerate(self, *_changed) -> None:
+        self.regenerate_button.setEnabled(not self.bridge.generating and self.chat.transcript.can_regenerate())
 
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 (Qt naming)
         self.api_switch.shutdown()   # before the bridge closes the model the server uses
