@@ -19,9 +19,8 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.constants import GGML_QUANT_SIZES
 
-from cakep2p.engine.gguf_file import (QuantBlocks, dequantize, open_gguf, quantized_blocks,
-                                      unpermute_rows)
-from cakep2p.engine.gguf_quants import dequantize_raw
+from cakep2p.engine.gguf_file import open_gguf
+from cakep2p.engine.gguf_quants import QuantBlocks, dequantize, dequantize_raw, quantized_blocks, unpermute_rows
 from cakep2p.engine.gguf_tokenizer import PRE_TOKENIZERS, build_tokenizer
 from cakep2p.errors import ModelError
 

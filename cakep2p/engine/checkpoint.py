@@ -15,7 +15,8 @@ import torch
 
 from cakep2p.engine.config import ModelArgs
 from cakep2p.engine.generation_config import GenerationDefaults, read_generation_defaults
-from cakep2p.engine.gguf_file import GGUFFile, dequantize, open_gguf
+from cakep2p.engine.gguf_file import GGUFFile, open_gguf
+from cakep2p.engine.gguf_quants import dequantize
 from cakep2p.engine.gguf_tokenizer import special_token_ids
 from cakep2p.engine.safetensors import TensorInfo, load_tensor, mapped_tensor, read_tensor_index
 from cakep2p.errors import ModelError

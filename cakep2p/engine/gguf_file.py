@@ -16,7 +16,6 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
 
-from cakep2p.engine.gguf_quants import dequantize_raw, half_field, nibbles
 from cakep2p.errors import ModelError
 
 
@@ -24,7 +23,6 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen
 # llama.cpp's converter interleaves the two rotary halves of each q/k head for these architectures only.
 PERMUTED_ARCHITECTURES = frozenset({"llama"})
 SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
-BLOCK_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1)  # the types `quantized_blocks` hands out as codes + scales
 READER_VERSIONS = (2, 3)
 QUANTIZED_TORCH_DTYPE = "bfloat16"  # what a quantized file asks for; the originals are almost always bf16
 FLOAT_DTYPES = {T.F32: "float32", T.F16: "float16", T.BF16: "bfloat16"}
@@ -60,31 +58,6 @@ class TensorRecord:
     offset: int               # absolute byte offset of the data in the file
     nbytes: int
     rope_heads: int | None    # rows are llama.cpp's rope-interleaved order in this many heads; None if not
-
-
-@dataclass(frozen=True)
-class QuantBlocks:
-    """A Q8_0/Q4_0/Q4_1 matrix kept quantized, in HF row order: one scale (and min) per 32 codes of a row.
-
-    Q8_0: value = scale * code (code int8); Q4_0: value = scale * (code - 8); Q4_1: value = scale * code + min
-    (codes uint8 0..15). scales/mins are float16 [rows, cols // 32]; codes are [rows, cols].
-    """
-
-    ggml_type: T
-    codes: torch.Tensor
-    scales: torch.Tensor
-    mins: torch.Tensor | None
-    block_size: int = 32
-
-    def dequantize(self) -> torch.Tensor:
-        rows, cols = self.codes.shape
-        codes = self.codes.view(rows, cols // self.block_size, self.block_size).to(torch.float32)
-        if self.ggml_type == T.Q4_0:
-            codes = codes - 8
-        values = self.scales.to(torch.float32).unsqueeze(-1) * codes
-        if self.mins is not None:
-            values = values + self.mins.to(torch.float32).unsqueeze(-1)
-        return values.reshape(rows, cols)
 
 
 @dataclass(frozen=True)
@@ -349,55 +322,3 @@ def _index(name: str, arch: str, config: Mapping[str, Any], raw: Mapping[str, An
     if missing:
         raise ModelError(f"{name} lacks the tensor {missing[0]} ({len(missing)} missing); the file is incomplete")
     return tensors
-
-
-# --- tensor data -----------------------------------------------------------------------------------------------
-
-def _raw_bytes(gguf: GGUFFile, record: TensorRecord) -> torch.Tensor:
-    """Just this tensor's bytes, copied out of the memory map."""
-    return torch.from_numpy(np.array(gguf.reader.data[record.offset:record.offset + record.nbytes]))
-
-
-def _record(gguf: GGUFFile, name: str) -> TensorRecord:
-    if name not in gguf.tensors:
-        raise ModelError(f"{gguf.path.name} has no tensor {name!r}")
-    return gguf.tensors[name]
-
-
-def unpermute_rows(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k permutation: GGUF row h*D + 2*i + s holds HF row h*D + s*D/2 + i (i < D/2, s in 0,1)."""
-    rows = x.shape[0]
-    return x.reshape(heads, rows // heads // 2, 2, *x.shape[1:]).transpose(1, 2).reshape(x.shape)
-
-
-def dequantize(gguf: GGUFFile, name: str, keep_float: bool = False) -> torch.Tensor:
-    """One tensor as float32 in HF layout (q/k rows un-permuted for llama); reads only that tensor's bytes.
-    With `keep_float`, an F16 or BF16 tensor keeps its type."""
-    record = _record(gguf, name)
-    data = _raw_bytes(gguf, record)
-    if keep_float and record.ggml_type in FLOAT_TORCH:
-        values = data.view(FLOAT_TORCH[record.ggml_type]).reshape(record.shape)
-    else:
-        values = dequantize_raw(data, record.ggml_type).reshape(record.shape)
-    return unpermute_rows(values, record.rope_heads) if record.rope_heads else values
-
-
-def quantized_blocks(gguf: GGUFFile, name: str) -> QuantBlocks:
-    """A Q8_0/Q4_0/Q4_1 matrix as integer codes + float16 scales (+ mins) in HF row order."""
-    record = _record(gguf, name)
-    if record.ggml_type not in BLOCK_TYPES or len(record.shape) != 2:
-        raise ModelError(f"{name} is {record.ggml_type.name} {list(record.shape)}; only Q8_0, Q4_0 and Q4_1 "
-                         "matrices can be kept quantized")
-    rows, cols = record.shape
-    blocks = _raw_bytes(gguf, record).view(rows * cols // 32, -1)
-    scales = half_field(blocks, 0, torch.float16).reshape(rows, cols // 32)
-    mins = half_field(blocks, 2, torch.float16).reshape(rows, cols // 32) if record.ggml_type == T.Q4_1 else None
-    if record.ggml_type == T.Q8_0:
-        codes = blocks[:, 2:].contiguous().view(torch.int8)
-    else:
-        codes = nibbles(blocks[:, 4 if mins is not None else 2:])
-    codes = codes.reshape(rows, cols)
-    if record.rope_heads:
-        codes, scales = unpermute_rows(codes, record.rope_heads), unpermute_rows(scales, record.rope_heads)
-        mins = unpermute_rows(mins, record.rope_heads) if mins is not None else None
-    return QuantBlocks(record.ggml_type, codes, scales, mins)

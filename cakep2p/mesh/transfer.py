@@ -59,7 +59,7 @@ def send_part_tensors(client: StageClient, checkpoint: Checkpoint, ref: wire.Par
     sent = 0
     digest = hashlib.sha256()
     for name in names:
-        tensor = checkpoint.mapped(name)
+        tensor = checkpoint.stored(name)
         if name_of(tensor.dtype) not in FLOAT_WEIGHTS:
             tensor = tensor.float()
         data = raw_bytes(tensor)
