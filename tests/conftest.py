@@ -1,9 +1,21 @@
-"""Shared fixtures: the reference model, an isolated node home, and a leak check for processes."""
+"""Shared fixtures: the reference model, an isolated node home, and the checks that nothing is left running.
+
+    .venv/bin/python -m pytest -m "not slow" -q -p no:cacheprovider   # the fast lane: about a minute on 2 cores
+    .venv/bin/python -m pytest -q -p no:cacheprovider                  # everything (`.ci/run`)
+
+`slow` marks a test that takes more than a few seconds (a module's pytestmark marks all of its tests); the fast
+lane keeps at least one real test of each part: zeroconf on loopback, ZeroMQ sockets, torch on stories260K, Qt
+offscreen, a `cakep2p` child process. The helpers the tests share are in tests/kit/.
+"""
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
+
+from tests.kit.leaks import (child_processes, describe_process, describe_threads, end_processes, left_children,
+                             left_threads, ours_or_blocking, threads_ended)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEST_MODEL = REPO.parent / "shared" / "models" / "stories260K"
@@ -12,6 +24,25 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 # The network rule: every node a test starts without --interface (in-process or a child process) stays on
 # loopback. Tests that want the all-interfaces default run it inside a network namespace and drop this.
 os.environ["CAKEP2P_INTERFACE"] = "127.0.0.1"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def nothing_left_running():
+    """At the end of the session: an error naming every child process of pytest still alive (they are ended
+    then), and every thread the suite started that still runs and is cakep2p's, the kit's or non-daemon."""
+    threads_before = set(threading.enumerate())
+    children_before = {child.pid for child in child_processes()}
+    yield
+    problems = []
+    children = left_children(children_before)
+    if children:
+        problems.append("child processes still running:\n  " + "\n  ".join(map(describe_process, children)))
+        end_processes(children)
+    threads = left_threads(threads_before, counts=ours_or_blocking)
+    if threads:
+        problems.append(f"threads still running: {describe_threads(threads)}")
+    if problems:
+        pytest.fail("the test session left things running:\n" + "\n".join(problems), pytrace=False)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -25,6 +56,14 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def no_leaked_threads():
+    """Fail a test that leaves a thread it started running (node loops, zeroconf, servers, browsers, proxies).
+    A longer-lived fixture that starts threads lazily during a test needs a narrower check: kit.leaks.threads_ended."""
+    with threads_ended():
+        yield
+
+
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
     """The trained stories260K model; skips when it is not on this machine."""
@@ -32,6 +71,17 @@ def stories_dir() -> Path:
     if not (path / "config.json").is_file():
         pytest.skip(f"test model not found at {path} (set CAKEP2P_TEST_MODEL)")
     return path
+
+
+@pytest.fixture(scope="session")
+def stories_model(stories_dir):
+    """stories260K loaded once in this process (float32, CPU), for tests that only run pipelines on it."""
+    from cakep2p.cluster import LocalModel, ModelOptions
+    from cakep2p.engine.checkpoint import Checkpoint
+
+    loaded = LocalModel(Checkpoint.open(stories_dir), ModelOptions(dtype="float32", device="cpu"))
+    yield loaded
+    loaded.close()
 
 
 @pytest.fixture

@@ -3,51 +3,41 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import httpx
 import openai
 import pytest
-import torch
 
 from cakep2p.api import StopMatcher, create_app
 from cakep2p.cluster import LocalModel
-from cakep2p.engine.checkpoint import Checkpoint
-from cakep2p.cluster import ModelOptions
-from tests._api_helpers import ApiProcess, GatedModel, greedy_chat, serve, stage_sessions, wait_until
+from tests.kit import ApiProcess, child_env, reference_rows, wait_until
+from tests.kit.api import GatedModel, greedy_chat, serve, stage_sessions
+from tests.kit.leaks import threads_ended
 
 MODEL = "stories260K"
 STORY_REQUEST = [{"role": "system", "content": "You tell short stories."},
                  {"role": "user", "content": "Tell me a story about a cat."}]
 
-
 @pytest.fixture(autouse=True)
 def no_generation_left_running() -> Iterator[None]:
-    """Fail a test that leaves a generation thread behind."""
-    yield
-    wait_until(lambda: not any(thread.name == "cakep2p-api-generation" for thread in threading.enumerate()))
+    """Fail a test that leaves a generation thread behind (the module's server starts threads of its own lazily)."""
+    with threads_ended(lambda thread: thread.name == "cakep2p-api-generation"):
+        yield
 
 
 @pytest.fixture(scope="module")
-def model(stories_dir) -> Iterator[LocalModel]:
-    torch.set_num_threads(1)
-    loaded = LocalModel(Checkpoint.open(stories_dir), ModelOptions(dtype="float32", device="cpu"))
-    yield loaded
-    loaded.close()
+def model(stories_model) -> LocalModel:
+    return stories_model
 
 
 @pytest.fixture(scope="module")
 def reference(stories_dir) -> dict:
-    greedy = json.loads((stories_dir / "REFERENCE.json").read_text())["greedy"]
-    return {entry["prompt"]: entry for entry in greedy}
+    return {entry["prompt"]: entry for entry in reference_rows(stories_dir)}
 
 
 @pytest.fixture(scope="module")
@@ -343,23 +333,14 @@ def test_api_command_refuses_a_public_host_without_key(stories_dir, capsys):
 
 
 def test_api_command_serves_on_loopback_until_interrupted(stories_dir, tmp_path):
-    command = [sys.executable, "-m", "cakep2p", "api", "--model", str(stories_dir), "--local", "--device", "cpu",
-               "--port", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAKEP2P_HOME": str(tmp_path)}
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        banner = process.stderr.readline()
-        url = re.search(r"http://127\.0\.0\.1:\d+/v1", banner)
-        assert url, banner
-        assert httpx.get(url.group(0).removesuffix("/v1") + "/health", timeout=30).json()["model"] == MODEL
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) in (0, 130)
-        assert "Traceback" not in process.stderr.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
+    with ApiProcess(["--model", str(stories_dir), "--local", "--device", "cpu", "--port", "0"],
+                    child_env(tmp_path)) as api:
+        url = api.url()
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", url), url
+        assert httpx.get(url.removesuffix("/v1") + "/health", timeout=30).json()["model"] == MODEL
+        api.stop(signal.SIGINT)
+        assert api.process.wait(timeout=30) in (0, 130)
+    assert "Traceback" not in api.output()
 
 
 # ---------------------------------------------------------------- over a real cluster
@@ -369,17 +350,14 @@ def test_api_command_serves_on_loopback_until_interrupted(stories_dir, tmp_path)
 def cluster_api(stories_dir, tmp_path_factory) -> Iterator[tuple[str, list, object]]:
     """Two `cakep2p --serve` nodes holding every layer, and `cakep2p api` as the initiator on 127.0.0.1."""
     from cakep2p.security import derive_keys, new_code
-    from tests._cluster_helpers import INITIATOR_MEMORY, child_env, serve_nodes
+    from tests.kit.cluster import INITIATOR_MEMORY, initiator_env, serve_nodes
 
     tmp_path, code = tmp_path_factory.mktemp("cluster-api"), new_code()
     with serve_nodes(tmp_path, code, ["alpha", "beta"]) as nodes:
-        command = [sys.executable, "-m", "cakep2p", "api", "--model", str(stories_dir), "--interface", "127.0.0.1",
-                   "--max-memory", INITIATOR_MEMORY, "--port", "0"]
-        api = ApiProcess(command, child_env(tmp_path / "home-api", code))
-        try:
+        arguments = ["--model", str(stories_dir), "--interface", "127.0.0.1", "--max-memory", INITIATOR_MEMORY,
+                     "--port", "0"]
+        with ApiProcess(arguments, initiator_env(tmp_path / "home-api", code)) as api:
             yield api.url(), nodes, derive_keys(code)
-        finally:
-            api.stop()
 
 
 @pytest.mark.slow

@@ -10,22 +10,18 @@ from typing import Iterator
 
 import httpx
 import pytest
-import torch
 
 from cakep2p.api import StopMatcher, create_app
-from cakep2p.cluster import LocalModel, ModelOptions
-from cakep2p.engine.checkpoint import Checkpoint
-from tests._api_helpers import GatedModel, serve, wait_until
+from cakep2p.cluster import LocalModel
+from tests.kit import wait_until
+from tests.kit.api import GatedModel, serve
 
 MODEL = "stories260K"
 
 
 @pytest.fixture(scope="module")
-def model(stories_dir) -> Iterator[LocalModel]:
-    torch.set_num_threads(1)
-    loaded = LocalModel(Checkpoint.open(stories_dir), ModelOptions(dtype="float32", device="cpu"))
-    yield loaded
-    loaded.close()
+def model(stories_model) -> LocalModel:
+    return stories_model
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import io
-import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from cakep2p.commands.chat import chat_loop
 from cakep2p.engine.conversation import Conversation, Reply, stream_completion
@@ -19,18 +15,15 @@ from cakep2p.engine.sampling import SamplingParams
 from cakep2p.cluster import LocalModel
 from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.cluster import ModelOptions
+from tests.kit import child_env, reference_greedy, run_cakep2p
 
-REPO = Path(__file__).resolve().parents[1]
 QUESTION = "Once upon a time"
 GREEDY_24 = SamplingParams(max_new_tokens=24, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def model(stories_dir) -> LocalModel:
-    torch.set_num_threads(1)
-    loaded = LocalModel(Checkpoint.open(stories_dir), ModelOptions(dtype="float32", device="cpu"))
-    yield loaded
-    loaded.close()
+def model(stories_model) -> LocalModel:
+    return stories_model
 
 
 def greedy_answers(model: LocalModel, questions: list[str]) -> list[str]:
@@ -50,10 +43,8 @@ def greedy_answers(model: LocalModel, questions: list[str]) -> list[str]:
 
 
 def run_chat(stories_dir: Path, typed: str, home: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "cakep2p", "chat", "--model", str(stories_dir), "--local", "--device", "cpu",
-               "--temperature", "0", "--max-new-tokens", "24"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAKEP2P_HOME": str(home)}
-    return subprocess.run(command, input=typed, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    return run_cakep2p("chat", "--model", str(stories_dir), "--local", "--device", "cpu", "--temperature", "0",
+                       "--max-new-tokens", "24", env=child_env(home), input=typed)
 
 
 def test_chat_streams_answers_and_reset_starts_a_fresh_chat(stories_dir, model, tmp_path):
@@ -114,7 +105,7 @@ def test_full_context_tells_the_user_to_reset(stories_dir):
 
 
 def test_completion_text_continues_the_prompt_with_its_leading_space(model, stories_dir):
-    reference = json.loads((stories_dir / "REFERENCE.json").read_text())["greedy"][1]   # "Lily and Ben"
+    reference = reference_greedy(stories_dir, "Lily and Ben")
     pipeline = model.new_pipeline()
     reply = Reply()
     try:

@@ -1,7 +1,6 @@
 """The `cakep2p` command as a user runs it: real subprocesses, exact reference tokens, one-line errors."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -10,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from cakep2p.engine.checkpoint import Checkpoint
+from tests import kit
 
-REPO = Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "cakep2p"
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors")
 
@@ -23,16 +22,13 @@ def local_only(arguments: tuple[str, ...]) -> tuple[str, ...]:
     return arguments
 
 
-def run_cakep2p(*arguments: str, home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    arguments = local_only(arguments)
-    env = {**os.environ, "CAKEP2P_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
-    return subprocess.run([sys.executable, "-m", "cakep2p", *arguments], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def run_cakep2p(*arguments: str, home: Path) -> subprocess.CompletedProcess:
+    return kit.run_cakep2p(*local_only(arguments), env=kit.child_env(home))
 
 
 @pytest.fixture(scope="module")
 def references(stories_dir) -> list[dict]:
-    return json.loads((stories_dir / "REFERENCE.json").read_text())["greedy"]
+    return kit.reference_rows(stories_dir)
 
 
 @pytest.fixture
@@ -80,7 +76,7 @@ def test_console_script_prints_version(home):
     if not CONSOLE_SCRIPT.exists():
         pytest.skip(f"console script not installed at {CONSOLE_SCRIPT} (pip install -e .)")
     result = subprocess.run([str(CONSOLE_SCRIPT), "--version"], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "CAKEP2P_HOME": str(home)})
+                            env=kit.child_env(home))
     assert result.returncode == 0
     assert result.stdout.strip() == f"cakep2p {__version__}"
 
@@ -119,10 +115,9 @@ sys.exit(code)
 
 
 def test_generate_local_reads_config_json_once(stories_dir, home):
-    env = {**os.environ, "CAKEP2P_HOME": str(home), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", COUNT_CONFIG_READS, "generate", "--local", "--model",
                              str(stories_dir), "--prompt", "Once upon a time", "--max-new-tokens", "4"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                            cwd=kit.REPO, env=kit.child_env(home), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "1"
 
@@ -326,7 +321,7 @@ def test_window_log_redacts_the_pairing_code(home):
     code = new_code()
     script = ("import logging; from cakep2p.gui import setup_logging; from cakep2p.security import load_or_create_code; "
               "setup_logging(False); logging.getLogger('cakep2p.test').info('code is %s', load_or_create_code())")
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "CAKEP2P_HOME": str(home), "CAKEP2P_CLUSTER_CODE": code})
+    result = subprocess.run([sys.executable, "-c", script], cwd=kit.REPO, env=kit.child_env(home, code),
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "code is <redacted>" in result.stderr and code not in result.stderr

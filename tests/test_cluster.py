@@ -18,16 +18,13 @@ from cakep2p.engine.sampling import SamplingParams
 from cakep2p.errors import MeshError, PlanError
 from cakep2p.cluster import LocalModel
 from cakep2p.mesh import StageClient, StageRefused
-from cakep2p.node import Node
 from cakep2p.testing import cached_random_model
-from cakep2p.units import parse_size
 from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.mesh.transfer import load_part as load_part_over
 from cakep2p.cluster import ModelOptions
-from tests._cluster_helpers import (INITIATOR_MEMORY, REPO, child_env, generate_command, greedy_tokens, local_tokens,
-                                    remote_names, run_generate, serve_nodes)
-from tests._discovery_helpers import free_port, loopback_multicast_on, seed_benchmark, wait_until
-from tests._discovery_helpers import no_leaked_threads  # noqa: F401  (a fixture)
+from tests.kit import ChildProcess, loopback_multicast_on, reference_greedy, seed_benchmark, start_node, wait_until
+from tests.kit.cluster import (INITIATOR_MEMORY, generate_command, greedy_tokens, initiator_env, local_tokens,
+                               remote_names, run_generate, serve_nodes)
 
 SUFFIX = f"-{os.getpid()}"
 TRIO = [f"alpha{SUFFIX}", f"bravo{SUFFIX}", f"charlie{SUFFIX}"]
@@ -49,8 +46,7 @@ def trio(tmp_path_factory, code):
 
 @pytest.fixture(scope="module")
 def reference(stories_dir) -> dict:
-    greedy = json.loads((stories_dir / "REFERENCE.json").read_text())["greedy"]
-    return next(item for item in greedy if item["prompt"] == "Once upon a time")
+    return reference_greedy(stories_dir, "Once upon a time")
 
 
 @pytest.fixture(scope="module")
@@ -138,17 +134,13 @@ def test_sigkilled_stage_mid_generation_is_replaced_and_the_text_is_unchanged(fi
                                                                             reference, tmp_path):
     """Kills one of the trio: keep it the LAST test in this file that uses the trio."""
     victim = trio[1]
-    process = subprocess.Popen(generate_command(stories_dir), cwd=REPO, env=child_env(tmp_path / "initiator", code),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
-    try:
+    with ChildProcess(generate_command(stories_dir), env=initiator_env(tmp_path / "initiator", code),
+                      role="cakep2p generate", stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0) as child:
+        process = child.process
         first = os.read(process.stdout.fileno(), 4096)  # the first streamed text: generation has begun
         still_generating = process.poll() is None
-        os.kill(victim.process.pid, signal.SIGKILL)
+        os.kill(victim.pid, signal.SIGKILL)
         rest, stderr = process.communicate(timeout=90)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert process.returncode == 0, stderr.decode()[-3000:]
     assert still_generating and first
     assert (first + rest).decode() == reference["text"] + "\n"
@@ -240,13 +232,3 @@ def test_new_cluster_code_restarts_the_mesh_with_the_new_keys(tmp_path, monkeypa
                 stranger.ping(2)
     finally:
         node.stop()
-
-
-def start_node(home, monkeypatch, code: str, *, max_memory: str, **options) -> Node:
-    """An in-process Node on 127.0.0.1 with its own home (the caller stops it)."""
-    seed_benchmark(home)
-    monkeypatch.setenv("CAKEP2P_HOME", str(home))
-    node = Node(port=free_port(), interfaces=["127.0.0.1"], cluster_code=code, max_memory=parse_size(max_memory),
-                **options)
-    node.start()
-    return node

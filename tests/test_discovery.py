@@ -9,8 +9,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
@@ -25,9 +23,9 @@ from cakep2p.discovery import SERVICE_TYPE
 from cakep2p.discovery.records import REQUIRED_KEYS, PeerInfo, encode_txt, parse_txt, peer_from_txt
 from cakep2p.node import Node
 from cakep2p.security import cluster_keys, new_code
-from tests._discovery_helpers import (REPO, SEEDED_BANDWIDTH, SEEDED_GFLOPS, Browser, free_port,
-                                      loopback_multicast_on, seed_benchmark, start_serve, wait_until)
-from tests._discovery_helpers import no_leaked_threads  # noqa: F401  (a fixture, used through pytestmark)
+from tests.kit import (SEEDED_BANDWIDTH, SEEDED_GFLOPS, Browser, child_env, free_port, kill_all,
+                       loopback_multicast_on, run_cakep2p, start_node as start_in_process, start_serve,
+                       wait_until)
 
 pytestmark = pytest.mark.usefixtures("no_leaked_threads")
 
@@ -66,8 +64,7 @@ def fleet(tmp_path_factory, code):
         FLEET_STARTED[0] = time.monotonic()
         yield nodes
     finally:
-        for node in nodes.values():
-            node.kill()
+        kill_all(nodes.values())
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +89,8 @@ def start_node(tmp_path, monkeypatch, code):
     nodes = []
 
     def start(name: str, home=None, **kwargs) -> Node:
-        home = home or tmp_path / f"node-{name}-{len(nodes)}"
-        seed_benchmark(home)
-        monkeypatch.setenv("CAKEP2P_HOME", str(home))
-        node = Node(name=name, port=free_port(), interfaces=["127.0.0.1"], cluster_code=code, **kwargs)
+        node = start_in_process(home or tmp_path / f"node-{name}-{len(nodes)}", monkeypatch, code, name=name, **kwargs)
         nodes.append(node)
-        node.start()
         return node
 
     try:
@@ -190,10 +183,8 @@ def test_serve_logs_how_to_connect_without_the_pairing_code(trio, code, fingerpr
 
 
 def test_peers_json_lists_background_nodes(trio, tmp_path, code):
-    env = {"CAKEP2P_HOME": str(tmp_path / "cli"), "CAKEP2P_CLUSTER_CODE": code}
-    result = subprocess.run([sys.executable, "-m", "cakep2p", "peers", "--json", "--interface", "127.0.0.1",
-                             "--wait", "3"], cwd=REPO, env={**os.environ, **env},
-                            capture_output=True, text=True, timeout=60)
+    result = run_cakep2p("peers", "--json", "--interface", "127.0.0.1", "--wait", "3",
+                         env=child_env(tmp_path / "cli", code), timeout=60)
     assert result.returncode == 0, result.stderr
     listed = {peer["name"]: peer for peer in json.loads(result.stdout)}
     for node in trio:
@@ -360,14 +351,10 @@ def test_node_with_two_interface_addresses_answers_on_both(tmp_path, monkeypatch
     # 127.0.0.2 answers on Linux's lo (all of 127/8 is local) but is not a listed address, and adding one to the
     # shared loopback would change every other test's view of the interfaces: take the pair as given.
     monkeypatch.setattr(node_module, "resolve_interfaces", lambda interfaces: interfaces)
-    home = tmp_path / "two-addresses"
-    seed_benchmark(home)
-    monkeypatch.setenv("CAKEP2P_HOME", str(home))
-    node = Node(name="pair" + SUFFIX, port=free_port(), interfaces=["127.0.0.1", "127.0.0.2"], cluster_code=code,
-                discovery=False)
+    node = start_in_process(tmp_path / "two-addresses", monkeypatch, code, name="pair" + SUFFIX,
+                            interfaces=["127.0.0.1", "127.0.0.2"], discovery=False)
     context = zmq.asyncio.Context()
     try:
-        node.start()
         for address in ("127.0.0.1", "127.0.0.2"):
             pong = node.call(ping(context, address, node.port, node.keys, 5.0), 10)
             assert pong is not None and pong.node_id == node.node_id, address

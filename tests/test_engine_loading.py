@@ -23,6 +23,7 @@ from cakep2p.engine.sampling import SamplingParams
 from cakep2p.errors import ModelError
 from cakep2p.planner import LayerRange
 from cakep2p.testing import cached_random_model, make_random_model, write_safetensors
+from tests.kit import reference_rows
 
 PROMPT = [1, 40, 41, 42, 43]
 
@@ -47,9 +48,8 @@ def greedy(model_dir: Path, prompt: list[int], count: int, **kwargs) -> list[int
 # --- the trained reference model --------------------------------------------------------------------------------
 
 def test_stories260k_greedy_matches_reference_for_every_prompt(stories_dir):
-    reference = json.loads((stories_dir / "REFERENCE.json").read_text())
     pipeline_part = whole(stories_dir, dtype="float32", device="cpu")
-    for case in reference["greedy"]:
+    for case in reference_rows(stories_dir):
         pipeline = LocalPipeline([pipeline_part], max_seq_len=256)
         tokens = list(generate(pipeline, case["prompt_token_ids"], SamplingParams(max_new_tokens=64)))
         assert tokens == case["new_token_ids"], case["prompt"]

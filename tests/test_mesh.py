@@ -28,8 +28,8 @@ from cakep2p.mesh import curve
 from cakep2p.mesh.parts_cache import cached_part_path
 from cakep2p.mesh.transfer import load_part as load_part_over
 from cakep2p.planner import LayerRange
-from tests._mesh_helpers import StageProcess, wait_until
-from tests._sniff import SniffingProxy
+from tests.kit import StageProcess, wait_until
+from tests.kit.sniff import SniffingProxy
 
 PROMPT = [1, 403, 407, 261, 378]  # "Once upon a time"
 GREEDY = SamplingParams(max_new_tokens=24)
@@ -37,20 +37,7 @@ SEQ = 64
 THREE_WAY = [LayerRange(0, 2, True, False), LayerRange(2, 4, False, False), LayerRange(4, 5, False, True)]
 TWO_WAY = [LayerRange(0, 3, True, False), LayerRange(3, 5, False, True)]
 
-
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_threads():
-    """Fails a test that leaves a server loop, compute executor, authenticator or proxy thread running."""
-    before = set(threading.enumerate())
-
-    def leftovers() -> list[str]:
-        return [thread.name for thread in threading.enumerate()
-                if thread not in before and thread.name.startswith(("cakep2p", "sniff"))]
-
-    yield
-    assert wait_until(lambda: not leftovers()), f"threads left running: {leftovers()}"
+pytestmark = pytest.mark.usefixtures("no_leaked_threads")
 
 
 @pytest.fixture(scope="module")
@@ -388,9 +375,9 @@ def test_idle_session_expires_and_its_cache_is_freed(stories_dir, start_servers,
         stats = server.call(server.server.stats)
         assert stats["sessions"] == 1 and stats["kv_bytes"] > 0
         cache = server.call(lambda: weakref.ref(next(iter(server.server._sessions.values())).cache))
-        assert wait_until(lambda: server.call(server.server.stats)["sessions"] == 0)
+        wait_until(lambda: server.call(server.server.stats)["sessions"] == 0, message="the idle session to expire")
         assert server.call(server.server.stats)["kv_bytes"] == 0
-        assert wait_until(lambda: cache() is None)
+        wait_until(lambda: cache() is None, message="the expired session's cache to be freed")
     finally:
         pipeline.close()
 
@@ -427,7 +414,7 @@ def test_expired_session_is_replayed_and_generation_continues_identically(storie
         for token in generate(pipeline, PROMPT, GREEDY):
             tokens.append(token)
             if len(tokens) == 8:
-                assert wait_until(lambda: server.call(server.server.stats)["sessions"] == 0)
+                wait_until(lambda: server.call(server.server.stats)["sessions"] == 0, message="the session to expire")
         assert tokens == local_tokens(stories_dir)
         assert pipeline.recoveries and "not on this node" in pipeline.recoveries[0]
     finally:
@@ -654,9 +641,12 @@ def test_lost_stage_is_replaced_and_the_generation_continues_identically(stories
 
 def test_sigkilled_stage_mid_generation_is_replaced_and_64_tokens_match(stories_dir, tmp_path, code, keys):
     params = SamplingParams(max_new_tokens=64)
-    processes = [StageProcess(tmp_path / f"home-{index}", code) for index in range(3)]
     with contextlib.ExitStack() as stack:
-        first, middle, last = [stack.enter_context(process) for process in processes]
+        processes = []
+        for index in range(3):   # all three start at once; each is killed however the test ends
+            processes.append(StageProcess(tmp_path / f"home-{index}", code))
+            stack.callback(processes[-1].kill)
+        first, middle, last = [process.ready() for process in processes]
 
         def stages_on(*nodes: StageProcess, specs=THREE_WAY) -> list[RemoteStage]:
             return [RemoteStage("127.0.0.1", node.port, spec) for node, spec in zip(nodes, specs)]

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from cakep2p.security import new_code
-from tests._discovery_helpers import start_serve, wait_until
+from tests.kit import ChildProcess, kill_all, start_serve, wait_until
 
 SUBNET = "10.231.0"
 NODE_COUNT = 4          # three pinned nodes, plus `roamer` (no --interface) in the last namespace
@@ -107,19 +107,21 @@ def _start_avahi(tmp_path: Path, namespace: str, interface: str, processes: list
     (tmp_path / "bus.conf").write_text(BUS_CONFIG.format(socket=socket_path))
     (tmp_path / "avahi.conf").write_text(AVAHI_CONFIG.format(interface=interface))
     env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={socket_path}"}
-    bus_log = open(tmp_path / "dbus.log", "wb")
-    processes.append(subprocess.Popen(["dbus-daemon", "--nofork", f"--config-file={tmp_path / 'bus.conf'}"],
-                                      stdout=bus_log, stderr=subprocess.STDOUT))
+    with open(tmp_path / "dbus.log", "wb") as bus_log:
+        processes.append(ChildProcess(["dbus-daemon", "--nofork", f"--config-file={tmp_path / 'bus.conf'}"],
+                                      env=dict(os.environ), role="dbus-daemon", stdout=bus_log,
+                                      stderr=subprocess.STDOUT))
     wait_until(socket_path.exists, 10, message="the private D-Bus socket")
     AVAHI_PID_FILE.parent.mkdir(parents=True, exist_ok=True)
     avahi_log_path = tmp_path / "avahi.log"
-    avahi_log = open(avahi_log_path, "wb")
-    processes.append(subprocess.Popen(
-        ["ip", "netns", "exec", namespace, "avahi-daemon", "-f", str(tmp_path / "avahi.conf"),
-         "--no-drop-root", "--no-chroot", "--no-rlimits"], env=env, stdout=avahi_log, stderr=subprocess.STDOUT))
+    with open(avahi_log_path, "wb") as avahi_log:
+        processes.append(ChildProcess(
+            ["ip", "netns", "exec", namespace, "avahi-daemon", "-f", str(tmp_path / "avahi.conf"),
+             "--no-drop-root", "--no-chroot", "--no-rlimits"], env=env, role="avahi-daemon", stdout=avahi_log,
+            stderr=subprocess.STDOUT))
     wait_until(lambda: "Server startup complete" in avahi_log_path.read_text(errors="replace")
-               or processes[-1].poll() is not None, 15, message="avahi-daemon to start")
-    if processes[-1].poll() is not None:
+               or not processes[-1].alive(), 15, message="avahi-daemon to start")
+    if not processes[-1].alive():
         pytest.skip(f"avahi-daemon could not start: {avahi_log_path.read_text(errors='replace')[-300:]}")
     return env
 
@@ -130,7 +132,7 @@ def namespace_cluster(tmp_path_factory):
     `cakep2p --serve --interface <namespace address>` per namespace."""
     tmp_path = tmp_path_factory.mktemp("netns")
     namespaces = Namespaces(f"ck{os.getpid() % 100000}", NODE_COUNT)
-    helpers: list[subprocess.Popen] = []
+    helpers: list[ChildProcess] = []
     nodes = []
     try:
         try:
@@ -151,23 +153,19 @@ def namespace_cluster(tmp_path_factory):
             nodes.append(start_serve(tmp_path, f"ns{index}", 5770, interface=address, code=code, netns=name))
         # default interfaces = every interface of its namespace (safe: the namespace is ours)
         roamer = start_serve(tmp_path, "roamer", 5770, interface="", code=code, netns=roamer_namespace)
+        nodes.append(roamer)
         roamer.address = namespaces.addresses[-1]
-        for node in [*nodes, roamer]:
+        for node in nodes:
             wait_until(node.started, 90, message=f"{node.name} to start")
-        yield {"nodes": nodes, "roamer": roamer, "roamer_namespace": roamer_namespace, "avahi_env": avahi_env,
+        yield {"nodes": nodes[:-1], "roamer": roamer, "roamer_namespace": roamer_namespace, "avahi_env": avahi_env,
                "avahi_reason": avahi_reason}
     finally:
-        for node in nodes:
-            node.kill()
-        if "roamer" in locals():
-            roamer.kill()
-        for helper in reversed(helpers):
-            helper.terminate()
-            try:
-                helper.wait(10)
-            except subprocess.TimeoutExpired:
-                helper.kill()
-        namespaces.delete()
+        try:
+            kill_all(nodes)
+            for helper in reversed(helpers):
+                helper.terminate()
+        finally:
+            namespaces.delete()
 
 
 def test_each_namespace_node_sees_the_other_two_at_their_addresses(namespace_cluster):

@@ -15,7 +15,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import types
 import uuid
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import cakep2p
+from tests.kit import ChildProcess, child_env, loopback_multicast_on, run_cakep2p, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGING = REPO / "packaging"
@@ -394,23 +394,24 @@ def test_built_app_serves_a_forward_found_over_mdns(built_app, tmp_path, stories
     from cakep2p.mesh.transfer import load_part as load_part_over
     from cakep2p.planner import LayerRange
 
-    subprocess.run(["ip", "link", "set", "lo", "multicast", "on"], check=False)
+    loopback_multicast_on()
     code = security.new_code()
     name = f"bundle-{uuid.uuid4().hex[:6]}"
-    server = subprocess.Popen([str(built_app), "--serve", "--interface", "127.0.0.1", "--name", name],
-                              env=clean_env(tmp_path / "server", CAKEP2P_CLUSTER_CODE=code),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        server = ChildProcess([str(built_app), "--serve", "--interface", "127.0.0.1", "--name", name],
+                              env=clean_env(tmp_path / "server", CAKEP2P_CLUSTER_CODE=code), role="the built app",
+                              stdout=log, stderr=subprocess.STDOUT)
     client = None
     try:
-        peer = None
-        deadline = time.monotonic() + 120
-        while peer is None and time.monotonic() < deadline and server.poll() is None:
-            listing = subprocess.run([sys.executable, "-m", "cakep2p", "peers", "--json", "--interface",
-                                      "127.0.0.1", "--wait", "3", "--cluster", code],
-                                     env=dict(os.environ, CAKEP2P_HOME=str(tmp_path / "browser")),
-                                     capture_output=True, text=True, timeout=120)
-            peer = next((entry for entry in json.loads(listing.stdout or "[]") if entry["name"] == name), None)
-        assert peer is not None, "the bundled node was not seen over mDNS on 127.0.0.1"
+        def seen() -> dict | None:
+            if not server.alive():
+                pytest.fail(f"the built app exited: {log_path.read_text(errors='replace')[-2000:]}")
+            listing = run_cakep2p("peers", "--json", "--interface", "127.0.0.1", "--wait", "3", "--cluster", code,
+                                  env=child_env(tmp_path / "browser"))
+            return next((entry for entry in json.loads(listing.stdout or "[]") if entry["name"] == name), None)
+
+        peer = wait_until(seen, 120, message="the bundled node over mDNS on 127.0.0.1")
         assert peer["status"] == "ok" and peer["serving"]
 
         torch.set_num_threads(1)
@@ -428,11 +429,10 @@ def test_built_app_serves_a_forward_found_over_mdns(built_app, tmp_path, stories
     finally:
         if client is not None:
             client.close()
-        server.send_signal(signal.SIGINT)
+        server.stop(signal.SIGINT)
         try:
-            server.wait(timeout=30)
+            server.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=30)
-        server.stdout.close()
+            pass
+        server.kill()
 

@@ -17,6 +17,7 @@ from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.sizes import model_spec, spec_from_args
 from cakep2p.planner import (ACTIVATION_BYTES, DoesNotFit, ModelSpec, NodeBudget, Plan, initiator_memory,
                              layer_memory, plan)
+from tests.kit import Browser, loopback_multicast_on
 
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SAFETENSORS_CODES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2)}
@@ -433,14 +434,9 @@ def test_plan_command_json_says_what_is_missing_when_it_does_not_fit(stories_dir
 @pytest.fixture
 def announced_peer(node_home, stories_dir):
     """A real mDNS announcement on loopback of a serving peer in this cluster offering 3 stories260K layers."""
-    import asyncio
-    import subprocess
-    import threading
-
     from cakep2p import PROTOCOL_VERSION, __version__, discovery, security
 
-    if subprocess.run(["ip", "link", "set", "lo", "multicast", "on"], capture_output=True).returncode != 0:
-        pytest.skip("cannot enable multicast on loopback (needs root and iproute2)")
+    loopback_multicast_on()
     code = security.new_code()
     fingerprint = security.derive_keys(code).fingerprint
     peer = discovery.PeerInfo(  # a name of this run's own: other test runs may share loopback
@@ -449,19 +445,9 @@ def announced_peer(node_home, stories_dir):
         ram_total=2 * 10**9, ram_available=10**9, vram_total=0, vram_free=0,
         offered_memory=3 * layer_memory(model_spec(Checkpoint.open(stories_dir)), 512)[0] + 1000, gflops=1.0,
         bandwidth=1e9, serving=True)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    announcer = discovery.Discovery(discovery.PeerDirectory(), fingerprint, ["127.0.0.1"])
-    try:
-        asyncio.run_coroutine_threadsafe(announcer.start(), loop).result(10)
-        asyncio.run_coroutine_threadsafe(announcer.announce(peer), loop).result(10)
+    with Browser(fingerprint) as announcer:
+        announcer.announce(peer)
         yield code, peer
-    finally:
-        asyncio.run_coroutine_threadsafe(announcer.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 def test_plan_command_spreads_layers_onto_a_discovered_peer(stories_dir, announced_peer, capsys):

@@ -6,8 +6,7 @@ import os
 import re
 import stat
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import zmq
@@ -17,7 +16,8 @@ from hypothesis import strategies as st
 from cakep2p import redaction, security
 from cakep2p.mesh import curve
 from cakep2p.errors import CakeError, MeshError
-from tests._sniff import SniffingProxy
+from tests.kit import wait_until
+from tests.kit.sniff import SniffingProxy
 
 CODE_A = "amber-falcon-river-tulip-maple-orbit-048213"
 CODE_B = "honey-bridge-alarm-amber-magnet-elbow-221365"
@@ -27,16 +27,6 @@ HEADER = json.dumps({"op": "forward", "session_id": "s-1", "request_id": 7, "dty
                      "shape": [1, 64], "positions": [0]}).encode()
 HEADER_FIELD_NAMES = [b'"op"', b"forward", b"session_id", b"request_id", b"dtype", b"shape", b"positions"]
 NO_DELIVERY_WINDOW_MS = 300
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    """Poll predicate until it is true or the deadline passes; returns its last value."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 @pytest.fixture
@@ -307,7 +297,7 @@ def test_other_code_client_is_refused_and_never_delivers(context, cluster_server
     with caplog.at_level(logging.WARNING, logger="cakep2p.mesh.curve"):
         dealer = connect_client(context, keys_b, f"tcp://127.0.0.1:{port}")
         dealer.send_multipart([HEADER, PAYLOAD])
-        assert wait_until(lambda: len(refusals) > 0), "refusal callback never fired"
+        wait_until(lambda: refusals, message="the refusal callback")
         assert router.poll(NO_DELIVERY_WINDOW_MS) == 0
     assert "refused connection from" in caplog.text and "wrong cluster code" in caplog.text
 
@@ -316,7 +306,7 @@ def test_refusal_log_names_no_code_or_key(context, cluster_server, keys_a, keys_
     router, port = cluster_server
     with caplog.at_level(logging.DEBUG):
         connect_client(context, keys_b, f"tcp://127.0.0.1:{port}").send(b"x")
-        assert wait_until(lambda: len(refusals) > 0)
+        wait_until(lambda: refusals, message="the refusal callback")
     for secret in (CODE_A, CODE_B, keys_a.secret_key, keys_a.public_key, keys_b.secret_key, keys_b.public_key):
         assert (secret if isinstance(secret, str) else secret.decode()) not in caplog.text
 
@@ -325,7 +315,7 @@ def test_unencrypted_client_is_refused(context, cluster_server, refusals):
     router, port = cluster_server
     dealer = connect_client(context, None, f"tcp://127.0.0.1:{port}")
     dealer.send_multipart([HEADER, PAYLOAD])
-    assert wait_until(lambda: len(refusals) > 0)
+    wait_until(lambda: refusals, message="the refusal callback")
     assert router.poll(NO_DELIVERY_WINDOW_MS) == 0
 
 
@@ -339,7 +329,7 @@ def test_client_knowing_public_key_but_not_secret_is_refused_by_zap(context, clu
     with caplog.at_level(logging.WARNING, logger="cakep2p.mesh.curve"):
         dealer.connect(f"tcp://127.0.0.1:{port}")
         dealer.send(b"let me in")
-        assert wait_until(lambda: "127.0.0.1" in refusals)  # ZAP reports the bare peer IP
+        wait_until(lambda: "127.0.0.1" in refusals, message="a refusal of 127.0.0.1")  # ZAP reports the bare IP
         assert router.poll(NO_DELIVERY_WINDOW_MS) == 0
     assert "CURVE client without the cluster key" in caplog.text
 
@@ -347,7 +337,7 @@ def test_client_knowing_public_key_but_not_secret_is_refused_by_zap(context, clu
 def test_member_still_served_while_stranger_is_refused(context, cluster_server, keys_a, keys_b, refusals):
     router, port = cluster_server
     connect_client(context, keys_b, f"tcp://127.0.0.1:{port}").send(b"stranger")
-    assert wait_until(lambda: len(refusals) > 0)
+    wait_until(lambda: refusals, message="the refusal callback")
     member = connect_client(context, keys_a, f"tcp://127.0.0.1:{port}")
     member.send(b"member")
     assert echo_once(router) == [b"member"]
@@ -430,7 +420,7 @@ def test_sniffer_sees_plaintext_when_insecure_open(context):
         dealer.send_multipart([HEADER, PAYLOAD])
         assert echo_once(router) == [HEADER, PAYLOAD]
         assert dealer.poll(5000) and dealer.recv_multipart() == [HEADER, PAYLOAD]
-        assert wait_until(lambda: MARKER in proxy.to_client)
+        wait_until(lambda: MARKER in proxy.to_client, message="the reply through the proxy")
         assert MARKER in proxy.to_server and b'"op"' in proxy.to_server
 
 

@@ -11,6 +11,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from cakep2p.engine.tokenizer import StreamDecoder, Tokenizer
 from cakep2p.errors import ModelError
 from cakep2p.engine.checkpoint import Checkpoint
+from tests.kit import reference_greedy
 
 # Block tags indented on their own lines: trim_blocks and lstrip_blocks must swallow that layout.
 LLAMA3_LIKE_TEMPLATE = """\
@@ -290,7 +291,7 @@ def test_stream_flush_emits_cut_off_bytes_like_decode(stories_tokenizer):
 
 
 def test_stream_after_prompt_keeps_leading_space(stories_tokenizer, stories_dir):
-    reference = json.loads((stories_dir / "REFERENCE.json").read_text())["greedy"][1]
+    reference = reference_greedy(stories_dir, "Lily and Ben")
     chunks = stream(stories_tokenizer, reference["new_token_ids"], prefix=reference["prompt_token_ids"])
     assert "".join(chunks) == reference["text"]
     assert chunks[0].startswith(" we")

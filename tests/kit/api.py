@@ -1,29 +1,20 @@
-"""Test kit for the HTTP API: a server on a thread, a paced model wrapper, `cakep2p api` as a child process."""
+"""The HTTP API under test: a server on a thread that always stops, the single-node greedy chat answer, a model
+whose pipelines pause (or fail) on cue, and how many sessions a stage holds."""
 
 from __future__ import annotations
 
 import contextlib
-import re
-import subprocess
 import threading
-import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
 from cakep2p.api import BackgroundServer
+from cakep2p.cluster import LocalModel
 from cakep2p.engine.conversation import Conversation, Reply, stream_completion
 from cakep2p.engine.sampling import SamplingParams
 from cakep2p.errors import MeshError
-from cakep2p.cluster import LocalModel
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.01)
+from tests.kit.net import LOOPBACK
 
 
 @contextlib.contextmanager
@@ -94,41 +85,11 @@ class GatedPipeline:
         self.owner.closed += 1
 
 
-class ApiProcess:
-    """`cakep2p api --port 0` as a child process; its stderr is collected by a thread."""
-
-    def __init__(self, command: list[str], env: dict[str, str]):
-        self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, name="test-api-stderr", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stderr:
-            self.lines.append(line)
-
-    def url(self) -> str:
-        wait_until(lambda: self.process.poll() is not None or any("serving" in line for line in self.lines), 120)
-        found = next((re.search(r"http://\S+/v1", line) for line in self.lines if "serving" in line), None)
-        assert found, "".join(self.lines)
-        return found.group(0)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._reader.join(10)
-        self.process.stderr.close()
-
-
 def stage_sessions(node, keys) -> int:
+    """How many sessions the stage server of `node` (anything with a .port on 127.0.0.1) holds now."""
     from cakep2p.mesh import StageClient
 
-    client = StageClient("127.0.0.1", node.port, keys, heartbeat_s=1.0, timeout_s=10.0)
+    client = StageClient(LOOPBACK, node.port, keys, heartbeat_s=1.0, timeout_s=10.0)
     try:
         return client.ping(10.0).sessions
     finally:

@@ -86,10 +86,10 @@ class SniffingProxy:
                 continue
             client.settimeout(None)
             server.settimeout(None)
-            pumps = [
-                threading.Thread(target=self._pump, args=(client, server, self._to_server), daemon=True),
-                threading.Thread(target=self._pump, args=(server, client, self._to_client), daemon=True),
-            ]
+            pumps = [threading.Thread(target=self._pump, args=(source, destination, capture), name="sniff-pump",
+                                      daemon=True)
+                     for source, destination, capture in ((client, server, self._to_server),
+                                                          (server, client, self._to_client))]
             with self._lock:
                 self._connections += [client, server]
                 self._threads += pumps

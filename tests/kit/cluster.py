@@ -1,45 +1,42 @@
-"""Cluster test kit: `cakep2p --serve` trios on 127.0.0.1 that are always killed, and `cakep2p generate` runs."""
+"""Clusters on 127.0.0.1: `cakep2p --serve` groups that are always killed, `cakep2p generate` as the initiator, and
+the greedy tokens a run must equal."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from cakep2p.cluster import ModelOptions
-from cakep2p.engine.checkpoint import Checkpoint
-from tests._discovery_helpers import ServeProcess, free_port, seed_benchmark, start_serve, wait_until
+from tests.kit.net import LOOPBACK, free_port
+from tests.kit.nodes import seed_benchmark
+from tests.kit.processes import REPO, ServeProcess, cakep2p_command, child_env, kill_all, start_serve
+from tests.kit.waits import wait_until
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Once upon a time"
 NODE_MEMORY = "2MiB"         # each serve node: room for any 2 of stories260K's 5 layers, so 2 nodes hold it all
 INITIATOR_MEMORY = "256KiB"  # the initiator: embedding and head only, no layers: every layer goes to the peers
 
 
-def child_env(home: Path, code: str) -> dict[str, str]:
+def initiator_env(home: Path, code: str) -> dict[str, str]:
     """The environment of an initiator process with its own home (its speed benchmark pre-stored)."""
     seed_benchmark(home)
-    return {**os.environ, "CAKEP2P_HOME": str(home), "CAKEP2P_CLUSTER_CODE": code, "PYTHONUNBUFFERED": "1",
-            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return child_env(home, code)
 
 
 @contextlib.contextmanager
 def serve_nodes(tmp_path: Path, code: str, names: list[str], *, args: tuple[str, ...] = (),
                 see_each_other: bool = True) -> Iterator[list[ServeProcess]]:
-    """Start one `cakep2p --serve --interface 127.0.0.1` per name (own home, own port); killed on exit."""
+    """One `cakep2p --serve --interface 127.0.0.1 --max-memory NODE_MEMORY` per name (own home, own port), started
+    and (unless told) seeing each other; all killed on exit."""
     nodes: list[ServeProcess] = []
     try:
         for name in names:
-            node = start_serve(tmp_path, name, free_port(), code=code,
-                               args=("--max-memory", NODE_MEMORY, *args))
-            nodes.append(node)
+            nodes.append(start_serve(tmp_path, name, free_port(), code=code, args=("--max-memory", NODE_MEMORY, *args)))
         for node in nodes:
             wait_until(node.started, 60, message=f"node {node.name} to start")
         if see_each_other:
@@ -49,19 +46,19 @@ def serve_nodes(tmp_path: Path, code: str, names: list[str], *, args: tuple[str,
                         wait_until(lambda: node.joined(other.name), 15, message=f"{node.name} to see {other.name}")
         yield nodes
     finally:
-        for node in nodes:
-            node.kill()
+        kill_all(nodes)
 
 
 def generate_command(model: Path, *extra: str, max_new_tokens: int = 64) -> list[str]:
-    return [sys.executable, "-m", "cakep2p", "generate", "--model", str(model), "--prompt", PROMPT,
-            "--temperature", "0", "--max-new-tokens", str(max_new_tokens), "--interface", "127.0.0.1",
-            "--max-memory", INITIATOR_MEMORY, *extra]
+    """`cakep2p generate` of PROMPT at temperature 0 as an initiator that holds no layers."""
+    return cakep2p_command("generate", "--model", str(model), "--prompt", PROMPT, "--temperature", "0",
+                           "--max-new-tokens", str(max_new_tokens), "--interface", LOOPBACK,
+                           "--max-memory", INITIATOR_MEMORY, *extra)
 
 
 def run_generate(home: Path, code: str, model: Path, *extra: str, timeout: float = 120) -> tuple[dict, str]:
     """`cakep2p generate ... --json` as the initiator: (its JSON object, its stderr); fails the test on exit != 0."""
-    result = subprocess.run(generate_command(model, "--json", *extra), cwd=REPO, env=child_env(home, code),
+    result = subprocess.run(generate_command(model, "--json", *extra), cwd=REPO, env=initiator_env(home, code),
                             capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         pytest.fail(f"generate exited with {result.returncode}:\n{result.stderr[-3000:]}")
@@ -87,7 +84,8 @@ def greedy_tokens(loaded, max_new_tokens: int = 64) -> list[int]:
 
 def local_tokens(model: Path) -> list[int]:
     """Greedy tokens of the whole model on this machine: what `generate --local` prints."""
-    from cakep2p.cluster import LocalModel
+    from cakep2p.cluster import LocalModel, ModelOptions
+    from cakep2p.engine.checkpoint import Checkpoint
 
     loaded = LocalModel(Checkpoint.open(model), ModelOptions(dtype="auto", device="cpu"))
     try:
