@@ -26,7 +26,8 @@ DEFAULT_CONTEXT = 4096
 class ModelOptions:
     """How to run a model, whoever asks (command line, window, API): the same fields, the same defaults."""
 
-    dtype: str = "auto"
+    dtype: str = "auto"                 # activations (and 16-bit weights): auto, float32, bfloat16, float16
+    weights: str = "auto"               # weight format: auto (the checkpoint's own), bf16, f16, f32, int8, int4
     device: str = "auto"
     strategy: Strategy = "proportional"
     context: int | None = None          # tokens of KV cache; None: min(DEFAULT_CONTEXT, the model's)

@@ -126,6 +126,15 @@ def sampling_from_args(args: argparse.Namespace, checkpoint: "Checkpoint") -> "S
         raise CakeError(f"--{field_name.replace('_', '-')} {rest}") from None
 
 
+WEIGHT_FORMATS = ("auto", "bf16", "f16", "f32", "int8", "int4")
+
+
+def add_weights_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS,
+                        help="weight format in memory and on the wire: auto keeps a quantized checkpoint (GGUF) "
+                             "quantized and a 16-bit one at 16 bits; int8 and int4 hold 2-4x more model per machine")
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Which model to run and how: shared by generate, chat and api."""
     parser.add_argument("--model", required=True, metavar="PATH",
@@ -134,6 +143,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="weights and activations dtype (auto: the checkpoint's; float32 on a GGUF dequantizes "
                              "it exactly)")
+    add_weights_option(parser)
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     parser.add_argument("--context", type=positive_int, default=None, metavar="N", help="tokens of KV cache to reserve (default: min(4096, model max))")
     parser.add_argument("--local", action="store_true", help="run on this machine only, no cluster")
@@ -145,8 +155,8 @@ def model_options(args: argparse.Namespace) -> "ModelOptions":
     """The command's model flags as the ModelOptions every way of opening a model takes."""
     from cakep2p.cluster import ModelOptions
 
-    return ModelOptions(dtype=args.dtype, device=args.device, strategy=args.strategy, context=args.context,
-                        local=args.local, max_memory=args.max_memory, wait_s=args.wait)
+    return ModelOptions(dtype=args.dtype, weights=args.weights, device=args.device, strategy=args.strategy,
+                        context=args.context, local=args.local, max_memory=args.max_memory, wait_s=args.wait)
 
 
 def load_model(args: argparse.Namespace, checkpoint: "Checkpoint", *,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from cakep2p.commands.options import DEFAULT_WAIT_S, add_cluster_options, positive_int, wait_seconds
+from cakep2p.commands.options import (DEFAULT_WAIT_S, add_cluster_options, add_weights_option, positive_int,
+                                      wait_seconds)
 from cakep2p.errors import PlanError
 from cakep2p.units import format_size
 
@@ -17,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens of KV cache to reserve (default and cap: what generate and chat use)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="element type the parts would be loaded in (auto: the checkpoint's)")
+    add_weights_option(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--wait", type=wait_seconds, default=DEFAULT_WAIT_S, metavar="SECONDS",
                         help="how long to listen for peers, over mDNS and --peers (0: plan for this machine alone)")
@@ -34,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         raise PlanError(f"--context must be at least 1 token, not {args.context}")
     checkpoint = Checkpoint.open(args.model)
     model_spec(checkpoint, args.dtype)  # a broken model fails here, before any network activity
-    options = cluster.ModelOptions(dtype=args.dtype, strategy=args.strategy, context=args.context,
+    options = cluster.ModelOptions(dtype=args.dtype, weights=args.weights, strategy=args.strategy,
+                                   context=args.context,
                                    max_memory=args.max_memory, wait_s=args.wait)
     node = start_initiator_node(args)
     try:
