@@ -332,6 +332,7 @@ def test_api_command_refuses_a_public_host_without_key(stories_dir, capsys):
     assert error.startswith("cakep2p: error: --host 0.0.0.0") and "--api-key" in error and "\n" not in error
 
 
+@pytest.mark.slow
 def test_api_command_serves_on_loopback_until_interrupted(stories_dir, tmp_path):
     with ApiProcess(["--model", str(stories_dir), "--local", "--device", "cpu", "--port", "0"],
                     child_env(tmp_path)) as api:

@@ -47,6 +47,7 @@ def run_chat(stories_dir: Path, typed: str, home: Path) -> subprocess.CompletedP
                        "--max-new-tokens", "24", env=child_env(home), input=typed)
 
 
+@pytest.mark.slow
 def test_chat_streams_answers_and_reset_starts_a_fresh_chat(stories_dir, model, tmp_path):
     first, second_without_reset = greedy_answers(model, [QUESTION, QUESTION])
     assert first != second_without_reset  # so the repeated answer below shows the history was dropped
@@ -56,6 +57,7 @@ def test_chat_streams_answers_and_reset_starts_a_fresh_chat(stories_dir, model, 
     assert "(new chat)" in result.stderr
 
 
+@pytest.mark.slow
 def test_chat_exits_cleanly_at_end_of_input(stories_dir, model, tmp_path):
     (answer,) = greedy_answers(model, [QUESTION])
     result = run_chat(stories_dir, f"{QUESTION}\n", tmp_path)

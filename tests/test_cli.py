@@ -62,6 +62,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in lines[0]
 
 
+@pytest.mark.slow
 def test_module_prints_version(home):
     from cakep2p import __version__
 
@@ -70,6 +71,7 @@ def test_module_prints_version(home):
     assert result.stdout.strip() == f"cakep2p {__version__}"
 
 
+@pytest.mark.slow
 def test_console_script_prints_version(home):
     from cakep2p import __version__
 
@@ -82,6 +84,7 @@ def test_console_script_prints_version(home):
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.slow
 def test_generate_json_matches_reference_tokens(stories_dir, references, home, index):
     reference = references[index]
     result = run_cakep2p("generate", "--model", str(stories_dir), "--prompt", reference["prompt"],
@@ -114,6 +117,7 @@ sys.exit(code)
 """
 
 
+@pytest.mark.slow
 def test_generate_local_reads_config_json_once(stories_dir, home):
     result = subprocess.run([sys.executable, "-c", COUNT_CONFIG_READS, "generate", "--local", "--model",
                              str(stories_dir), "--prompt", "Once upon a time", "--max-new-tokens", "4"],
@@ -122,17 +126,20 @@ def test_generate_local_reads_config_json_once(stories_dir, home):
     assert result.stderr.strip().splitlines()[-1] == "1"
 
 
+@pytest.mark.slow
 def test_missing_model_dir_is_one_line_error(tmp_path, home):
     missing = tmp_path / "nowhere"
     assert_one_line_error(run_cakep2p("generate", "--model", str(missing), "--prompt", "x", home=home), str(missing))
 
 
+@pytest.mark.slow
 def test_dir_without_config_is_one_line_error(stories_dir, tmp_path, home):
     folder = model_copy(stories_dir, tmp_path)
     (folder / "config.json").unlink()
     assert_one_line_error(run_cakep2p("generate", "--model", str(folder), "--prompt", "x", home=home), "config.json")
 
 
+@pytest.mark.slow
 def test_unsupported_architecture_is_one_line_error(stories_dir, tmp_path, home):
     folder = model_copy(stories_dir, tmp_path)
     edit_config(folder, architectures=["GPT2LMHeadModel"], model_type="gpt2")
@@ -140,6 +147,7 @@ def test_unsupported_architecture_is_one_line_error(stories_dir, tmp_path, home)
                           "GPT2LMHeadModel", "LlamaForCausalLM")
 
 
+@pytest.mark.slow
 def test_truncated_safetensors_is_one_line_error(stories_dir, tmp_path, home):
     folder = model_copy(stories_dir, tmp_path)
     weights = folder / "model.safetensors"
@@ -148,6 +156,7 @@ def test_truncated_safetensors_is_one_line_error(stories_dir, tmp_path, home):
                           "model.safetensors")
 
 
+@pytest.mark.slow
 def test_corrupt_safetensors_header_is_one_line_error(stories_dir, tmp_path, home):
     folder = model_copy(stories_dir, tmp_path)
     weights = folder / "model.safetensors"
@@ -158,6 +167,7 @@ def test_corrupt_safetensors_header_is_one_line_error(stories_dir, tmp_path, hom
                           "model.safetensors")
 
 
+@pytest.mark.slow
 def test_missing_tensor_is_one_line_error(stories_dir, tmp_path, home):
     from safetensors.torch import load_file, save_file
 
@@ -169,17 +179,20 @@ def test_missing_tensor_is_one_line_error(stories_dir, tmp_path, home):
                           "model.layers.3.mlp.down_proj.weight")
 
 
+@pytest.mark.slow
 def test_shape_mismatch_is_one_line_error(stories_dir, tmp_path, home):
     folder = model_copy(stories_dir, tmp_path)
     edit_config(folder, intermediate_size=160)
     assert_one_line_error(run_cakep2p("generate", "--model", str(folder), "--prompt", "x", home=home), "shape")
 
 
+@pytest.mark.slow
 def test_unknown_device_is_one_line_error(stories_dir, home):
     assert_one_line_error(run_cakep2p("generate", "--model", str(stories_dir), "--prompt", "x",
                                       "--device", "quantum", home=home), "quantum")
 
 
+@pytest.mark.slow
 def test_bad_dtype_is_refused_without_traceback(stories_dir, home):
     result = run_cakep2p("generate", "--model", str(stories_dir), "--prompt", "x", "--dtype", "int3", home=home)
     assert result.returncode == 2
@@ -187,6 +200,7 @@ def test_bad_dtype_is_refused_without_traceback(stories_dir, home):
     assert "int3" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_bad_sampling_option_is_one_line_error(stories_dir, home):
     assert_one_line_error(run_cakep2p("generate", "--model", str(stories_dir), "--prompt", "x", "--top-p", "0",
                                       home=home), "--top-p")

@@ -55,6 +55,7 @@ def first_run(trio, code, stories_dir, tmp_path_factory) -> tuple[dict, str]:
     return run_generate(tmp_path_factory.mktemp("initiator"), code, stories_dir)
 
 
+@pytest.mark.slow
 def test_generate_over_three_serve_nodes_gives_the_reference_tokens(first_run, reference):
     result, _ = first_run
     assert result["tokens"] == reference["new_token_ids"]
@@ -75,6 +76,7 @@ def initiator(trio, code, tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.slow
 def test_random_model_of_each_family_over_three_nodes_gives_the_local_tokens(family, first_run, initiator):
     path = cached_random_model(family, "tiny")
     model = cluster.open_model(path, ModelOptions(wait_s=2), node=initiator)
@@ -85,6 +87,7 @@ def test_random_model_of_each_family_over_three_nodes_gives_the_local_tokens(fam
         model.close()
 
 
+@pytest.mark.slow
 def test_nodes_without_the_model_receive_its_tensors_and_a_second_run_sends_nothing(first_run, trio, code,
                                                                                    stories_dir, tmp_path):
     result, stderr = first_run
@@ -96,6 +99,7 @@ def test_nodes_without_the_model_receive_its_tensors_and_a_second_run_sends_noth
     assert "of weights to" not in stderr and again["tokens"] == result["tokens"]
 
 
+@pytest.mark.slow
 def test_two_concurrent_sessions_through_the_same_stages_equal_each_alone(first_run, initiator, stories_dir,
                                                                         no_leaked_threads):
     prompts = [[1, 403, 407, 261, 378], [1, 365, 289, 401]]
@@ -130,6 +134,7 @@ def test_two_concurrent_sessions_through_the_same_stages_equal_each_alone(first_
         model.close()
 
 
+@pytest.mark.slow
 def test_sigkilled_stage_mid_generation_is_replaced_and_the_text_is_unchanged(first_run, trio, code, stories_dir,
                                                                             reference, tmp_path):
     """Kills one of the trio: keep it the LAST test in this file that uses the trio."""
@@ -147,6 +152,7 @@ def test_sigkilled_stage_mid_generation_is_replaced_and_the_text_is_unchanged(fi
     assert f"peer {victim.name} lost; continuing on" in stderr.decode()
 
 
+@pytest.mark.slow
 def test_static_peer_with_discovery_off_is_used_by_generate(stories_dir, reference, tmp_path):
     loopback_multicast_on()
     other_code = security.new_code()
@@ -157,6 +163,7 @@ def test_static_peer_with_discovery_off_is_used_by_generate(stories_dir, referen
     assert remote_names(result) == {static.name}
 
 
+@pytest.mark.slow
 def test_plan_command_puts_layers_on_a_static_peer_with_discovery_off(stories_dir, tmp_path, monkeypatch, capsys,
                                                                       no_leaked_threads):
     shared_code = security.new_code()
@@ -193,6 +200,7 @@ def test_static_peer_is_listed_from_its_pong_and_dropped_when_it_stops_answering
         lender.stop()
 
 
+@pytest.mark.slow
 def test_node_with_serving_off_refuses_new_work_and_is_not_planned(stories_dir, tmp_path, monkeypatch,
                                                                   no_leaked_threads):
     loopback_multicast_on()
@@ -217,6 +225,7 @@ def test_node_with_serving_off_refuses_new_work_and_is_not_planned(stories_dir, 
         lender.stop()
 
 
+@pytest.mark.slow
 def test_new_cluster_code_restarts_the_mesh_with_the_new_keys(tmp_path, monkeypatch, no_leaked_threads):
     loopback_multicast_on()
     old_code, new_code = security.new_code(), security.new_code()

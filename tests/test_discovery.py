@@ -47,9 +47,9 @@ def fingerprint(code) -> str:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, code):
-    """Every `cakep2p --serve` process this module needs, started at once (they share the start-up cost):
+    """The `cakep2p --serve` processes the slow tests share, started at once (they share the start-up cost):
     alpha/beta/gamma on 127.0.0.1 with memory caps (beta's records have a BETA_TTL_S TTL, so refreshes are exercised
-    all along; the last tests SIGTERM gamma and SIGKILL beta) and `defaults` (no flags but --no-discovery)."""
+    all along; the last tests SIGTERM gamma and SIGKILL beta)."""
     loopback_multicast_on()
     tmp_path = tmp_path_factory.mktemp("fleet")
     nodes = {}
@@ -58,9 +58,8 @@ def fleet(tmp_path_factory, code):
             env = {"CAKEP2P_MDNS_TTL": str(BETA_TTL_S)} if name == "beta" else {}
             nodes[name] = start_serve(tmp_path, name + SUFFIX, free_port(), code=code,
                                       args=("--max-memory", str(cap)), env=env)
-        nodes["defaults"] = start_serve(tmp_path, None, None, interface="", code=code, args=("--no-discovery",))
         for node in nodes.values():
-            wait_until(node.started, 90, message=f"{node.name or 'defaults'} to start")
+            wait_until(node.started, 90, message=f"{node.name} to start")
         FLEET_STARTED[0] = time.monotonic()
         yield nodes
     finally:
@@ -148,6 +147,7 @@ def test_txt_roundtrip_keeps_every_field():
 
 # ---- separate processes ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_serve_processes_see_each_other_at_their_ports(trio):
     for node in trio:
         for other in trio:
@@ -156,6 +156,7 @@ def test_serve_processes_see_each_other_at_their_ports(trio):
                 assert match.groups() == ("127.0.0.1", str(other.port))
 
 
+@pytest.mark.slow
 def test_announced_capacity_matches_each_process(trio, browser):
     from cakep2p.discovery.capacity import probe
 
@@ -173,6 +174,7 @@ def test_announced_capacity_matches_each_process(trio, browser):
         assert (peer.version, peer.protocol_version) == (__version__, PROTOCOL_VERSION)
 
 
+@pytest.mark.slow
 def test_serve_logs_how_to_connect_without_the_pairing_code(trio, code, fingerprint):
     log = trio[0].log()
     line = re.search(rf"node '{trio[0].name}' \(id (\w{{8}})\) serving at 127\.0\.0\.1:(\d+), offering .*",
@@ -182,6 +184,7 @@ def test_serve_logs_how_to_connect_without_the_pairing_code(trio, code, fingerpr
     assert code not in log
 
 
+@pytest.mark.slow
 def test_peers_json_lists_background_nodes(trio, tmp_path, code):
     result = run_cakep2p("peers", "--json", "--interface", "127.0.0.1", "--wait", "3",
                          env=child_env(tmp_path / "cli", code), timeout=60)
@@ -196,6 +199,7 @@ def test_peers_json_lists_background_nodes(trio, tmp_path, code):
             assert key in peer
 
 
+@pytest.mark.slow
 def test_peers_table_lists_each_node_on_one_line(trio, browser):
     from cakep2p.commands.peers import format_table
 
@@ -205,6 +209,7 @@ def test_peers_table_lists_each_node_on_one_line(trio, browser):
         assert re.search(rf"^{node.name}\s+127\.0\.0\.1:{node.port}\s+", table, re.MULTILINE)
 
 
+@pytest.mark.slow
 def test_doctor_explains_interfaces_multicast_port_and_peers(trio, node_home, code, capsys):
     from cakep2p.commands import doctor
 
@@ -217,6 +222,7 @@ def test_doctor_explains_interfaces_multicast_port_and_peers(trio, node_home, co
     assert re.search(rf"^  {trio[0].name} at 127\.0\.0\.1:{trio[0].port}: same cluster", report, re.MULTILINE)
 
 
+@pytest.mark.slow
 def test_serving_toggle_reaches_another_process(trio, start_node):
     node = start_node("delta" + SUFFIX)
     alpha = trio[0]
@@ -226,6 +232,7 @@ def test_serving_toggle_reaches_another_process(trio, start_node):
                message="alpha to log delta's serving change")
 
 
+@pytest.mark.slow
 def test_withdrawn_node_disappears_and_can_announce_again(start_node, browser):
     node = start_node("rejoin" + SUFFIX)
     wait_until(lambda: browser.peer(node.name), 10, message="the node")
@@ -235,6 +242,7 @@ def test_withdrawn_node_disappears_and_can_announce_again(start_node, browser):
     wait_until(lambda: browser.peer(node.name), 10, message="the node to be back")
 
 
+@pytest.mark.slow
 def test_left_node_stays_withdrawn_after_a_memory_change_until_it_joins_again(start_node, browser):
     node = start_node("leaver" + SUFFIX, max_memory=1_000_000_000)
     wait_until(lambda: browser.peer(node.name), 10, message="the node")
@@ -248,6 +256,7 @@ def test_left_node_stays_withdrawn_after_a_memory_change_until_it_joins_again(st
     assert (peer.offered_memory, peer.serving) == (500_000_000, True)
 
 
+@pytest.mark.slow
 def test_cloned_identity_is_regenerated_by_the_later_node(tmp_path, start_node, browser):
     first = start_node("original" + SUFFIX)
     clone_home = tmp_path / "clone-home" / "config"
@@ -262,14 +271,15 @@ def test_cloned_identity_is_regenerated_by_the_later_node(tmp_path, start_node, 
                message="the new id on the network")
 
 
-def test_serve_without_flags_picks_host_name_and_default_port(fleet):
-    node = fleet["defaults"]
-    match = re.search(r"node '(.+?)' \(id \w{8}\) serving at ([\d.]+):(\d+)", node.log())
-    assert match.group(1) == identity.default_node_name()
-    assert 5770 <= int(match.group(3)) < 5870
-    assert "discovery is off" in node.log()
-    node.stop(signal.SIGINT)
-    assert node.process.wait(10) == 0
+def test_serve_without_flags_picks_host_name_and_default_port(tmp_path, code):
+    with start_serve(tmp_path, None, None, interface="", code=code, args=("--no-discovery",)) as node:
+        wait_until(node.started, 90, message="the node with no flags to start")
+        match = re.search(r"node '(.+?)' \(id \w{8}\) serving at ([\d.]+):(\d+)", node.log())
+        assert match.group(1) == identity.default_node_name()
+        assert 5770 <= int(match.group(3)) < 5870
+        assert "discovery is off" in node.log()
+        node.stop(signal.SIGINT)
+        assert node.process.wait(10) == 0
 
 
 # ---- in-process nodes and raw zeroconf ------------------------------------------------------------------------
@@ -363,6 +373,7 @@ def test_node_with_two_interface_addresses_answers_on_both(tmp_path, monkeypatch
         context.destroy(linger=0)
 
 
+@pytest.mark.slow
 def test_nodes_sharing_a_name_get_distinct_instance_names(start_node, browser):
     twin = "twin" + SUFFIX
     first = start_node(twin)
@@ -373,6 +384,7 @@ def test_nodes_sharing_a_name_get_distinct_instance_names(start_node, browser):
 
 # ---- last: these end fleet processes ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_sends_goodbye_and_peer_disappears(fleet, browser):
     gamma = fleet["gamma"]
     wait_until(lambda: browser.peer(gamma.name), 10, message="gamma to appear")
@@ -384,6 +396,7 @@ def test_sigterm_sends_goodbye_and_peer_disappears(fleet, browser):
     wait_until(lambda: f"peer left: '{gamma.name}'" in fleet["alpha"].log(), 5, message="alpha to log gamma leaving")
 
 
+@pytest.mark.slow
 def test_sigkill_peer_is_kept_while_alive_then_dropped_after_ttl(fleet, browser):
     beta, alpha = fleet["beta"], fleet["alpha"]
     wait_until(lambda: browser.peer(beta.name), 10, message="beta to appear")

@@ -124,6 +124,7 @@ def peak_rss_growth(model_dir: Path, layers: int) -> int:
     return int(result.stdout.strip())
 
 
+@pytest.mark.slow
 def test_loading_two_of_twelve_layers_takes_a_fraction_of_the_memory(tmp_path):
     model_dir = make_random_model(tmp_path / "rss", "llama", num_hidden_layers=12, hidden_size=384,
                                   intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2)

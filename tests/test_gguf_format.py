@@ -97,6 +97,7 @@ def corpus() -> list[str]:
 
 # --- config and tensor index ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_config_matches_transformers(smol):
     from transformers import AutoConfig
     reference = AutoConfig.from_pretrained(SMOL_DIR, gguf_file=SMOL_NAME).to_dict()
@@ -121,6 +122,7 @@ def test_config_is_accepted_by_model_args(smol, stories):
     assert (tiny.hidden_size, tiny.num_kv_heads, tiny.head_dim) == (reference["hidden_size"], 4, 8)
 
 
+@pytest.mark.slow
 def test_tensor_index_matches_transformers(smol, hf_state):
     hf_names = set(hf_state) - {"lm_head.weight"}  # tied: transformers lists the shared tensor twice
     assert set(smol.tensors) == hf_names and len(hf_names) == 272
@@ -141,6 +143,7 @@ def test_tensor_index_matches_transformers(smol, hf_state):
 
 # --- tensor values -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_tensor_equals_transformers(smol, hf_state):
     worst, exact = 0.0, 0
     for name in smol.tensors:
@@ -399,6 +402,7 @@ def smollm_reference(hf_tokenizer):
     return reference
 
 
+@pytest.mark.slow
 def test_smol_tokenizer_matches_transformers(smol_tokenizer, hf_tokenizer):
     raw, config, eos_ids, bos_id = smol_tokenizer
     reference = smollm_reference(hf_tokenizer)
@@ -425,6 +429,7 @@ def test_smol_tokenizer_matches_transformers(smol_tokenizer, hf_tokenizer):
     assert eos_ids == {2} and bos_id == 1 and config["chat_template"] == hf_tokenizer.chat_template
 
 
+@pytest.mark.slow
 def test_smol_chat_template_matches_transformers(smol_tokenizer, hf_tokenizer):
     raw, config, eos_ids, bos_id = smol_tokenizer
     environment = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)

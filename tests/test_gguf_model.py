@@ -3,10 +3,8 @@ CLI answers the reference question, and broken files are one line and exit 2."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +12,10 @@ import torch
 
 from cakep2p.cluster import LocalModel, ModelOptions
 from cakep2p.engine.checkpoint import Checkpoint
+from tests import kit
 from tests.test_gguf_format import SMOL_DIR, SMOL_NAME, STORIES, patch_tensor_info, write_tiny
 
 pytestmark = pytest.mark.skipif(not (SMOL_DIR / SMOL_NAME).is_file(), reason=f"{SMOL_DIR / SMOL_NAME} is absent")
-REPO = Path(__file__).resolve().parents[1]
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You answer in one short sentence."},
@@ -77,9 +75,7 @@ def test_float32_logits_match_transformers_gguf_loader_at_prefill_and_each_greed
 
 
 def run_cakep2p(*arguments: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CAKEP2P_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "cakep2p", *arguments], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return kit.run_cakep2p(*arguments, env=kit.child_env(home), timeout=300)
 
 
 @pytest.mark.slow
@@ -122,6 +118,7 @@ def broken(kind: str, folder: Path) -> Path:
     ("unknown tensor type", "unknown ggml type 99"), ("unsupported architecture", "architecture 'gemma2'"),
     ("missing tokenizer metadata", "has no tokenizer"), ("data beyond the end", "needs bytes"),
 ])
+@pytest.mark.slow
 def test_a_broken_gguf_is_one_line_and_exit_2(tmp_path, kind, phrase):
     result = run_cakep2p("generate", "--local", "--model", str(broken(kind, tmp_path / "model")), "--prompt", "Hi",
                          home=tmp_path / "home")

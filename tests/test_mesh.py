@@ -502,6 +502,7 @@ def malformed_messages(rng: random.Random, ref: wire.PartRef):
             yield [msgpack.packb({**forward, "part": part}), bytes(256)]
 
 
+@pytest.mark.slow
 def test_live_node_survives_ten_thousand_malformed_frames_and_still_answers(stories_dir, tmp_path, code, keys):
     with StageProcess(tmp_path / "home", code, "--max-frame-bytes", str(4 << 20)) as stage:
         ref = part_ref(Checkpoint.open(stories_dir).fingerprint, TWO_WAY[1])
@@ -591,6 +592,7 @@ def test_heartbeat_detects_a_killed_stage_process(tmp_path, code, keys):
             client.close()
 
 
+@pytest.mark.slow
 def test_heartbeats_keep_a_slow_forward_alive(stories_dir, start_servers, keys, monkeypatch):
     import cakep2p.mesh.server
 
@@ -639,6 +641,7 @@ def test_lost_stage_is_replaced_and_the_generation_continues_identically(stories
         pipeline.close()
 
 
+@pytest.mark.slow
 def test_sigkilled_stage_mid_generation_is_replaced_and_64_tokens_match(stories_dir, tmp_path, code, keys):
     params = SamplingParams(max_new_tokens=64)
     with contextlib.ExitStack() as stack:

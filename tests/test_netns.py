@@ -20,6 +20,7 @@ NODE_COUNT = 4          # three pinned nodes, plus `roamer` (no --interface) in 
 AVAHI_PID_FILE = Path("/run/avahi-daemon/pid")
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="network namespaces need root"),
     pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 (`ip`) is not installed"),
 ]

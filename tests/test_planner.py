@@ -397,32 +397,32 @@ def test_tinyllama_float32_cached_checkpoint_matches_the_config_shapes():
 # ---------------------------------------------------------------- the command
 
 
-def test_plan_command_prints_a_table_for_this_machine(stories_dir, node_home, capsys):
+def test_plan_command_prints_a_table_for_this_machine(stories_dir, seeded_home, capsys):
     assert cli.main(["plan", "--model", str(stories_dir), "--wait", "0", "--max-memory", "64MB"]) == 0
     output = capsys.readouterr().out
     assert "stories260K" in output and "0-4 (5)" in output and "embedding, head" in output
 
 
-def test_plan_command_json(stories_dir, node_home, capsys):
+def test_plan_command_json(stories_dir, seeded_home, capsys):
     assert cli.main(["plan", "--model", str(stories_dir), "--wait", "0", "--json", "--context", "64"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["fits"] is True
     assert [(stage["start"], stage["end"]) for stage in data["stages"]] == [(0, 5)]
 
 
-def test_plan_command_offers_the_compute_strategy(stories_dir, node_home, capsys):
+def test_plan_command_offers_the_compute_strategy(stories_dir, seeded_home, capsys):
     assert cli.main(["plan", "--model", str(stories_dir), "--wait", "0", "--json", "--strategy", "compute"]) == 0
     assert json.loads(capsys.readouterr().out)["strategy"] == "compute"
 
 
-def test_plan_command_reports_missing_memory_on_one_line(stories_dir, node_home, capsys):
+def test_plan_command_reports_missing_memory_on_one_line(stories_dir, seeded_home, capsys):
     assert cli.main(["plan", "--model", str(stories_dir), "--wait", "0", "--max-memory", "1MB"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("cakep2p: error: model stories260K does not fit") and "missing" in error
     assert error.count("\n") == 1
 
 
-def test_plan_command_json_says_what_is_missing_when_it_does_not_fit(stories_dir, node_home, capsys):
+def test_plan_command_json_says_what_is_missing_when_it_does_not_fit(stories_dir, seeded_home, capsys):
     assert cli.main(["plan", "--model", str(stories_dir), "--wait", "0", "--json", "--max-memory", "1MB"]) == 2
     captured = capsys.readouterr()
     assert captured.out.startswith("{"), captured.err
@@ -432,7 +432,7 @@ def test_plan_command_json_says_what_is_missing_when_it_does_not_fit(stories_dir
 
 
 @pytest.fixture
-def announced_peer(node_home, stories_dir):
+def announced_peer(seeded_home, stories_dir):
     """A real mDNS announcement on loopback of a serving peer in this cluster offering 3 stories260K layers."""
     from cakep2p import PROTOCOL_VERSION, __version__, discovery, security
 
@@ -450,6 +450,7 @@ def announced_peer(node_home, stories_dir):
         yield code, peer
 
 
+@pytest.mark.slow
 def test_plan_command_spreads_layers_onto_a_discovered_peer(stories_dir, announced_peer, capsys):
     code, peer = announced_peer
     spec = model_spec(Checkpoint.open(stories_dir))

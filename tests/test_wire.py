@@ -234,6 +234,7 @@ def test_fuzz_random_frames_raise_only_wire_error(frames):
 
 @fuzz(1000)
 @given(st.sampled_from(range(len(VALID_HEADERS))), st.randoms(use_true_random=False))
+@pytest.mark.slow
 def test_fuzz_mutated_valid_headers_raise_only_wire_error(index, rng):
     for _ in range(4):
         header = mutated_header(rng, VALID_HEADERS[index])
@@ -243,6 +244,7 @@ def test_fuzz_mutated_valid_headers_raise_only_wire_error(index, rng):
 
 @fuzz(1000)
 @given(st.sampled_from(["forward", "forward_result", "tensor_chunk"]), st.randoms(use_true_random=False))
+@pytest.mark.slow
 def test_fuzz_huge_or_wrong_declared_sizes_raise_only_wire_error(op, rng):
     index = [message.type for message in sample_messages()].index(op)
     for _ in range(3):
