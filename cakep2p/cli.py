@@ -75,6 +75,19 @@ def _setup_logging(verbose: bool) -> None:
         install_log_redaction(handler)
 
 
+def _open_window(args: argparse.Namespace) -> int:
+    """The window, once a check that needs no Qt says it can start here (else one line naming the fix, exit 2)."""
+    from cakep2p.commands.display import window_problem
+
+    problem = window_problem()
+    if problem:
+        print(f"cakep2p: error: {problem}", file=sys.stderr)
+        return 2
+    from cakep2p.gui import run_app  # the window: only imported when asked for
+
+    return run_app(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for name, value in OPENMP_DEFAULTS.items():  # before any command imports torch
@@ -88,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             handler = getattr(args, "handler", None)
             if handler is None:
-                from cakep2p.gui import run_app  # the window: only imported when asked for
-
-                return run_app(args)
+                return _open_window(args)
         _setup_logging(args.verbose)
         return handler(args)
     except CakeError as error:

@@ -76,3 +76,19 @@ if [ "$service" = yes ]; then
 fi
 refresh_caches
 echo "install.sh: installed $binary -> $bundle/cakep2p, menu entries in $applications, icons in $icons"
+
+# The window's system libraries, which the app leaves to the system: Qt's X11 plugin needs them on a minimal
+# Debian/Ubuntu (the same list as cakep2p/commands/display.py WINDOW_PACKAGES; `cakep2p --serve` needs none).
+window_packages="libegl1 libgl1 libopengl0 libglx0 libfontconfig1 libglib2.0-0 libdbus-1-3 libxkbcommon0 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-image0 libxcb-render-util0 libxcb-xkb1 libxcb-shape0 libxcb-randr0 libx11-xcb1"
+plugin=$(find "$bundle" -path '*platforms*' -name libqxcb.so 2>/dev/null | head -n 1)
+if [ -n "$plugin" ] && command -v ldd >/dev/null 2>&1; then
+    missing=$(ldd "$plugin" 2>/dev/null | awk '/=> not found/ {print $1}' | grep -v '^libQt6' | sort -u | tr '\n' ' ')
+    # Qt opens libxcb-cursor with dlopen at start, so ldd cannot see it
+    if command -v ldconfig >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q 'libxcb-cursor\.so\.0'; then
+        missing="${missing}libxcb-cursor.so.0 "
+    fi
+    if [ -n "$missing" ]; then
+        echo "install.sh: the window needs system libraries this machine lacks (${missing% }):" \
+             "sudo apt install $window_packages (the headless node, cakep2p --serve, needs none)" >&2
+    fi
+fi
