@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from cakep2p.security import new_code
+from tests.kit import pump_until, reference_greedy  # noqa: F401  (the GUI tests import them from here)
 
 CLUSTER_CODE = new_code()   # fresh per run: no other test's nodes share this cluster
 
@@ -24,22 +23,6 @@ def skip_if_qt_broken() -> None:
     reason = broken_qt_binding()
     if reason:
         pytest.skip(reason)
-
-
-def pump_until(condition: Callable[[], object], timeout: float = 20.0, message: str = "condition") -> object:
-    """Run the Qt event loop until `condition()` is truthy (for module-scoped fixtures, where qtbot is absent)."""
-    from PySide6.QtCore import QEventLoop
-    from PySide6.QtWidgets import QApplication
-
-    app = QApplication.instance()
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {message}")
-        app.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 50)
 
 
 def chat_as_each_holds_it(window) -> dict[str, list[tuple[str, str]]]:
@@ -62,11 +45,6 @@ def wait_for_one_chat(window, qtbot, timeout_ms: int = 10000) -> list[tuple[str,
 
     qtbot.waitUntil(same, timeout=timeout_ms)
     return chat_as_each_holds_it(window)["list model"]
-
-
-def reference_greedy(model_dir: Path, index: int = 0) -> dict:
-    """One greedy row of the model's REFERENCE.json: prompt, new_token_ids, text."""
-    return json.loads((Path(model_dir) / "REFERENCE.json").read_text())["greedy"][index]
 
 
 def peers_json(home: Path, wait_s: float = 2.0) -> list[dict]:

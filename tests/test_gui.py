@@ -30,7 +30,7 @@ from cakep2p.gui.recent import RecentModels  # noqa: E402
 from cakep2p.gui.transcript import Transcript  # noqa: E402
 from cakep2p.gui.window import MainWindow  # noqa: E402
 from cakep2p.security import new_code  # noqa: E402
-from tests._discovery_helpers import free_port, loopback_multicast_on, seed_benchmark, start_serve  # noqa: E402
+from tests.kit import free_port, loopback_multicast_on, seed_benchmark, start_serve  # noqa: E402
 from tests._gui_helpers import CLUSTER_CODE, peers_json, pump_until, reference_greedy, wait_for_one_chat  # noqa: E402
 
 RUN = uuid.uuid4().hex[:6]

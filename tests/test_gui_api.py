@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from cakep2p.gui.history import ChatHistory  # noqa: E402
 from cakep2p.gui.recent import RecentModels  # noqa: E402
 from cakep2p.gui.window import MainWindow  # noqa: E402
-from tests._discovery_helpers import free_port  # noqa: E402
+from tests.kit import free_port  # noqa: E402
 
 MODEL = "stories260K"
 
