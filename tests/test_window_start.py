@@ -56,6 +56,7 @@ def test_no_display_is_one_line_naming_serve_and_exit_2(tmp_path):
     assert "`cakep2p --serve`" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="macOS and Windows always have a display plugin")
 def test_a_display_nobody_answers_is_one_line_and_exit_2(tmp_path):
     display_name = f":{free_display_number()}"
