@@ -98,16 +98,14 @@ class Plan:
     strategy: str
 
     def table(self) -> str:
-        """A human-readable table, one row per stage."""
-        rows = [("stage", "node", "layers", "memory", "holds")]
+        """A human-readable table, one row per stage; what each holds written as LayerRange.describe writes it."""
+        rows = [("stage", "node", "holds", "memory")]
         for number, stage in enumerate(self.stages, 1):
             label = stage.name if stage.name == stage.node_id else f"{stage.name} ({stage.node_id[:8]})"
-            held = stage.layers
-            layers = f"{held.start}-{held.end - 1} ({held.num_layers})" if held.num_layers else "none"
-            holds = ", ".join(part for part, kept in (("embedding", held.has_embedding), ("head", held.has_head))
-                              if kept)
-            rows.append((str(number), label, layers, format_bytes(stage.bytes), holds))
-        rows.append(("total", f"{len(self.stages)} node(s), {self.strategy}", "", format_bytes(self.total_bytes), ""))
+            rows.append((str(number), label, stage.layers.describe(), format_bytes(stage.bytes)))
+        layers = sum(stage.layers.num_layers for stage in self.stages)
+        nodes = f"{len(self.stages)} node{'' if len(self.stages) == 1 else 's'}, {self.strategy}"
+        rows.append(("total", nodes, f"{layers} layer{'' if layers == 1 else 's'}", format_bytes(self.total_bytes)))
         widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
         return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
@@ -151,11 +149,13 @@ class DoesNotFit(ValueError):
 
 
 def format_bytes(num_bytes: int) -> str:
-    """`1.5 GiB`, `640 KiB`, `12 B` (as cakep2p.units.format_size, which the planner may not import)."""
+    """`1.5 GiB`, `640 KiB`, `1023 KiB`, `12 B` (as cakep2p.units.format_size, which the planner may not import)."""
     value = float(num_bytes)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.3g} {unit}"
+        if abs(value) < 1023.5 or unit == "TiB":  # 1023.6 KiB would print as 1024 KiB: call it 1 MiB
+            if unit == "B" or abs(value) >= 100:
+                return f"{value:.0f} {unit}"
+            return f"{value:.3g} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
 

@@ -22,10 +22,13 @@ def parse_size(text: str) -> int:
 
 
 def format_size(num_bytes: int) -> str:
-    """`1.5 GiB`, `640 KiB`, `12 B`: binary units, three significant figures."""
+    """`1.5 GiB`, `640 KiB`, `1023 KiB`, `12 B`: binary units, three significant figures (whole numbers from 100 up),
+    never scientific notation."""
     value = float(num_bytes)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.3g} {unit}"
+        if abs(value) < 1023.5 or unit == "TiB":  # 1023.6 KiB would print as 1024 KiB: call it 1 MiB
+            if unit == "B" or abs(value) >= 100:
+                return f"{value:.0f} {unit}"
+            return f"{value:.3g} {unit}"
         value /= 1024
     raise AssertionError("unreachable")

@@ -301,8 +301,8 @@ def test_plan_json_has_the_documented_shape_and_round_trips():
 def test_table_lists_each_stage_with_layers_and_memory():
     table = plan(uniform_spec(4, 1024), nodes_of(2048, 2048), "n0", 1).table().splitlines()
     assert len(table) == 4
-    assert "node0" in table[1] and "0-1 (2)" in table[1] and "2 KiB" in table[1] and "embedding, head" in table[1]
-    assert "node1" in table[2] and "2-3 (2)" in table[2]
+    assert "node0" in table[1] and "layers 0–1 + embedding + head" in table[1] and "2 KiB" in table[1]
+    assert "node1" in table[2] and "layers 2–3" in table[2]
     assert table[3].startswith("total")
 
 
@@ -400,7 +400,7 @@ def test_tinyllama_float32_cached_checkpoint_matches_the_config_shapes():
 def test_plan_command_prints_a_table_for_this_machine(stories_dir, seeded_home, capsys):
     assert cli.main(["plan", "--model", str(stories_dir), "--wait", "0", "--max-memory", "64MB"]) == 0
     output = capsys.readouterr().out
-    assert "stories260K" in output and "0-4 (5)" in output and "embedding, head" in output
+    assert "stories260K" in output and "layers 0–4 + embedding + head" in output
 
 
 def test_plan_command_json(stories_dir, seeded_home, capsys):
