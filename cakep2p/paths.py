@@ -1,4 +1,5 @@
-"""Where a node keeps its files: platformdirs locations, or all under $CAKEP2P_HOME (tests, portable installs)."""
+"""Where a node keeps its files: platformdirs locations, or all under $CAKEP2P_HOME (tests, portable installs); and
+where the demo model that ships inside the package is."""
 
 import os
 import secrets
@@ -8,6 +9,10 @@ from typing import BinaryIO, Callable
 import platformdirs
 
 APP_NAME = "cakep2p"
+EMBEDDED_MODEL_NAME = "stories260K"   # MIT, 260K parameters, ~1 MB: ships inside the package (cakep2p/models/)
+EMBEDDED_MODEL_NOTE = (f"{EMBEDDED_MODEL_NAME} is the tiny demo model that ships with cakep2p: it only writes short "
+                       "children's stories; pass --model PATH (a Hugging Face folder or a .gguf) for a real model, "
+                       "or pick one in the window's model library")
 
 
 def _base(kind: str) -> Path:
@@ -33,6 +38,19 @@ def cache_dir() -> Path:
 def data_dir() -> Path:
     """User data worth keeping: chat history, recent models."""
     return _base("data")
+
+
+def embedded_model_dir() -> Path:
+    """The demo model inside the package (a Hugging Face folder): what runs when no model is chosen, offline."""
+    return Path(__file__).resolve().parent / "models" / EMBEDDED_MODEL_NAME
+
+
+def is_embedded_model(path: str | Path) -> bool:
+    """Whether `path` is the demo model that ships with cakep2p."""
+    try:
+        return Path(path).expanduser().resolve() == embedded_model_dir()
+    except OSError:
+        return False
 
 
 def write_atomically(path: Path, content: bytes | Callable[[BinaryIO], None], mode: int = 0o644) -> Path:
