@@ -11,8 +11,7 @@ import platformdirs
 APP_NAME = "cakep2p"
 EMBEDDED_MODEL_NAME = "stories260K"   # MIT, 260K parameters, ~1 MB: ships inside the package (cakep2p/models/)
 EMBEDDED_MODEL_NOTE = (f"{EMBEDDED_MODEL_NAME} is the tiny demo model that ships with cakep2p: it only writes short "
-                       "children's stories; pass --model PATH (a Hugging Face folder or a .gguf) for a real model, "
-                       "or pick one in the window's model library")
+                       "children's stories")   # each shell adds how to pick a real model
 
 
 def _base(kind: str) -> Path:
