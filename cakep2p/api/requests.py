@@ -14,6 +14,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from cakep2p.cluster import LoadedModel
+from cakep2p.engine.conversation import default_max_new_tokens
 from cakep2p.engine.sampling import SamplingParams, sampling_params
 from cakep2p.errors import CakeError
 
@@ -207,7 +208,9 @@ class RequestReader:
                              f"{count}: shorten the {param}", param=param, code="context_length_exceeded")
 
     def chat(self, body: dict) -> GenerationRequest:
-        params, stops, stream, include_usage = self._common(body, CHAT_ARGS, None)
+        # an answer without max_tokens gets a quarter of the context, as in the window and `cakep2p chat`
+        default_max_tokens = default_max_new_tokens(self.model.max_seq_len)
+        params, stops, stream, include_usage = self._common(body, CHAT_ARGS, default_max_tokens)
         tokenizer = self.model.tokenizer
         try:
             text = tokenizer.apply_chat_template(_messages(body), add_generation_prompt=True)

@@ -18,6 +18,7 @@ from cakep2p.engine.tokenizer import Tokenizer
 from cakep2p.errors import CakeError
 
 FinishReason = Literal["stop", "length", "cancelled"]
+ANSWER_SHARE_OF_CONTEXT = 4   # an answer's default length: a quarter of the context, so a chat has room for turns
 
 
 class ContextFull(CakeError):
@@ -61,9 +62,12 @@ class Reply:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def summary(self) -> str:
-        """`48 tokens · first token 120 ms · 31.2 tok/s`, plus how it ended when that was not a stop."""
+    def summary(self, where: str = "") -> str:
+        """`48 tokens · first token 120 ms · 31.2 tok/s`, then `where` it ran ("3 nodes") if given, then how it ended
+        when that was not a stop."""
         text = f"{self.completion_tokens} tokens · first token {self.ttft_s * 1000:.0f} ms · {self.tokens_per_s:.1f} tok/s"
+        if where:
+            text += f" · {where}"
         if self.context_full:
             return text + " · stopped at the end of the context"
         return text + {"length": " · hit the token limit", "cancelled": " · stopped"}.get(self.finish_reason or "", "")
@@ -153,11 +157,44 @@ class _Clock:
         return ttft, (generated - 1) / decode if generated > 1 and decode > 0 else 0.0
 
 
-class Conversation:
-    """Messages of one chat and the pipeline that answers them.
+def default_max_new_tokens(max_context: int) -> int:
+    """How long an answer may be when the user does not say: a quarter of the context (at least one token)."""
+    return max(1, max_context // ANSWER_SHARE_OF_CONTEXT)
 
-    `raw=True` is for base models without a chat template: each user message is a prompt the model continues
-    on its own (no template, no earlier turns, no system prompt), and the answer keeps its leading space.
+
+@dataclass(frozen=True)
+class ConversationMode:
+    """How a chat turns messages into the prompt; the window and `cakep2p chat` decide it the same way.
+
+    template "model": the model's own chat template; "fallback": the plain `User: ... / Assistant:` template, for a
+    model without one; both keep every turn. `raw`: no template at all: the chat is one text the model continues
+    (each message goes on from the last answer, on a new line), for base models and for seeing the model as it is.
+    """
+
+    raw: bool
+    template: Literal["model", "fallback", "none"]
+
+    def describe(self) -> str:
+        if self.raw:
+            return "raw completion: the model continues your text as written, no chat template"
+        if self.template == "model":
+            return "chat with the model's chat template"
+        return "chat with a plain User/Assistant template, as the model has none of its own"
+
+
+def conversation_mode(tokenizer: Tokenizer, raw: bool = False) -> ConversationMode:
+    """The mode of a chat with this model: its template when it has one, the fallback otherwise; `raw` only when
+    asked for (never chosen for the user: a model without a template still chats)."""
+    if raw:
+        return ConversationMode(True, "none")
+    return ConversationMode(False, "model" if tokenizer.has_chat_template else "fallback")
+
+
+class Conversation:
+    """Messages of one chat and the pipeline that answers them, in the mode conversation_mode(tokenizer, raw) gives.
+
+    In raw mode the messages are one running text (no template, no system prompt) and an answer keeps its leading
+    space: it continues the text exactly.
     """
 
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, system_prompt: str | None = None, *,
@@ -165,30 +202,41 @@ class Conversation:
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
-        self.raw = raw
+        self.mode = conversation_mode(tokenizer, raw)
         self.messages: list[dict[str, str]] = []
         self._cached_ids: list[int] = []
-        self._last_used = 0
         self._lock = threading.Lock()
+
+    @property
+    def raw(self) -> bool:
+        return self.mode.raw
+
+    def set_raw(self, raw: bool) -> None:
+        """Switch between chat and raw completion; a switch starts a new chat (the two read the history apart)."""
+        if raw != self.mode.raw:
+            with self._lock:
+                self.mode = conversation_mode(self.tokenizer, raw)
+                self.reset()
 
     @property
     def max_context(self) -> int:
         return self.pipeline.max_seq_len
 
+    def default_max_new_tokens(self) -> int:
+        return default_max_new_tokens(self.max_context)
+
     def prompt_ids(self, messages: list[dict[str, str]] | None = None) -> list[int]:
         """Token ids of the rendered chat (system prompt first), ready for the assistant's turn."""
         full = list(self.messages if messages is None else messages)
         if self.raw:
-            return self.tokenizer.encode(next((m["content"] for m in reversed(full) if m["role"] == "user"), ""))
+            return self.tokenizer.encode(raw_text(full))
         if self.system_prompt:
             full.insert(0, {"role": "system", "content": self.system_prompt})
         text = self.tokenizer.apply_chat_template(full, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def context_used(self) -> int:
-        """Tokens the conversation takes now: the whole chat, or in raw mode the last prompt and its answer."""
-        if self.raw:
-            return self._last_used
+        """Tokens the conversation takes now: the prompt of the whole chat."""
         return len(self.prompt_ids()) if self.messages else 0
 
     def ask(
@@ -212,7 +260,6 @@ class Conversation:
         """A new chat on the same pipeline (its cache is simply overwritten)."""
         self.messages.clear()
         self._cached_ids = []
-        self._last_used = 0
 
     def _answer(
         self, params: SamplingParams, reply: Reply, cancel: threading.Event | None, drop_question_if_full: bool = False
@@ -232,5 +279,15 @@ class Conversation:
                 # The cache now holds the prompt and every generated token but the last one;
                 # after an interrupted run nothing in it is trusted.
                 self._cached_ids = prompt_ids + reply.token_ids[:-1] if reply.done else []
-            self._last_used = len(prompt_ids) + len(reply.token_ids)
             self.messages.append({"role": "assistant", "content": reply.text})
+
+
+def raw_text(messages: list[dict[str, str]]) -> str:
+    """The text a raw-completion chat continues: every message in order, an answer right after what it continues,
+    a new message on a new line."""
+    text = ""
+    for message in messages:
+        if message["role"] == "user" and text and not text.endswith("\n"):
+            text += "\n"
+        text += message["content"]
+    return text
