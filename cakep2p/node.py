@@ -54,7 +54,7 @@ class Node:
                  max_memory: int | None = None, cluster_code: str | None = None, discovery: bool = True,
                  serving: bool = True, static_peers: list[tuple[str, int]] | None = None,
                  insecure_open: bool = False, models_dirs: list[str | Path] | None = None,
-                 node_id: str | None = None) -> None:
+                 node_id: str | None = None, store_code: bool = True) -> None:
         self.name = identity.clean_node_name(name) if name else identity.default_node_name()
         if not self.name:
             raise CakeError(f"node name {name!r} has no usable characters: pass --name with letters or digits")
@@ -62,6 +62,7 @@ class Node:
         self.port = choose_port(port, listen_host(self.interfaces))
         self.max_memory = max_memory
         self.cluster_code = cluster_code
+        self.store_code = store_code   # False: an explicit cluster_code is used, not stored (`cakep2p plan --cluster`)
         self.discovery_enabled = discovery
         self.static_peers = list(static_peers or [])
         self.insecure_open = insecure_open
@@ -84,6 +85,7 @@ class Node:
         self._stopping: asyncio.Event | None = None
         self._error: BaseException | None = None
         self._static_task: asyncio.Task | None = None
+        self._silent_static: frozenset[tuple[str, int]] = frozenset()   # static --peers whose last ping went unanswered
 
     # ---- life cycle -------------------------------------------------------------------------------------------
 
@@ -198,6 +200,7 @@ class Node:
                     elif pong is not None or misses[host, port] >= STATIC_PEER_MISSES:
                         if self.directory.remove(key) is not None:
                             log.info("static peer %s:%d stopped answering", host, port)
+                self._silent_static = frozenset(peer for peer, pong in zip(self.static_peers, pongs) if pong is None)
                 await asyncio.sleep(STATIC_PEER_REFRESH_S)
         finally:
             context.destroy(linger=0)
@@ -212,7 +215,7 @@ class Node:
             status="ok", addresses=(host,))
 
     def _use_cluster(self, code: str | None) -> None:
-        keys = cluster_keys(code)
+        keys = derive_keys(code) if code is not None and not self.store_code else cluster_keys(code)
         self.cluster_code, self.fingerprint = code, keys.fingerprint
         self.keys = None if self.insecure_open else keys
 
@@ -282,6 +285,11 @@ class Node:
 
     def peers(self) -> list[PeerInfo]:
         return self.directory.peers()
+
+    def silent_static_peers(self) -> set[tuple[str, int]]:
+        """Static --peers (host, port) whose last ping went unanswered: down, unreachable, or of another cluster
+        (CURVE lets no stranger in, and says nothing to one)."""
+        return set(self._silent_static)
 
     def call(self, coroutine, timeout: float | None = None):
         """Run a coroutine on the node's loop from another thread and wait for its result."""
