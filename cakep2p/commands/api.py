@@ -7,7 +7,8 @@ import ipaddress
 import os
 import sys
 
-from cakep2p.commands.options import add_cluster_options, add_model_options, load_model, port_or_zero, positive_int
+from cakep2p.commands.options import (add_cluster_options, add_model_options, load_model, open_checkpoint,
+                                      port_or_zero, positive_int)
 from cakep2p.errors import CakeError
 
 
@@ -50,16 +51,14 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from cakep2p.api import base_url, create_app, listen_socket
-    from cakep2p.engine.checkpoint import Checkpoint
-
-    checkpoint = Checkpoint.open(args.model)
+    checkpoint = open_checkpoint(args)
     sock = listen_socket(args.host, args.port)  # before the model loads, so a taken port fails fast
     try:
         model = load_model(args, checkpoint)
         try:
             app = create_app(model, api_key=args.api_key, max_sessions=args.max_sessions)
-            print(f"cakep2p: serving {model.name} on {base_url(sock)}/v1 (OpenAI-compatible); Ctrl-C stops",
-                  file=sys.stderr, flush=True)
+            print(f"cakep2p: serving {model.name} on {base_url(sock)}/v1 (OpenAI-compatible, model id "
+                  f"\"{model.name}\", as GET /v1/models says); Ctrl-C stops", file=sys.stderr, flush=True)
             config = uvicorn.Config(app, log_level="info" if args.verbose else "warning", timeout_graceful_shutdown=5)
             uvicorn.Server(config).run(sockets=[sock])
         finally:

@@ -1,4 +1,8 @@
-"""`cakep2p chat`: an interactive chat in the terminal, streamed; /reset, /exit; Ctrl-C stops the answer."""
+"""`cakep2p chat`: an interactive chat in the terminal, streamed; /reset, /raw, /exit; Ctrl-C stops the answer.
+
+The chat mode is the window's (engine.conversation.conversation_mode): the model's template, else the plain
+fallback template, every turn kept; --raw or /raw for raw completion.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +14,25 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Callable, TextIO
 
-from cakep2p.commands.options import (add_cluster_options, add_model_options, load_model, sampling_from_args,
-                                      seed_number)
-from cakep2p.errors import CakeError
+from cakep2p.commands.options import (add_cluster_options, add_model_options, load_model, open_checkpoint,
+                                      positive_int, sampling_from_args, seed_number)
 
 if TYPE_CHECKING:
     from cakep2p.engine.conversation import Conversation
     from cakep2p.engine.sampling import SamplingParams
 
-HELP = "/reset starts a new chat, /exit (or Ctrl-D) quits, Ctrl-C stops the answer being written"
+HELP = ("/reset starts a new chat, /raw switches raw completion on or off, /exit (or Ctrl-D) quits, "
+        "Ctrl-C stops the answer being written")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     parser.add_argument("--system", default=None, metavar="TEXT", help="system message that opens every chat")
-    parser.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
-                        help="longest answer in tokens (default 512)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None, metavar="N",
+                        help="longest answer in tokens, N >= 1 (default: a quarter of the context)")
+    parser.add_argument("--raw", action="store_true",
+                        help="raw completion: no chat template, the model continues your text as written (/raw "
+                             "switches it in the chat)")
     parser.add_argument("--temperature", type=float, default=None, metavar="T",
                         help="0 = greedy (default: the model's generation_config.json, greedy when it has none)")
     parser.add_argument("--top-k", type=int, default=None, metavar="K",
@@ -75,9 +82,8 @@ def answer(conversation: Conversation, text: str, params: SamplingParams, out: T
     if reply.finish_reason == "cancelled":
         print("(stopped)", file=notes)
     used = conversation.context_used()
-    print(f"[{reply.completion_tokens} tokens, {reply.tokens_per_s:.1f} tokens/s, "
-          f"context {used}/{conversation.max_context}]", file=notes, flush=True)
-    if used + 1 >= conversation.max_context:
+    print(f"[{reply.summary(f'context {used}/{conversation.max_context}')}]", file=notes, flush=True)
+    if reply.context_full or used + 1 >= conversation.max_context:
         print("(the chat has filled the context; type /reset to start a new chat)", file=notes)
 
 
@@ -100,6 +106,9 @@ def chat_loop(conversation: Conversation, params: SamplingParams, read_line: Cal
         if line == "/reset":
             conversation.reset()
             print("(new chat)", file=notes)
+        elif line == "/raw":
+            conversation.set_raw(not conversation.raw)
+            print(f"(new chat, {conversation.mode.describe()})", file=notes)
         elif line in ("/help", "/?"):
             print(HELP, file=notes)
         elif line.startswith("/"):
@@ -109,22 +118,22 @@ def chat_loop(conversation: Conversation, params: SamplingParams, read_line: Cal
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 1:
-        raise CakeError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    from cakep2p.engine.checkpoint import Checkpoint
-    from cakep2p.engine.conversation import Conversation
+    from cakep2p.cluster import context_length
+    from cakep2p.engine.conversation import Conversation, default_max_new_tokens
 
-    checkpoint = Checkpoint.open(args.model)
-    params = sampling_from_args(args, checkpoint)
+    checkpoint = open_checkpoint(args)
+    params = sampling_from_args(args, checkpoint,  # bad flags fail here, before loading
+                                default_max_new_tokens(context_length(checkpoint.args, args.context)))
     model = load_model(args, checkpoint)
     try:
         pipeline = model.new_pipeline()
         try:
-            conversation = Conversation(pipeline, model.tokenizer, args.system)
+            conversation = Conversation(pipeline, model.tokenizer, args.system, raw=args.raw)
             if sys.stdin.isatty():
                 with contextlib.suppress(ImportError):
                     importlib.import_module("readline")  # line editing and history for input()
-            print(f"chatting with {model.name} ({conversation.max_context} tokens of context). {HELP}",
+            print(f"chatting with {model.name} ({conversation.max_context} tokens of context, answers up to "
+                  f"{params.max_new_tokens} tokens; {conversation.mode.describe()}). {HELP}",
                   file=sys.stderr, flush=True)
             return chat_loop(conversation, params)
         finally:

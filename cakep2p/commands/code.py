@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
 def _typed_code(value: str) -> str:
     if value != "-":
         return value
+    if sys.stdin.isatty():   # a person at the keyboard, not a pipe: say what to type
+        print("paste the cluster code (what `cakep2p code` prints on a machine of the cluster), then press Enter: ",
+              end="", file=sys.stderr, flush=True)
     line = sys.stdin.readline()
     if not line.strip():
         raise CakeError("no cluster code on stdin: pipe in what `cakep2p code` prints on a machine of the cluster")

@@ -8,8 +8,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Callable, TextIO
 
-from cakep2p.commands.options import (add_cluster_options, add_model_options, load_model, sampling_from_args,
-                                      seed_number)
+from cakep2p.commands.options import (add_cluster_options, add_model_options, load_model, open_checkpoint,
+                                      positive_int, print_notice, sampling_from_args, seed_number)
 from cakep2p.errors import CakeError
 
 if TYPE_CHECKING:  # the engine imports torch; this module must stay cheap to import for `cakep2p --help`
@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # the engine imports torch; this module must stay cheap to im
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     parser.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue (or the user message with --chat)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="stop after N new tokens (default 128)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N",
+                        help="stop after N new tokens, N >= 1 (default 128)")
     parser.add_argument("--temperature", type=float, default=None, metavar="T",
                         help="0 = greedy (default: the model's generation_config.json, greedy when it has none)")
     parser.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest tokens (0 = off)")
@@ -36,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help='print one JSON object: prompt_tokens, tokens, text, ttft_s, tokens_per_s, plan '
                              '(null on one machine), stages (where each ran, its weights\' source, its seconds)')
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print only the text (or the JSON): no notes and no summary line on stderr")
     add_cluster_options(parser)
 
 
@@ -113,12 +116,25 @@ def cluster_report(model: "LoadedModel", pipeline: "LocalPipeline | RemotePipeli
             "notices": list(model.notices)}
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 0:
-        raise CakeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    from cakep2p.engine.checkpoint import Checkpoint
+def where_it_ran(model: "LoadedModel") -> str:
+    """`1 node` or `3 nodes`: how many machines held layers of this answer."""
+    count = len([stage for stage in model.plan.stages if stage.layers.num_layers]) if model.plan is not None else 1
+    return f"{max(count, 1)} node{'' if count <= 1 else 's'}"
 
-    checkpoint = Checkpoint.open(args.model)  # model problems fail here, before any peer is contacted
+
+def report(reply: "Reply", model: "LoadedModel") -> None:
+    """The summary line on stderr (tokens, first token, tok/s, nodes, how it ended), and what to do about an answer
+    that stopped at the end of the context."""
+    print(f"cakep2p: {reply.summary(where_it_ran(model))}", file=sys.stderr, flush=True)
+    if reply.context_full:
+        limit = model.args.max_position_embeddings
+        fix = (f"pass a larger --context (this model allows up to {limit})" if model.max_seq_len < limit
+               else "this is the model's whole context: shorten the prompt")
+        print_notice(f"the answer stopped at the end of the context ({model.max_seq_len} tokens): {fix}")
+
+
+def run(args: argparse.Namespace) -> int:
+    checkpoint = open_checkpoint(args)  # model problems fail here, before any peer is contacted
     check_device(args.device)
     params = sampling_from_args(args, checkpoint)  # and bad flags too
     model = load_model(args, checkpoint)
@@ -129,9 +145,11 @@ def run(args: argparse.Namespace) -> int:
             reply = complete(pipeline, model.tokenizer, args, params)
             print(json.dumps({**reply_json(reply), **cluster_report(model, pipeline)}, ensure_ascii=False))
         else:
-            complete(pipeline, model.tokenizer, args, params, on_text=_stream_to(sys.stdout))
+            reply = complete(pipeline, model.tokenizer, args, params, on_text=_stream_to(sys.stdout))
             sys.stdout.write("\n")
             sys.stdout.flush()
+        if not args.quiet:
+            report(reply, model)
     except BrokenPipeError:  # `cakep2p generate ... | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:

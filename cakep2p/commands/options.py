@@ -9,6 +9,7 @@ import uuid
 from typing import TYPE_CHECKING, Callable
 
 from cakep2p.errors import CakeError
+from cakep2p.paths import EMBEDDED_MODEL_NAME, EMBEDDED_MODEL_NOTE, embedded_model_dir
 from cakep2p.units import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def wait_seconds(text: str) -> float:
 
 
 def positive_int(text: str) -> int:
-    """argparse type for counts that must be at least 1 (--context, --max-sessions)."""
+    """argparse type for counts that must be at least 1 (--context, --max-sessions, --max-new-tokens)."""
     try:
         value = int(text)
     except ValueError:
@@ -90,21 +91,21 @@ def _peer_list(text: str) -> list[tuple[str, int]]:
     return peers
 
 
-def add_network_options(parser: argparse.ArgumentParser) -> None:
+def add_network_options(parser: argparse.ArgumentParser, cluster_help: str = "pairing code of the cluster to join "
+                        "(stored for next time)") -> None:
     """Where to look for peers and which cluster to belong to."""
     parser.add_argument("--interface", action="append", metavar="IP", default=None,
                         help="announce and browse only on this interface address (repeatable; default: all)")
     parser.add_argument("--peers", type=_peer_list, default=[], metavar="HOST:PORT,...",
                         help="static peers, for networks that block multicast")
-    parser.add_argument("--cluster", metavar="CODE", default=None,
-                        help="pairing code of the cluster to join (stored for next time)")
+    parser.add_argument("--cluster", metavar="CODE", default=None, help=cluster_help)
     parser.add_argument("--insecure-open", action="store_true",
                         help="DEBUG ONLY: no encryption or authentication on the mesh")
 
 
-def add_cluster_options(parser: argparse.ArgumentParser) -> None:
-    """Network options plus how to split a model across the peers."""
-    add_network_options(parser)
+def add_cluster_options(parser: argparse.ArgumentParser, **network: str) -> None:
+    """Network options (`cluster_help` rewords --cluster) plus how to split a model across the peers."""
+    add_network_options(parser, **network)
     parser.add_argument("--strategy", choices=("proportional", "fewest", "compute"), default="proportional",
                         help="proportional: spread layers by offered memory; fewest: as few nodes as possible; "
                              "compute: by measured GFLOP/s (never over anyone's memory budget)")
@@ -112,13 +113,15 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
                         help="cap on the memory this machine offers for model parts (e.g. 8GB, 512MiB)")
 
 
-def sampling_from_args(args: argparse.Namespace, checkpoint: "Checkpoint") -> "SamplingParams":
-    """SamplingParams from the flags on top of the model's generation_config.json defaults; a bad flag is one
-    line naming it ("--top-p must be in (0, 1], got 0.0")."""
+def sampling_from_args(args: argparse.Namespace, checkpoint: "Checkpoint",
+                       max_new_tokens: int | None = None) -> "SamplingParams":
+    """SamplingParams from the flags on top of the model's generation_config.json defaults (`max_new_tokens` where
+    --max-new-tokens was not given); a bad flag is one line naming it ("--top-p must be in (0, 1], got 0.0")."""
     from cakep2p.engine.sampling import sampling_params
 
     try:
-        return sampling_params(checkpoint.generation, max_new_tokens=args.max_new_tokens,
+        chosen = args.max_new_tokens if args.max_new_tokens is not None else max_new_tokens
+        return sampling_params(checkpoint.generation, max_new_tokens=chosen,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                repetition_penalty=args.repetition_penalty, seed=args.seed)
     except ValueError as error:  # SamplingParams names the field: "top_p must be in (0, 1], got 0.0"
@@ -135,17 +138,37 @@ def add_weights_option(parser: argparse.ArgumentParser) -> None:
                              "quantized and a 16-bit one at 16 bits; int8 and int4 hold 2-4x more model per machine")
 
 
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """--model, optional: without it the demo model that ships with cakep2p runs (and says so)."""
+    parser.add_argument("--model", default=None, metavar="PATH",
+                        help="a .gguf file, or a folder: Hugging Face (config.json, *.safetensors, tokenizer.json) "
+                             f"or holding one .gguf (default: {EMBEDDED_MODEL_NAME}, a tiny demo model that ships "
+                             "with cakep2p)")
+
+
+def open_checkpoint(args: argparse.Namespace) -> "Checkpoint":
+    """The checkpoint of --model, or of the demo model when none was given (one note on stderr says which)."""
+    from cakep2p.engine.checkpoint import Checkpoint
+
+    if args.model is not None:
+        return Checkpoint.open(args.model)
+    if not getattr(args, "quiet", False):
+        print_notice(f"no --model given: {EMBEDDED_MODEL_NOTE}; pass --model PATH (a Hugging Face folder or a "
+                     ".gguf) for a real model, or pick one in the window's model library")
+    return Checkpoint.open(embedded_model_dir())
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Which model to run and how: shared by generate, chat and api."""
-    parser.add_argument("--model", required=True, metavar="PATH",
-                        help="a .gguf file, or a folder: Hugging Face (config.json, *.safetensors, tokenizer.json) "
-                             "or holding one .gguf")
+    add_model_argument(parser)
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="weights and activations dtype (auto: the checkpoint's; float32 on a GGUF dequantizes "
                              "it exactly)")
     add_weights_option(parser)
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    parser.add_argument("--context", type=positive_int, default=None, metavar="N", help="tokens of KV cache to reserve (default: min(4096, model max))")
+    parser.add_argument("--context", type=positive_int, default=None, metavar="N",
+                        help="tokens of KV cache to reserve (default: min(4096, model max); more than the model's "
+                             "maximum is capped to it, with a note)")
     parser.add_argument("--local", action="store_true", help="run on this machine only, no cluster")
     parser.add_argument("--wait", type=wait_seconds, default=DEFAULT_WAIT_S, metavar="SECONDS",
                         help=f"listen up to this long for peers before planning (default {DEFAULT_WAIT_S:g})")
@@ -174,24 +197,27 @@ def load_model(args: argparse.Namespace, checkpoint: "Checkpoint", *,
 
     check_complete(checkpoint)
     options = model_options(args)
+    quiet = getattr(args, "quiet", False)
+    on_notice = on_notice or (_ignore if quiet else print_notice)
     if options.local:
-        return open_model(checkpoint, options)
+        return open_model(checkpoint, options, on_notice=on_notice)
     node = start_initiator_node(args)
     try:
         return open_model(checkpoint, options, node=node, owns_node=True,
-                          on_progress=on_progress or _print_transfers(), on_notice=on_notice or _print_notice)
+                          on_progress=on_progress or (None if quiet else _print_transfers()), on_notice=on_notice)
     except BaseException:
         node.stop()
         raise
 
 
-def start_initiator_node(args: argparse.Namespace) -> "Node":
+def start_initiator_node(args: argparse.Namespace, store_code: bool = True) -> "Node":
     """The started Node of a command that uses the cluster (generate, chat, api, plan); the caller stops it.
 
     It is NOT serving: a process that only runs a command uses the peers' memory but takes no work from others
     (run `cakep2p --serve` for that). It has a throwaway node id, so a `cakep2p --serve` of the same install on
     this machine is a peer like any other, and its mesh port is whichever the OS picks. With --wait 0 it listens
-    for no one (no mDNS, no static --peers): the plan is for this machine alone.
+    for no one (no mDNS, no static --peers): the plan is for this machine alone. Without `store_code`, a --cluster
+    code is used for this run only.
     """
     from cakep2p.node import Node
 
@@ -202,13 +228,18 @@ def start_initiator_node(args: argparse.Namespace) -> "Node":
     listen = args.wait > 0
     node = Node(port=0, interfaces=args.interface, max_memory=args.max_memory, cluster_code=args.cluster,
                 discovery=listen, serving=False, static_peers=args.peers if listen else [],
-                insecure_open=args.insecure_open, node_id=uuid.uuid4().hex)
+                insecure_open=args.insecure_open, node_id=uuid.uuid4().hex, store_code=store_code)
     node.start()
     return node
 
 
-def _print_notice(text: str) -> None:
+def print_notice(text: str) -> None:
+    """A note for the user on stderr: `cakep2p: note: ...`."""
     print(f"cakep2p: note: {text}", file=sys.stderr, flush=True)
+
+
+def _ignore(text: str) -> None:
+    """--quiet: notes are not shown."""
 
 
 def _print_transfers() -> Callable[[str, int, int], None]:
