@@ -199,3 +199,17 @@ def test_install_script_is_quiet_about_libraries_when_none_is_missing(tmp_path):
     result = run_install_with(tmp_path, fake_tools(tmp_path, "\tlibxcb.so.1 => /lib/libxcb.so.1 (0x1)\n", True))
     assert result.returncode == 0, result.stderr
     assert "the window needs" not in result.stderr
+
+
+@pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="macOS and Windows always have a display plugin")
+def test_doctor_says_whether_the_window_can_start(monkeypatch):
+    from cakep2p.commands import doctor
+
+    pytest.importorskip("PySide6")
+
+    monkeypatch.delenv("QT_QPA_PLATFORM", raising=False)
+    for name in ("DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(name, raising=False)
+    assert doctor.window_line().startswith("window: no display")
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    assert doctor.window_line() == "window: can start here"

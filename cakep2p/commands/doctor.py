@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import secrets
 import socket
 import struct
@@ -10,6 +11,7 @@ import time
 
 import psutil
 
+from cakep2p.commands.display import window_problem
 from cakep2p.commands.options import port_number, wait_seconds
 from cakep2p.discovery import snapshot_peers
 from cakep2p.network import (DEFAULT_PORT, announce_addresses, is_virtual_interface, listen_host, port_is_free,
@@ -164,6 +166,14 @@ def peer_lines(interfaces: list[str] | None, wait_s: float, code: str | None) ->
     return lines
 
 
+def window_line() -> str:
+    """Whether `cakep2p` (no command) can open its window here, and if not, the fix."""
+    if importlib.util.find_spec("PySide6") is None:
+        return "window: PySide6 is not installed (pip install 'cakep2p[gui]'); headless nodes need none"
+    problem = window_problem()
+    return f"window: {problem}" if problem else "window: can start here"
+
+
 def run(args: argparse.Namespace) -> int:
     args.interface = resolve_interfaces(args.interface)
     lines = interface_lines(args.interface)
@@ -180,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
             lines.append(f"multicast on {address}: {multicast_self_test(address)}")
     lines += mdns_daemon_lines()
     lines.append(mesh_port_line(args.port, args.interface))
+    lines.append(window_line())
     if args.wait > 0:
         lines += peer_lines(args.interface, args.wait, args.cluster)
     print("\n".join(lines))
