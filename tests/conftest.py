@@ -10,13 +10,14 @@ offscreen, a `cakep2p` child process. The helpers the tests share are in tests/k
 
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
 
 from tests.kit import seed_benchmark
-from tests.kit.leaks import (child_processes, describe_process, describe_threads, end_processes, left_children,
-                             left_threads, ours_or_blocking, threads_ended)
+from tests.kit.leaks import (LeftRunningWarning, child_processes, describe_process, describe_threads, end_processes,
+                             left_children, left_threads, must_end, threads_ended)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEST_MODEL = REPO.parent / "shared" / "models" / "stories260K"
@@ -46,7 +47,8 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(autouse=True, scope="session")
 def nothing_left_running():
     """At the end of the session: an error naming every child process of pytest still alive (they are ended
-    then), and every thread the suite started that still runs and is cakep2p's, the kit's or non-daemon."""
+    then) and every cakep2p, kit or non-daemon thread the suite started that still runs; a warning naming any other
+    thread it started that still runs (a library's process-lifetime threads aside)."""
     threads_before = set(threading.enumerate())
     children_before = {child.pid for child in child_processes()}
     yield
@@ -55,9 +57,14 @@ def nothing_left_running():
     if children:
         problems.append("child processes still running:\n  " + "\n  ".join(map(describe_process, children)))
         end_processes(children)
-    threads = left_threads(threads_before, counts=ours_or_blocking)
-    if threads:
-        problems.append(f"threads still running: {describe_threads(threads)}")
+    threads = left_threads(threads_before)
+    failing = [thread for thread in threads if must_end(thread)]
+    others = [thread for thread in threads if not must_end(thread)]
+    if failing:
+        problems.append(f"threads still running: {describe_threads(failing)}")
+    if others:
+        warnings.warn(LeftRunningWarning(f"daemon threads the suite started still run at its end: "
+                                         f"{describe_threads(others)}"))
     if problems:
         pytest.fail("the test session left things running:\n" + "\n".join(problems), pytrace=False)
 

@@ -6,7 +6,8 @@
     processes   child_env, run_cakep2p, ChildProcess and its kinds that are always killed: ServeProcess
                 (start_serve), StageProcess (a bare stage server, stage_server.py), ApiProcess; kill_all
     nodes       seed_benchmark, start_node (an in-process Node on 127.0.0.1), Browser (a Discovery on its own loop)
-    leaks       left_threads, left_children: what the no_leaked_threads fixture and the session check look for
+    leaks       threads_ended (the no_leaked_threads fixture, or narrower), left_threads, left_children: what the
+                fixtures and the session check in conftest look for
     cluster     serve_nodes, run_generate, generate_command, greedy_tokens, local_tokens, remote_names
     api         serve, greedy_chat, GatedModel, stage_sessions
     sniff       SniffingProxy: a loopback TCP proxy that keeps every byte
