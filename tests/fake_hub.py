@@ -23,6 +23,8 @@ class FakeHub:
     repos: dict[str, dict[str, bytes]]                      # repo -> file name -> content
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)   # (method, path, headers)
     url: str = ""
+    gate: threading.Event | None = None   # when set up, a file body stops after `gate_after` bytes until it is set
+    gate_after: int = 1 << 20
 
     def ranges(self) -> list[str]:
         """The Range headers file downloads sent, in order."""
@@ -44,7 +46,7 @@ def _listing(repo: str, files: dict[str, bytes]) -> dict:
 
 def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+        protocol_version = "HTTP/1.0"    # one request per connection: no handler thread waits on a kept-alive one
 
         def log_message(self, *_args) -> None:   # quiet
             return
@@ -87,7 +89,13 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             self.end_headers()
+            gated = hub.gate is not None and kind == "application/octet-stream" and len(body) > hub.gate_after
             try:
+                if gated:
+                    self.wfile.write(body[:hub.gate_after])
+                    self.wfile.flush()
+                    hub.gate.wait(30)
+                    body = body[hub.gate_after:]
                 self.wfile.write(body)
             except (BrokenPipeError, ConnectionResetError):   # the client stopped reading (a cancelled download)
                 pass
@@ -100,13 +108,16 @@ def fake_hub(repos: dict[str, dict[str, bytes]]) -> Iterator[FakeHub]:
     """A FakeHub serving `repos` on 127.0.0.1 (its `url` is the HF_ENDPOINT to use) until the block ends."""
     hub = FakeHub(repos)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
-    server.daemon_threads = True
+    server.daemon_threads = False        # server_close() joins every request's thread
+    server.block_on_close = True
     hub.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, name="fake-hub", daemon=True)
     thread.start()
     try:
         yield hub
     finally:
+        if hub.gate is not None:
+            hub.gate.set()
         server.shutdown()
         server.server_close()
         thread.join(10)

@@ -1,13 +1,16 @@
-"""The desktop window, offscreen, over the real core: peers from real `--serve` processes, the Join toggle seen by a
-real `cakep2p peers`, and a streaming chat with the trained stories260K model."""
+"""The desktop window, offscreen, over the real core: peers from real `--serve` processes (arriving, lost, of another
+cluster), the Join toggle seen by a real `cakep2p peers`, offered memory, and a streaming chat with the trained
+stories260K model."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,11 +24,14 @@ if broken_qt_binding():
 
 import torch  # noqa: E402
 from PySide6.QtCore import QTimer  # noqa: E402
+from PySide6.QtWidgets import QApplication, QDialogButtonBox, QLabel  # noqa: E402
 
 from cakep2p.discovery import PeerInfo  # noqa: E402
 from cakep2p.gui.state import PlanSegment, PlanView  # noqa: E402
 from cakep2p.gui.history import ChatHistory, ChatLog  # noqa: E402
-from cakep2p.gui.models import ChatModel, PeersFilter, PeersModel  # noqa: E402
+from cakep2p.gui.models import ChatModel  # noqa: E402
+from cakep2p.gui.peers_model import PeersFilter, PeersModel  # noqa: E402
+from cakep2p.gui.preferences import PreferencesStore  # noqa: E402
 from cakep2p.gui.recent import RecentModels  # noqa: E402
 from cakep2p.gui.transcript import Transcript  # noqa: E402
 from cakep2p.gui.window import MainWindow  # noqa: E402
@@ -47,6 +53,12 @@ def make_peer(index: int, **changes) -> PeerInfo:
 
 # ---- models --------------------------------------------------------------------------------------------------
 
+def states(model) -> dict[str, str]:
+    column = [column.header for column in model.sourceModel().columns].index("State") if isinstance(
+        model, PeersFilter) else [column.header for column in model.columns].index("State")
+    return {model.index(row, 0).data(): model.index(row, column).data() for row in range(model.rowCount())}
+
+
 def test_peers_model_passes_qtmodeltester_through_adds_updates_and_removals(qtmodeltester):
     model = PeersModel()
     for index in range(3):
@@ -57,12 +69,31 @@ def test_peers_model_passes_qtmodeltester_through_adds_updates_and_removals(qtmo
     qtmodeltester.check(model, force_py=True)
     assert model.node_ids() == ["id-1", "id-2"]
     shown = PeersFilter(model)
-    shown.set_show_foreign(False)
     qtmodeltester.check(shown, force_py=True)
-    assert [shown.index(row, 0).data() for row in range(shown.rowCount())] == ["peer-2"]
-    serving = model.index(0, [column.header for column in model.columns].index("Serving")).data()
-    layers = model.index(1, len(model.columns) - 1).data()
-    assert (serving, layers) == ("no", "4–7")
+    assert [shown.index(row, 0).data() for row in range(shown.rowCount())] == ["peer-2"]   # other clusters folded
+    shown.set_show_foreign(True)
+    assert states(shown) == {"peer-1": "other cluster", "peer-2": "ok"} and model.foreign_count() == 1
+    assert model.index(1, len(model.columns) - 1).data() == "4–7"
+
+
+def test_this_machines_row_comes_first_and_a_lost_peer_says_so_until_it_leaves(qtmodeltester):
+    model = PeersModel()
+    qtmodeltester.check(model, force_py=True)
+    model.apply_event("added", make_peer(1, name="aardvark"))
+    model.apply_event("added", make_peer(2, serving=False))
+    model.set_own(make_peer(0, name="zebra-laptop"))
+    shown = PeersFilter(model)
+    shown.sort(0)
+    assert [shown.index(row, 0).data() for row in range(shown.rowCount())] == ["zebra-laptop", "aardvark", "peer-2"]
+    assert states(model) == {"zebra-laptop": "this machine", "aardvark": "ok", "peer-2": "not serving"}
+    model.mark_lost("id-1")
+    model.apply_event("updated", make_peer(1, name="aardvark"))      # its announcement lingers: still lost
+    assert states(model)["aardvark"] == "lost"
+    model.clear_lost()                                                # a new plan judges it afresh
+    assert states(model)["aardvark"] == "ok"
+    model.mark_lost("id-1")
+    model.apply_event("removed", make_peer(1))
+    assert model.node_ids() == ["id-2"] and model.row_of("id-0") == 0
 
 
 def test_chat_model_passes_qtmodeltester_while_streaming(qtmodeltester, qtbot):
@@ -187,7 +218,8 @@ def window(qapp, gui_home):
     torch.set_num_threads(1)
     options = {"name": f"gui-{RUN}", "port": free_port(), "interfaces": ["127.0.0.1"], "cluster_code": CLUSTER_CODE}
     main_window = MainWindow(options, history=ChatHistory(gui_home / "chats"),
-                             recent=RecentModels(gui_home / "recent.json"))
+                             recent=RecentModels(gui_home / "recent.json"),
+                             preferences=PreferencesStore(gui_home / "window.json"), open_demo=False)
     failures = []
     main_window.bridge.nodeFailed.connect(failures.append)
     main_window.show()
@@ -202,7 +234,7 @@ def window(qapp, gui_home):
 
 @pytest.fixture(scope="module")
 def chat_window(window, stories_dir):
-    """The window with stories260K loaded (raw completion: the model has no chat template)."""
+    """The window with stories260K loaded (a chat with the plain User/Assistant template: it has none)."""
     window.load_model(str(stories_dir))
     pump_until(lambda: window.model_info is not None, timeout=60, message="stories260K to load")
     return window
@@ -210,7 +242,8 @@ def chat_window(window, stories_dir):
 
 @pytest.fixture
 def greedy(chat_window, qtbot):
-    """A fresh chat at temperature 0."""
+    """A fresh chat at temperature 0 in raw completion (the text continues the prompt: the reference's setting)."""
+    chat_window.settings.completion_mode.setChecked(True)
     chat_window.new_chat()
     qtbot.waitUntil(lambda: not chat_window.bridge.generating)
     chat_window.settings.temperature.setValue(0.0)
@@ -234,14 +267,93 @@ def test_peers_table_fills_when_serve_nodes_start_and_empties_when_they_stop(win
         qtbot.waitUntil(lambda: set(names) <= table_names(window), timeout=30000)
         view = window.peers_panel.table
         rows = {view.model().index(row, 0).data(): row for row in range(view.model().rowCount())}
-        cluster_column = [column.header for column in window.peers_model.columns].index("Cluster")
-        assert all(view.model().index(rows[name], cluster_column).data() == "ok" for name in names)
+        state_column = [column.header for column in window.peers_model.columns].index("State")
+        assert all(view.model().index(rows[name], state_column).data() == "ok" for name in names)
         for node in nodes:
             node.stop()
         qtbot.waitUntil(lambda: not set(names) & table_names(window), timeout=15000)
     finally:
         for node in nodes:
             node.kill()
+
+
+@pytest.mark.slow
+def test_machines_of_another_cluster_fold_into_one_line_with_the_hint_to_pair_them(window, qtbot, tmp_path):
+    names = [f"stranger-{letter}-{RUN}" for letter in "ab"]
+    strangers = [start_serve(tmp_path, name, free_port(), code=new_code()) for name in names]
+    try:
+        qtbot.waitUntil(lambda: set(names) <= table_names(window), timeout=30000)
+        panel = window.peers_panel
+        qtbot.waitUntil(lambda: "cakep2p code" in panel.foreign_label.text(), timeout=10000)
+        shown = {panel.table.model().index(row, 0).data() for row in range(panel.table.model().rowCount())}
+        assert not set(names) & shown and window.bridge.node.name in shown           # folded away; own row stays
+        assert panel.foreign_label.isVisible() and f"{window.peers_model.foreign_count()} machines of other " \
+            "clusters</b> (hidden)" in panel.foreign_label.text()
+        assert window.peers_model.foreign_count() >= 2     # other projects' test nodes may share the loopback too
+        panel.show_foreign.click()
+        shown = {panel.table.model().index(row, 0).data() for row in range(panel.table.model().rowCount())}
+        assert set(names) <= shown and window.preferences.load().show_other_clusters
+        panel.show_foreign.click()
+        assert not window.preferences.load().show_other_clusters
+    finally:
+        for node in strangers:
+            node.kill()
+
+
+def test_the_peers_table_fits_its_pane_and_shows_this_machine_first(window, qtbot):
+    for index in range(4):
+        window.peers_model.apply_event("added", make_peer(index, name=f"desk-{index}-with-a-long-name"))
+    try:
+        table = window.peers_panel.table
+        qtbot.waitUntil(lambda: table.model().rowCount() >= 5)
+        QApplication.processEvents()
+        header = table.horizontalHeader()
+        last = header.logicalIndex(header.count() - 1)
+        assert header.sectionViewportPosition(last) + header.sectionSize(last) <= table.viewport().width()
+        assert not table.horizontalScrollBar().isVisible() and header.sectionSize(0) >= 60
+        assert table.model().index(0, 0).data() == window.bridge.node.name
+        assert states(window.peers_model)[window.bridge.node.name] == "this machine"
+    finally:
+        for index in range(4):
+            window.peers_model.apply_event("removed", make_peer(index))
+
+
+def test_the_offered_memory_slider_shows_the_live_fit_and_offers_it(chat_window, qtbot):
+    offer = chat_window.peers_panel.offer
+    node = chat_window.bridge.node
+    try:
+        offer.slider.setValue(0)                                  # nothing offered: the model cannot run here
+        assert "stories260K: too big" in offer.fit_label.text()
+        qtbot.waitUntil(lambda: node.offered_memory == 0, timeout=10000)
+        qtbot.waitUntil(lambda: chat_window.peers_model.index(0, 3).data() == "—")   # own row: Offers
+        assert chat_window.preferences.load().max_memory == 0
+        offer.slider.setValue(offer.slider.maximum())              # everything it can spare again
+        assert "stories260K: fits" in offer.fit_label.text()
+        qtbot.waitUntil(lambda: node.offered_memory > 0 and chat_window.preferences.load().max_memory is None,
+                        timeout=10000)
+    finally:
+        offer.slider.setValue(offer.slider.maximum())
+
+
+def test_node_settings_are_saved_for_the_next_start(window, gui_home):
+    dialog = window.open_node_settings()
+    try:
+        dialog.name_edit.setText("studio-mac")
+        dialog.interface_combo.setCurrentIndex(dialog.interface_combo.findData("127.0.0.1"))
+        dialog.port_box.setValue(47123)
+        dialog.findChild(QDialogButtonBox).button(QDialogButtonBox.StandardButton.Save).click()
+        saved = window.preferences.load()
+        assert (saved.node_name, saved.interface, saved.port) == ("studio-mac", "127.0.0.1", 47123)
+        later = MainWindow(history=ChatHistory(gui_home / "chats"), recent=RecentModels(gui_home / "recent.json"),
+                           preferences=PreferencesStore(gui_home / "window.json"), start_node=False, open_demo=False)
+        try:
+            assert {key: later.bridge.node_options[key] for key in ("name", "interfaces", "port")} == {
+                "name": "studio-mac", "interfaces": ["127.0.0.1"], "port": 47123}
+        finally:
+            later.close()
+    finally:
+        window.preferences.update(node_name=None, interface=None, port=None)
+        dialog.close()
 
 
 def test_join_toggle_makes_this_node_appear_and_disappear_for_a_peers_process(window, qtbot, tmp_path):
@@ -258,11 +370,14 @@ def test_join_toggle_makes_this_node_appear_and_disappear_for_a_peers_process(wi
     assert changed.args == [True]
 
 
-def test_loaded_model_shows_its_plan_bar_and_raw_completion_mode(chat_window):
+def test_loaded_model_shows_its_plan_bar_and_chats_with_the_fallback_template(chat_window):
     plan = chat_window.model_panel.plan_bar.plan
     assert plan is not None and plan.num_layers == 5
     assert [(segment.start, segment.end, segment.is_self) for segment in plan.segments] == [(0, 5, True)]
-    assert chat_window.settings.completion_mode.isChecked()
+    assert not chat_window.settings.completion_mode.isChecked() and not chat_window.bridge.chat.conversation.raw
+    line = chat_window.model_panel.verdict.text()
+    assert "safetensors f32, 1020 KiB" in line and "User/Assistant" in line
+    assert chat_window.settings.max_tokens.value() == 512 // 4     # a quarter of the context
 
 
 def test_chat_streams_the_reference_greedy_tokens_into_the_view(greedy, qtbot, stories_dir):
@@ -346,11 +461,25 @@ def test_context_full_offers_new_chat_or_dropping_the_oldest_turn(greedy, qtbot)
     assert greedy.chat_model.rowCount() == 0 and not greedy.bridge.generating
 
 
-def test_a_folder_without_a_model_shows_a_message_not_a_crash(window, qtbot, tmp_path):
+def test_an_answer_that_reaches_the_end_of_the_context_says_so(greedy, qtbot):
+    with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000) as finished:
+        send(greedy, "the cat sat on the mat. " * 40, 400)       # ~400 prompt tokens of 512: room for fewer than 400
+    assert finished.args[0].reply.context_full
+    rows = greedy.chat_model.messages()
+    assert "stopped at the end of the context" in rows[1].status
+    assert rows[-1].role == "notice" and "end of the model's context (512 tokens)" in rows[-1].text
+
+
+def test_a_folder_without_a_model_shows_its_message_once(window, qtbot, tmp_path):
     with qtbot.waitSignal(window.bridge.modelFailed, timeout=30000) as failed:
-        window.bridge.load_model(str(tmp_path))
+        window.load_model(str(tmp_path))
     assert "config.json" in failed.args[0]
-    assert window.banner.isVisible() and "config.json" in window.banner.label.text()
+    assert window.banner.isVisible() and window.banner.label.text() == failed.args[0]
+    qtbot.waitUntil(lambda: window.bridge._inspecting.done())   # the preview failed too, and is not shown again
+    qtbot.waitUntil(lambda: not window.bridge._inspecting.running())
+    QApplication.processEvents()
+    shown = [widget.text() for widget in window.findChildren(QLabel) if widget.isVisible()]
+    assert sum("config.json" in text for text in shown) == 1, shown
 
 
 def test_plan_bar_legend_names_each_node_and_its_layers(qtbot):
@@ -456,15 +585,6 @@ def test_the_settings_take_the_sampling_defaults_of_the_models_generation_config
         window.bridge.modelLoaded.disconnect(loaded.append)
 
 
-def test_hub_download_without_huggingface_hub_explains_what_is_needed(window, qtbot, monkeypatch):
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)   # as if the optional package were not installed
-    with qtbot.waitSignal(window.bridge.modelFailed, timeout=5000) as failed:
-        window.model_panel.hub_edit.setText("Qwen/Qwen3-0.6B")
-        window.model_panel.download_button.click()
-    assert "huggingface_hub" in failed.args[0] and "model folder" in failed.args[0]
-    assert window.banner.isVisible()
-
-
 def test_regenerate_replaces_the_last_answer(greedy, qtbot):
     with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000) as first:
         send(greedy, "Once upon a time", 12)
@@ -494,12 +614,13 @@ def test_dropping_the_oldest_turn_lets_a_full_chat_continue(greedy, qtbot):
 
 
 def test_losing_a_peer_that_holds_layers_adds_a_notice_and_the_chat_goes_on(greedy, qtbot):
-    plan = greedy.plan
-    greedy.plan = PlanView(5, (PlanSegment("me", "laptop", 0, 3, 0, True), PlanSegment("id-7", "peer-7", 3, 5, 0, False)))
+    plan = greedy.cluster.plan
+    greedy.cluster.plan = PlanView(5, (PlanSegment("me", "laptop", 0, 3, 0, True),
+                                       PlanSegment("id-7", "peer-7", 3, 5, 0, False)))
     try:
         greedy.bridge.peerEvent.emit("removed", make_peer(7))
     finally:
-        greedy.plan = plan
+        greedy.cluster.plan = plan
     assert [(row.role, row.text) for row in greedy.chat_model.messages()] == [
         ("notice", "peer-7 (layers 3–4) left the cluster.")]
     with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000):
@@ -517,6 +638,7 @@ def test_new_chat_while_an_answer_streams_leaves_the_new_chat_empty(greedy, qtbo
 
 
 def test_a_message_typed_while_the_model_loads_is_answered_once_it_is_loaded(chat_window, qtbot, stories_dir):
+    chat_window.new_chat()
     chat_window.settings.temperature.setValue(0.0)
     with qtbot.waitSignal(chat_window.bridge.replyFinished, timeout=60000):
         chat_window.load_model(str(stories_dir))
@@ -591,24 +713,43 @@ def test_without_pyside6_the_app_prints_an_install_hint_and_exits_2(monkeypatch,
     assert "pip install 'cakep2p[gui]'" in capsys.readouterr().err
 
 
+def chat_rows(window) -> list[tuple[str, str]]:
+    return [(row.role, row.text) for row in window.chat_model.messages() if row.role != "notice"]
+
+
 @pytest.fixture(scope="module")
 def cluster_peers(chat_window, tmp_path_factory, stories_dir):
-    """Two `--serve` peers in the window's cluster and stories260K reloaded over all three nodes; afterwards the
-    peers stop and the model is reloaded on this machine alone, for the tests that follow."""
+    """Two `--serve` peers join the window's cluster while stories260K runs on this machine alone; the window offers
+    to spread the model over them and the offer is taken (the record says what the chat was before and after).
+    Afterwards the peers stop and the model is loaded on this machine alone again, for the tests that follow."""
     names = [f"layerpeer-{letter}-{RUN}" for letter in "ab"]
     base = tmp_path_factory.mktemp("cluster-peers")
-    nodes = [start_serve(base, name, free_port(), code=CLUSTER_CODE) for name in names]
     loaded = []
     chat_window.bridge.modelLoaded.connect(loaded.append)
+    chat_window.settings.completion_mode.setChecked(True)     # raw: the reference's setting
+    chat_window.settings.temperature.setValue(0.0)
+    chat_window.new_chat()
+    finished = []
+    chat_window.bridge.replyFinished.connect(finished.append)
+    send(chat_window, "Once upon a time", 6)
+    pump_until(lambda: finished, timeout=60, message="a first answer")
+    chat_window.bridge.replyFinished.disconnect(finished.append)
+    record = SimpleNamespace(chat_before=chat_rows(chat_window))
+    nodes = [start_serve(base, name, free_port(), code=CLUSTER_CODE) for name in names]
+    offer = chat_window.offer
     try:
         pump_until(lambda: set(names) <= table_names(chat_window), timeout=30, message="the peers in the table")
-        chat_window.load_model(str(stories_dir))
+        pump_until(lambda: offer.isVisible() and offer.button("Spread the model") and all(
+            name in offer.label.text() for name in names), timeout=30, message="the offer to spread the model")
+        record.question = offer.label.text()
+        offer.button("Spread the model").click()
         pump_until(lambda: loaded, timeout=60, message="the model over three nodes")
-        chat_window.new_chat()
-        chat_window.settings.temperature.setValue(0.0)
-        yield nodes
+        record.chat_after = chat_rows(chat_window)
+        record.nodes = nodes
+        yield record
     finally:
         for node in nodes:
+            node.stop(signal.SIGCONT)
             node.stop()
         try:
             pump_until(lambda: not set(names) & table_names(chat_window), timeout=15, message="the peers to go")
@@ -621,6 +762,12 @@ def cluster_peers(chat_window, tmp_path_factory, stories_dir):
                 node.kill()
 
 
+@pytest.mark.slow
+def test_machines_that_join_are_offered_the_model_and_taking_the_offer_keeps_the_chat(cluster_peers):
+    assert cluster_peers.question.startswith("2 machines joined (") and "The chat stays" in cluster_peers.question
+    assert cluster_peers.chat_after == cluster_peers.chat_before and len(cluster_peers.chat_before) == 2
+
+
 def test_a_chat_over_two_serve_peers_spreads_the_layers_and_matches_the_reference(cluster_peers, chat_window,
                                                                                    qtbot, stories_dir):
     reference = reference_greedy(stories_dir)
@@ -631,6 +778,7 @@ def test_a_chat_over_two_serve_peers_spreads_the_layers_and_matches_the_referenc
     peer_rows = [row for row in range(chat_window.peers_model.rowCount())
                  if chat_window.peers_model.index(row, 0).data() in holders]
     assert all(chat_window.peers_model.index(row, layers_column).data() != "—" for row in peer_rows)
+    chat_window.new_chat()
     with qtbot.waitSignal(chat_window.bridge.replyFinished, timeout=60000) as finished:
         send(chat_window, reference["prompt"], len(reference["new_token_ids"]))
     assert list(finished.args[0].reply.token_ids) == reference["new_token_ids"]
@@ -641,19 +789,21 @@ def test_the_plan_that_loads_is_the_plan_the_preview_showed(cluster_peers, chat_
     assert preview is not None and chat_window.bridge.model.plan is preview.plan
 
 
-def test_a_lost_peer_gives_a_notice_and_the_next_answer_still_comes(cluster_peers, chat_window, qtbot):
+def test_a_lost_peer_is_shown_lost_at_once_and_the_next_answer_still_comes(cluster_peers, chat_window, qtbot):
     chat_window.new_chat()
     with qtbot.waitSignal(chat_window.bridge.replyFinished, timeout=60000):
         send(chat_window, "Once upon a time", 8)
-    lost = next(node for node in cluster_peers
-                if node.name in {segment.name for segment in chat_window.plan.segments})
-    lost.stop()
+    lost = next(node for node in cluster_peers.nodes
+                if node.name in {segment.name for segment in chat_window.plan.segments if not segment.is_self})
+    lost.stop(signal.SIGSTOP)        # frozen: the mesh stops hearing it, its announcement lingers
     with qtbot.waitSignal(chat_window.bridge.replyFinished, timeout=90000) as finished:
         send(chat_window, "The little dog", 8)
     assert finished.args[0].reply.completion_tokens == 8
     notices = [row.text for row in chat_window.chat_model.messages() if row.role == "notice"]
     assert any(lost.name in notice for notice in notices), notices
     assert lost.name not in {segment.name for segment in chat_window.model_panel.plan_bar.plan.segments}
+    assert lost.name in table_names(chat_window)                        # still announced…
+    assert states(chat_window.peers_model)[lost.name] == "lost"         # …and shown lost now, not in a minute
 
 
 def test_changing_the_pairing_code_moves_this_node_to_the_other_cluster(window, qtbot):

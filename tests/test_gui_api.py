@@ -19,6 +19,7 @@ import openai  # noqa: E402
 import torch  # noqa: E402
 
 from cakep2p.gui.history import ChatHistory  # noqa: E402
+from cakep2p.gui.preferences import PreferencesStore  # noqa: E402
 from cakep2p.gui.recent import RecentModels  # noqa: E402
 from cakep2p.gui.window import MainWindow  # noqa: E402
 from tests.kit import free_port  # noqa: E402
@@ -42,7 +43,8 @@ def window(qapp, tmp_path_factory):
     torch.set_num_threads(1)
     home = tmp_path_factory.mktemp("gui-api-home")
     main_window = MainWindow(start_node=False, history=ChatHistory(home / "chats"),
-                             recent=RecentModels(home / "recent.json"))
+                             recent=RecentModels(home / "recent.json"),
+                             preferences=PreferencesStore(home / "window.json"), open_demo=False)
     main_window.show()
     try:
         yield main_window

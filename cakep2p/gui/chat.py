@@ -101,11 +101,13 @@ class ChatController(QObject):
         self._loading = True
 
     def model_loaded(self, name: str) -> None:
-        """A new model: a new chat, and the question typed meanwhile asked in it."""
+        """A model (another one, or the same spread over more machines): the chat on screen goes on with it, and the
+        question typed meanwhile is asked."""
         self._loading = False
         self.model_name = name
-        queued = self._queued
-        self.new_chat()
+        queued, self._queued = self._queued, None
+        self.transcript.remove_queued()
+        self.bridge.set_history(self.transcript.history())
         if queued:
             self.send(queued)
 
@@ -121,7 +123,7 @@ class ChatController(QObject):
         if self.bridge.generating:
             return "An answer is still streaming: wait for it or press Stop."
         if self.model_name is None and not self._loading:
-            return "Load a model first: choose a model folder on the left, then press Load."
+            return "Load a model first: open one (a .gguf file or a model folder), or pick one in the model library."
         return None
 
     def _ask(self, question: str) -> None:
@@ -155,6 +157,9 @@ class ChatController(QObject):
             status = reply.summary() if reply.done else ""
             self.transcript.finish_streaming(status, text=reply.text)
             self.statusChanged.emit(status)
+            if reply.context_full:
+                self.add_notice(f"The answer stopped at the end of the model's context ({outcome.max_context} "
+                                "tokens): start a new chat to go on.")
         self.busyChanged.emit(False)
 
     def _on_reply_failed(self, message: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 from cakep2p.errors import CakeError
 from cakep2p.gui.state import ReplyOutcome
@@ -19,6 +19,16 @@ if TYPE_CHECKING:
     from cakep2p.engine.conversation import Conversation, Reply, TokenEvent
 
 log = logging.getLogger(__name__)
+
+
+class ReplyEvents(Protocol):
+    """Where a streamed reply goes (the bridge's signals' emit functions): text as it comes, then one ending."""
+
+    started: Callable[[], None]
+    token: Callable[[str], None]
+    finished: Callable[[ReplyOutcome], None]
+    failed: Callable[[str], None]
+    context_full: Callable[[str, str], None]    # why, the question that did not fit
 
 
 class ChatSession:
@@ -64,6 +74,30 @@ class ChatSession:
         conversation.system_prompt = system_prompt or None
         conversation.messages = [dict(message) for message in history[:-1]]
         return conversation.ask(history[-1]["content"], params, reply, cancel)
+
+    def run(self, history: Sequence[dict[str, str]], params: Any, system_prompt: str | None, reply: Reply,
+            cancel: threading.Event, events: ReplyEvents) -> bool:
+        """Stream the answer to `history` into `events`; True when it ended as a reply (finished, not failed)."""
+        from cakep2p.engine.conversation import ContextFull
+
+        try:
+            tokens = self.answer(history, params, system_prompt, reply, cancel)
+            events.started()
+            for event in tokens:
+                if event.text:
+                    events.token(event.text)
+            events.finished(self.outcome(reply))
+            return True
+        except ContextFull as error:
+            events.context_full(str(error), history[-1]["content"])
+        except CakeError as error:
+            events.failed(str(error))
+        except Exception as error:  # the window shows it; it never takes the app down
+            log.exception("generation failed")
+            events.failed(f"generation failed: {error}")
+        finally:
+            self.finished(reply)
+        return False
 
     def outcome(self, reply: Reply) -> ReplyOutcome:
         """How `reply` ended, with the chat's context use after it."""

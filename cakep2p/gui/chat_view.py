@@ -1,4 +1,5 @@
-"""The transcript view: a QListView over ChatModel whose delegate draws each message as a Markdown bubble.
+"""The transcript view: a QListView over ChatModel whose delegate draws each message as a Markdown bubble, with a
+Copy button on every code block (and "Copy message" in the view's context menu).
 
 Documents are cached per row and rebuilt only when the model says a row changed (the model throttles
 that while streaming); the view follows new text unless the user has scrolled up.
@@ -6,10 +7,11 @@ that while streaming); the view follows new text unless the user has scrolled up
 
 from __future__ import annotations
 
-from PySide6.QtCore import QModelIndex, QPersistentModelIndex, QRectF, QSize, Qt
-from PySide6.QtGui import QAbstractTextDocumentLayout, QColor, QFont, QPainter, QPalette, QTextCharFormat
-from PySide6.QtGui import QTextCursor, QTextDocument, QTextFormat
-from PySide6.QtWidgets import QAbstractItemView, QListView, QStyledItemDelegate, QStyleOptionViewItem, QWidget
+from PySide6.QtCore import QEvent, QModelIndex, QPersistentModelIndex, QPointF, QRect, QRectF, QSize, Qt, QTimer
+from PySide6.QtGui import QAbstractTextDocumentLayout, QColor, QFont, QGuiApplication, QPainter, QPalette
+from PySide6.QtGui import QTextCharFormat, QTextCursor, QTextDocument, QTextFormat
+from PySide6.QtWidgets import (QAbstractItemView, QListView, QMenu, QStyledItemDelegate, QStyleOptionViewItem,
+                               QWidget)
 
 from cakep2p.gui.models import ChatModel
 
@@ -20,6 +22,26 @@ PADDING = 10        # inside a bubble
 STATUS_GAP = 2
 CURSOR = " ▍"
 CODE_BACKGROUND = "#e6e7eb"
+COPIED_SHOWN_MS = 1500
+
+
+def code_blocks(document: QTextDocument) -> list[tuple[QRectF, str]]:
+    """Each code block of a rendered Markdown document: its area (document coordinates) and its text."""
+    found: list[tuple[QRectF, str]] = []
+    layout = document.documentLayout()
+    block, previous_was_code = document.begin(), False
+    while block.isValid():
+        is_code = block.blockFormat().hasProperty(QTextFormat.Property.BlockCodeFence)
+        if is_code:
+            area = layout.blockBoundingRect(block)
+            if previous_was_code:
+                last_area, text = found[-1]
+                found[-1] = (last_area.united(area), f"{text}\n{block.text()}")
+            else:
+                found.append((area, block.text()))
+        previous_was_code = is_code
+        block = block.next()
+    return found
 
 
 def markdown_document(text: str, font: QFont, *, markdown: bool = True) -> QTextDocument:
@@ -69,9 +91,56 @@ class MessageDelegate(QStyledItemDelegate):
         super().__init__(view)
         self.view = view
         self._documents: dict[int, tuple[tuple, QTextDocument]] = {}
+        self.copied: tuple[int, int] | None = None     # (row, code block) whose text was just copied
+        self._copied_timer = QTimer(self)
+        self._copied_timer.setSingleShot(True)
+        self._copied_timer.setInterval(COPIED_SHOWN_MS)
+        self._copied_timer.timeout.connect(self._forget_copied)
 
     def forget(self, *_args) -> None:
         self._documents.clear()
+
+    def copy_buttons(self, index: QModelIndex | QPersistentModelIndex, rect: QRect) -> list[tuple[QRectF, str]]:
+        """The Copy buttons of the row at `rect` (view coordinates) and the code each copies."""
+        document, _width, role, _status = self._layout(index, rect.width())
+        if role != "assistant":
+            return []
+        bubble = self._bubble(rect, document, role)
+        metrics = self.view.fontMetrics()
+        width, height = metrics.horizontalAdvance("Copied") + 14, metrics.height() + 4
+        origin = QPointF(bubble.left() + PADDING, bubble.top() + PADDING)
+        return [(QRectF(origin.x() + area.right() - width - 4, origin.y() + area.top() + 3, width, height), text)
+                for area, text in code_blocks(document)]
+
+    def editorEvent(self, event: QEvent, model, option: QStyleOptionViewItem,  # noqa: N802 (Qt naming)
+                    index: QModelIndex | QPersistentModelIndex) -> bool:
+        if event.type() == QEvent.Type.MouseButtonRelease and event.button() == Qt.MouseButton.LeftButton:
+            for number, (button, text) in enumerate(self.copy_buttons(index, option.rect)):
+                if button.contains(event.position()):
+                    self.copy(index.row(), number, text)
+                    return True
+        return super().editorEvent(event, model, option, index)
+
+    def copy(self, row: int, number: int, text: str) -> None:
+        QGuiApplication.clipboard().setText(text)
+        self.copied = (row, number)
+        self._copied_timer.start()
+        self.view.viewport().update()
+
+    def _forget_copied(self) -> None:
+        self.copied = None
+        self.view.viewport().update()
+
+    def _bubble(self, rect: QRect, document: QTextDocument, role: str) -> QRectF:
+        bubble = QRectF(0, 0, document.textWidth() + 2 * PADDING, document.size().height() + 2 * PADDING)
+        top = rect.top() + MARGIN
+        if role == "user":
+            bubble.moveTo(rect.right() - MARGIN - bubble.width(), top)
+        elif role == "notice":
+            bubble.moveTo(rect.left() + (rect.width() - bubble.width()) / 2, top)
+        else:
+            bubble.moveTo(rect.left() + MARGIN, top)
+        return bubble
 
     def _layout(self, index: QModelIndex | QPersistentModelIndex, width: int) -> tuple[QTextDocument, int, str, str]:
         role = index.data(ChatModel.RoleRole) or "assistant"
@@ -105,16 +174,7 @@ class MessageDelegate(QStyledItemDelegate):
     def paint(self, painter: QPainter, option: QStyleOptionViewItem,
               index: QModelIndex | QPersistentModelIndex) -> None:
         document, _bubble_width, role, status = self._layout(index, option.rect.width())
-        doc_width = document.textWidth()
-        doc_height = document.size().height()
-        bubble = QRectF(0, 0, doc_width + 2 * PADDING, doc_height + 2 * PADDING)
-        top = option.rect.top() + MARGIN
-        if role == "user":
-            bubble.moveTo(option.rect.right() - MARGIN - bubble.width(), top)
-        elif role == "notice":
-            bubble.moveTo(option.rect.left() + (option.rect.width() - bubble.width()) / 2, top)
-        else:
-            bubble.moveTo(option.rect.left() + MARGIN, top)
+        bubble = self._bubble(option.rect, document, role)
         painter.save()
         painter.setRenderHint(QPainter.RenderHint.Antialiasing)
         painter.setPen(Qt.PenStyle.NoPen)
@@ -125,6 +185,7 @@ class MessageDelegate(QStyledItemDelegate):
         context.palette.setColor(QPalette.ColorRole.Text, QColor("#8a6100" if role == "notice" else "#1f2328"))
         document.documentLayout().draw(painter, context)
         painter.restore()
+        self._paint_copy_buttons(painter, option, index)
         if status:
             painter.save()
             small = QFont(self.view.font())
@@ -138,6 +199,23 @@ class MessageDelegate(QStyledItemDelegate):
                 status_rect.moveRight(bubble.right() - 4)
             painter.drawText(status_rect, int(alignment | Qt.AlignmentFlag.AlignVCenter), status)
             painter.restore()
+
+
+    def _paint_copy_buttons(self, painter: QPainter, option: QStyleOptionViewItem,
+                            index: QModelIndex | QPersistentModelIndex) -> None:
+        buttons = self.copy_buttons(index, option.rect)
+        if not buttons:
+            return
+        painter.save()
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        for number, (button, _text) in enumerate(buttons):
+            painter.setPen(QColor("#c4c7cc"))
+            painter.setBrush(QColor("white"))
+            painter.drawRoundedRect(button, 4, 4)
+            painter.setPen(QColor("#374151"))
+            label = "Copied" if self.copied == (index.row(), number) else "Copy"
+            painter.drawText(button, int(Qt.AlignmentFlag.AlignCenter), label)
+        painter.restore()
 
 
 class ChatView(QListView):
@@ -186,6 +264,14 @@ class ChatView(QListView):
     def _on_range_changed(self, _minimum: int, maximum: int) -> None:
         if self.follow:
             self.verticalScrollBar().setValue(maximum)
+
+    def contextMenuEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        index = self.indexAt(event.pos())
+        if not index.isValid():
+            return
+        menu = QMenu(self)
+        menu.addAction("Copy message", lambda: QGuiApplication.clipboard().setText(index.data() or ""))
+        menu.exec(event.globalPos())
 
     def resizeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
         self.delegate.forget()

@@ -34,13 +34,15 @@ def history_dir() -> Path:
 
 
 class ChatLog:
-    """One chat's file. Records: {"type": "meta"}, {"type": "message", role, content}, {"type": "truncate", keep}."""
+    """One chat's file. Records: {"type": "meta"}, {"type": "message", role, content}, {"type": "truncate", keep},
+    {"type": "drop_first", count}, {"type": "title", title}."""
 
     def __init__(self, path: Path, *, model: str = "", system_prompt: str | None = None):
         self.path = Path(path)
         self.model = model
         self.system_prompt = system_prompt
         self._messages: list[StoredMessage] = []
+        self._title: str | None = None     # a name the user gave the chat
         self.created = time.time()
         if self.path.exists():
             self._replay()
@@ -51,6 +53,8 @@ class ChatLog:
 
     @property
     def title(self) -> str:
+        if self._title:
+            return self._title
         first = next((message.content for message in self._messages if message.role == "user"), "")
         line = " ".join(first.split())
         return (line[:60] + "…") if len(line) > 60 else (line or "(empty chat)")
@@ -93,6 +97,19 @@ class ChatLog:
         if count:
             del self._messages[:count]
             self._write({"type": "drop_first", "count": count})
+
+    def rename(self, title: str) -> None:
+        """Give the chat a name (an empty one goes back to its first question)."""
+        self._title = " ".join(title.split())[:120] or None
+        self._write({"type": "title", "title": self._title or ""})
+
+    @property
+    def updated(self) -> float:
+        """When the chat last changed (its file's modification time; its creation before it has one)."""
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return self.created
 
     def to_markdown(self) -> str:
         lines = [f"# {self.title}", ""]
@@ -141,10 +158,12 @@ class ChatLog:
                     del self._messages[int(record.get("keep", len(self._messages))):]
                 elif kind == "drop_first":
                     del self._messages[:int(record.get("count", 0))]
+                elif kind == "title":
+                    self._title = str(record.get("title") or "") or None
 
 
 class ChatHistory:
-    """All stored chats, newest first."""
+    """All stored chats, the most recently changed first."""
 
     def __init__(self, directory: str | Path | None = None):
         self.directory = Path(directory) if directory is not None else history_dir()
@@ -156,7 +175,14 @@ class ChatHistory:
         return ChatLog(path, model=model, system_prompt=system_prompt)
 
     def chats(self) -> list[ChatLog]:
-        return [ChatLog(path) for path in sorted(self.directory.glob("*.jsonl"), reverse=True)]
+        logs = [ChatLog(path) for path in sorted(self.directory.glob("*.jsonl"), reverse=True)]
+        return sorted(logs, key=lambda log: log.updated, reverse=True)
 
     def open(self, path: str | Path) -> ChatLog:
         return ChatLog(Path(path))
+
+    def delete(self, path: str | Path) -> None:
+        """Remove a stored chat for good."""
+        path = Path(path)
+        if path.parent.resolve() == self.directory.resolve():
+            path.unlink(missing_ok=True)

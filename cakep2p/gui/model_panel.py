@@ -1,52 +1,56 @@
-"""The model picker: a local folder (dialog + recent list) or a hub id, its size and fit, load progress, plan bar."""
+"""The model picker: a .gguf file or a Hugging Face model folder (a dialog, the recent list, or the model library),
+its format, size and fit, load progress, and the plan bar."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import (QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton,
-                               QSizePolicy, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QComboBox, QFileDialog, QHBoxLayout, QLabel, QProgressBar, QPushButton, QSizePolicy,
+                               QVBoxLayout, QWidget)
 
-from cakep2p.gui.state import ModelInfo, ModelPreview, PlanView
 from cakep2p.gui.plan_bar import PlanBar
+from cakep2p.gui.state import ModelInfo, ModelPreview, PlanView
 
-HUB_HELP = ("Downloading from the Hugging Face Hub needs the optional huggingface_hub package and an internet "
-            "connection; offline, copy the model folder here and choose it instead.")
+FILE_FILTER = "Models (*.gguf config.json);;GGUF files (*.gguf);;Hugging Face folders (config.json);;All files (*)"
+DEMO_NOTE = ("a tiny demo model that ships with cakep2p: it only writes short children's stories. For real chats, "
+             "pick a model in the <a href='library'>model library</a>.")
+
+
+def chosen_model(path: str) -> str:
+    """The model a picked file stands for: a .gguf is itself, a config.json (or any file) its folder."""
+    picked = Path(path)
+    return str(picked) if picked.suffix.lower() == ".gguf" or picked.is_dir() else str(picked.parent)
 
 
 class ModelPanel(QWidget):
     inspectRequested = Signal(str)
     loadRequested = Signal(str)
-    downloadRequested = Signal(str)
+    libraryRequested = Signal()
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.folder_combo = QComboBox()
         self.folder_combo.setEditable(True)
         self.folder_combo.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
-        self.folder_combo.lineEdit().setPlaceholderText("a Hugging Face model folder (config.json, *.safetensors)")
+        self.folder_combo.lineEdit().setPlaceholderText("a .gguf file or a Hugging Face model folder")
         self.folder_combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.folder_combo.setToolTip("Recently used models; type or paste a path, or use Open…")
         self.folder_combo.activated.connect(lambda _row: self._inspect_current())
         self.folder_combo.lineEdit().returnPressed.connect(self._inspect_current)
-        self.browse_button = QPushButton("Choose folder…")
-        self.browse_button.clicked.connect(self.choose_folder)
+        self.browse_button = QPushButton("Open…")
+        self.browse_button.setToolTip("Open a .gguf file, or the config.json of a Hugging Face model folder")
+        self.browse_button.clicked.connect(self.choose_file)
+        self.library_button = QPushButton("Library…")
+        self.library_button.setToolTip("Recommended models: sizes, whether this cluster can hold them, downloads")
+        self.library_button.clicked.connect(self.libraryRequested)
         self.load_button = QPushButton("Load")
         self.load_button.setDefault(True)
         self.load_button.clicked.connect(self._request_load)
-
-        self.hub_edit = QLineEdit()
-        self.hub_edit.setPlaceholderText("or a Hugging Face id, e.g. Qwen/Qwen3-0.6B")
-        self.hub_edit.returnPressed.connect(self._request_download)
-        self.download_button = QPushButton("Download")
-        self.download_button.setToolTip(HUB_HELP)
-        self.download_button.clicked.connect(self._request_download)
-        self.hub_help = QLabel(HUB_HELP)
-        self.hub_help.setWordWrap(True)
-        self.hub_help.setStyleSheet("color: #6b7280; font-size: 11px;")
-
-        self.verdict = QLabel("Choose a model to see its size and whether the cluster can hold it.")
+        self.verdict = QLabel("Open a model, or pick one in the model library, to see its size and whether the "
+                              "cluster can hold it.")
         self.verdict.setWordWrap(True)
+        self.verdict.linkActivated.connect(lambda _link: self.libraryRequested.emit())
         self._transfers: dict[str, tuple[int, int]] = {}
         self._loading = False
         self.progress = QProgressBar()
@@ -59,36 +63,41 @@ class ModelPanel(QWidget):
         folder_row = QHBoxLayout()
         folder_row.addWidget(self.folder_combo, 1)
         folder_row.addWidget(self.browse_button)
+        folder_row.addWidget(self.library_button)
         folder_row.addWidget(self.load_button)
-        hub_row = QHBoxLayout()
-        hub_row.addWidget(self.hub_edit, 1)
-        hub_row.addWidget(self.download_button)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(title)
         layout.addLayout(folder_row)
-        layout.addLayout(hub_row)
-        layout.addWidget(self.hub_help)
         layout.addWidget(self.verdict)
         layout.addWidget(self.progress)
         layout.addWidget(self.plan_bar)
 
     def folder(self) -> str:
+        """The model chosen: a .gguf file or a model folder."""
         return self.folder_combo.currentText().strip()
 
-    def set_recent(self, folders: list[str]) -> None:
+    def set_recent(self, models: list[str]) -> None:
         current = self.folder()
         self.folder_combo.clear()
-        self.folder_combo.addItems(folders)
-        self.folder_combo.setEditText(current or (folders[0] if folders else ""))
+        self.folder_combo.addItems(models)
+        self.folder_combo.setEditText(current or (models[0] if models else ""))
 
-    def set_folder(self, folder: str) -> None:
-        self.folder_combo.setEditText(folder)
+    def set_folder(self, model: str) -> None:
+        self.folder_combo.setEditText(model)
         self._inspect_current()
+
+    def choose_file(self) -> None:
+        start = self.folder() or str(Path.home())
+        picked, _filter = QFileDialog.getOpenFileName(self, "Open a model (.gguf, or a folder's config.json)", start,
+                                                      FILE_FILTER)
+        if picked:
+            self.set_folder(chosen_model(picked))
 
     def choose_folder(self) -> None:
         start = self.folder() or str(Path.home())
-        folder = QFileDialog.getExistingDirectory(self, "Choose a Hugging Face model folder", start)
+        folder = QFileDialog.getExistingDirectory(self, "Open a model folder (Hugging Face, or one holding a .gguf)",
+                                                  start)
         if folder:
             self.set_folder(folder)
 
@@ -99,6 +108,10 @@ class ModelPanel(QWidget):
         if not loaded:
             self.plan_bar.set_plan(preview.plan)
 
+    def show_not_previewed(self, message: str) -> None:
+        """The chosen path is no model (yet): said here, beside the path, not as an error."""
+        self.verdict.setText(f"<span style='color:#b26a00'>{message}</span>")
+
     def show_loading(self, what: str) -> None:
         self._transfers = {}
         self._loading = True
@@ -106,7 +119,6 @@ class ModelPanel(QWidget):
         self.progress.setRange(0, 0)
         self.progress.setFormat(f"Loading {Path(what).name or what}…")
         self.load_button.setEnabled(False)
-        self.download_button.setEnabled(False)
 
     def show_progress(self, done: int, total: int, what: str) -> None:
         """One part's progress (`what` names it, e.g. the peer a part goes to); the bar shows all parts summed."""
@@ -128,13 +140,17 @@ class ModelPanel(QWidget):
 
     def show_loaded(self, info: ModelInfo) -> None:
         self._idle()
-        mode = "chat" if info.has_chat_template else "raw completion (the model has no chat template)"
-        self.verdict.setText(f"<b>{info.name}</b> loaded: {info.num_layers} layers, context {info.context} "
-                             f"tokens, {mode}.")
+        demo = f"<br><span style='color:#1e3a8a'>{DEMO_NOTE}</span>" if info.demo else ""
+        self.verdict.setText(f"<b>{info.name}</b> loaded — {info.facts} · {info.num_layers} layers · context "
+                             f"{info.context} tokens · {info.mode}{demo}")
 
-    def show_failed(self, message: str) -> None:
+    def show_failed(self, previous: ModelInfo | None) -> None:
+        """Loading failed (the banner says why): the line shows what is still loaded."""
         self._idle()
-        self.verdict.setText(f"<span style='color:#c62828'>{message}</span>")
+        if previous is not None:
+            self.show_loaded(previous)
+        else:
+            self.verdict.setText("No model loaded.")
 
     def show_plan(self, plan: PlanView | None) -> None:
         self.plan_bar.set_plan(plan)
@@ -144,7 +160,6 @@ class ModelPanel(QWidget):
         self._transfers = {}
         self.progress.setVisible(False)
         self.load_button.setEnabled(True)
-        self.download_button.setEnabled(True)
 
     def _inspect_current(self) -> None:
         if self.folder():
@@ -154,7 +169,4 @@ class ModelPanel(QWidget):
         if self.folder():
             self.loadRequested.emit(self.folder())
         else:
-            self.choose_folder()
-
-    def _request_download(self) -> None:
-        self.downloadRequested.emit(self.hub_edit.text().strip())
+            self.choose_file()

@@ -1,4 +1,5 @@
-"""The cluster panel: this machine, the "Join this cluster" toggle, the pairing code and the live peers table."""
+"""The cluster panel: this machine (its "Join this cluster" toggle, offered memory and settings), the pairing code,
+the live peers table (this machine's row first; other clusters folded into one line) and what was left out, why."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
                                QPushButton, QTableView, QVBoxLayout, QWidget)
 
+from cakep2p.gui.node_panel import OfferSlider, settings_button
+from cakep2p.gui.peers_model import PeersFilter, PeersModel
 from cakep2p.gui.state import NodeState
-from cakep2p.gui.models import PeersFilter, PeersModel
+
+FOREIGN_HINT = "listed, never used"
 
 TOGGLE_STYLE = """
 QCheckBox { font-weight: 600; spacing: 8px; }
@@ -20,20 +24,23 @@ QCheckBox::indicator:checked { background: #22c55e; }
 class PeersPanel(QWidget):
     servingRequested = Signal(bool)
     codeChangeRequested = Signal(str)
+    showForeignChanged = Signal(bool)
 
-    def __init__(self, peers_model: PeersModel, parent: QWidget | None = None):
+    def __init__(self, peers_model: PeersModel, show_foreign: bool = False, parent: QWidget | None = None):
         super().__init__(parent)
         self.peers_model = peers_model
         self.current_code = ""
+        self.foreign_hint = ""
         self._make_membership()
         self._make_code_row()
-        self._make_table(peers_model)
+        self._make_table(peers_model, show_foreign)
 
         title = QLabel("Cluster")
         title.setStyleSheet("font-size: 15px; font-weight: 700;")
         top = QHBoxLayout()
         top.addWidget(title)
         top.addStretch(1)
+        top.addWidget(self.node_button)
         top.addWidget(self.join_toggle)
         code_row = QHBoxLayout()
         code_row.addWidget(QLabel("Pairing code:"))
@@ -44,10 +51,15 @@ class PeersPanel(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(top)
         layout.addWidget(self.self_label)
+        layout.addWidget(self.offer)
         layout.addLayout(code_row)
         layout.addWidget(self.table, 1)
         layout.addWidget(self.empty_hint)
-        layout.addWidget(self.show_foreign)
+        foreign_row = QHBoxLayout()
+        foreign_row.addWidget(self.foreign_label, 1)
+        foreign_row.addWidget(self.show_foreign, 0, Qt.AlignmentFlag.AlignTop)
+        layout.addLayout(foreign_row)
+        layout.addWidget(self.notes_label)
 
     def _make_membership(self) -> None:
         """This machine's line and the "Join this cluster" toggle."""
@@ -59,6 +71,8 @@ class PeersPanel(QWidget):
         self.join_toggle.setToolTip("On: this machine announces itself and holds parts of models for the cluster.\n"
                                     "Off: it stops announcing and refuses new work; your own chat keeps running.")
         self.join_toggle.toggled.connect(self._on_toggled)
+        self.node_button = settings_button()
+        self.offer = OfferSlider()
 
     def _make_code_row(self) -> None:
         """The pairing code: shown, copied, or replaced by another cluster's."""
@@ -76,42 +90,67 @@ class PeersPanel(QWidget):
         self.join_code_button.setEnabled(False)
         self.join_code_button.clicked.connect(self._request_code_change)
 
-    def _make_table(self, peers_model: PeersModel) -> None:
-        """The live peers table, its filter for other clusters, and the hint shown while it is empty."""
+    def _make_table(self, peers_model: PeersModel, show_foreign: bool) -> None:
+        """The live peers table (fitting its pane), its fold for other clusters, the left-out notes, the empty hint."""
         self.peers_filter = PeersFilter(peers_model, self)
+        self.peers_filter.set_show_foreign(show_foreign)
         self.table = QTableView()
         self.table.setModel(self.peers_filter)
         self.table.setSortingEnabled(True)
         self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
-        self.show_foreign = QCheckBox("Show machines of other clusters")
-        self.show_foreign.setChecked(True)
+        self.show_foreign = QCheckBox("Show them")
+        self.show_foreign.setChecked(show_foreign)
         self.show_foreign.setToolTip("Machines on this network with another pairing code: listed, never used")
         self.show_foreign.toggled.connect(self.peers_filter.set_show_foreign)
+        self.show_foreign.toggled.connect(self.showForeignChanged)
+        self.show_foreign.toggled.connect(self._update_hint)
+        self.foreign_label = QLabel()
+        self.foreign_label.setWordWrap(True)
+        self.foreign_label.setStyleSheet("color: #b26a00;")
+        self.notes_label = QLabel()
+        self.notes_label.setWordWrap(True)
+        self.notes_label.setStyleSheet("color: #6b7280;")
+        self.notes_label.setVisible(False)
+        self.table.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
         self.table.setAlternatingRowColors(True)
         self.table.setWordWrap(False)
+        self.table.setTextElideMode(Qt.TextElideMode.ElideRight)
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        header.setStretchLastSection(True)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)   # the name takes what is left, elided
+        header.setMinimumSectionSize(36)
         self.empty_hint = QLabel("No other machines yet. Start cakep2p on another computer of this network "
                                  "with the same pairing code, and it appears here.")
         self.empty_hint.setWordWrap(True)
         self.empty_hint.setStyleSheet("color: #6b7280;")
-        for signal in (peers_model.rowsInserted, peers_model.rowsRemoved, peers_model.modelReset):
+        for signal in (peers_model.rowsInserted, peers_model.rowsRemoved, peers_model.modelReset,
+                       peers_model.dataChanged):
             signal.connect(self._update_hint)
+        self._update_hint()
 
     def show_node(self, state: NodeState) -> None:
         self.self_label.setText(f"This machine: <b>{state.name}</b> · port {state.port} · "
                                 f"cluster {state.fingerprint}")
         self.current_code = state.code
         self.code_edit.setText(state.code)
+        self.code_edit.setCursorPosition(0)
         self.join_code_button.setEnabled(False)
         self.join_toggle.setEnabled(True)
 
-    def show_node_failed(self, message: str) -> None:
-        self.self_label.setText(f"<span style='color:#c62828'>This machine is not in a cluster: {message}</span>")
+    def show_node_failed(self) -> None:
+        """The node did not start (the banner says why): this machine chats alone."""
+        self.self_label.setText("<span style='color:#c62828'>This machine is not in a cluster.</span>")
+
+    def show_notes(self, foreign: str, others: list[str]) -> None:
+        """What was heard but left out, and why (the core's notes): the other clusters' hint goes on their folded
+        line, every other reason below it."""
+        self.foreign_hint = foreign
+        self.notes_label.setText("\n".join(f"• {_sentence(note)}" for note in others))
+        self.notes_label.setVisible(bool(others))
+        self._update_hint()
 
     def set_serving(self, serving: bool) -> None:
         """Reflect the core's state without echoing a request back."""
@@ -137,4 +176,15 @@ class PeersPanel(QWidget):
             self.codeChangeRequested.emit(code)
 
     def _update_hint(self, *_args) -> None:
-        self.empty_hint.setVisible(self.peers_model.rowCount() == 0)
+        self.empty_hint.setVisible(not self.peers_model.peers())
+        foreign = self.peers_model.foreign_count()
+        machines = "1 machine" if foreign == 1 else f"{foreign} machines"
+        hidden = "" if self.show_foreign.isChecked() else " (hidden)"
+        self.foreign_label.setText(f"<b>{machines} of other clusters</b>{hidden}: "
+                                   f"{_sentence(self.foreign_hint) if self.foreign_hint else FOREIGN_HINT}.")
+        self.foreign_label.setVisible(foreign > 0)
+        self.show_foreign.setVisible(foreign > 0)
+
+
+def _sentence(note: str) -> str:
+    return note[:1].upper() + note[1:] if note else note

@@ -1,4 +1,4 @@
-"""Recently opened model folders, newest first, kept as JSON in the data dir."""
+"""Recently opened models (folders and .gguf files), newest first, kept as JSON in the data dir."""
 
 from __future__ import annotations
 
@@ -16,20 +16,18 @@ class RecentModels:
         self.file = Path(file) if file is not None else paths.data_dir() / RECENT_FILE_NAME
 
     def load(self) -> list[str]:
-        """The stored folders that still exist (a damaged file reads as empty)."""
+        """The stored models that still exist (a damaged file reads as empty)."""
         try:
             items = json.loads(self.file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return []
         if not isinstance(items, list):
             return []
-        return [item for item in items if isinstance(item, str) and Path(item).is_dir()][:MAX_RECENT]
+        return [item for item in items if isinstance(item, str) and Path(item).exists()][:MAX_RECENT]
 
-    def remember(self, folder: str | Path) -> list[str]:
-        folder = str(Path(folder).expanduser().resolve())
-        items = [folder] + [item for item in self.load() if item != folder]
+    def remember(self, model: str | Path) -> list[str]:
+        model = str(Path(model).expanduser().resolve())
+        items = [model] + [item for item in self.load() if item != model]
         items = items[:MAX_RECENT]
-        temporary = self.file.with_suffix(".tmp")
-        temporary.write_text(json.dumps(items, indent=1), encoding="utf-8")
-        temporary.replace(self.file)
+        paths.write_atomically(self.file, json.dumps(items, indent=1).encode("utf-8"))
         return items

@@ -6,6 +6,7 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (QCheckBox, QDoubleSpinBox, QFormLayout, QLabel, QPlainTextEdit, QSpinBox,
                                QVBoxLayout, QWidget)
 
+from cakep2p.engine.conversation import default_max_new_tokens
 from cakep2p.engine.generation_config import GenerationDefaults
 from cakep2p.engine.sampling import SamplingParams, sampling_params
 
@@ -31,8 +32,9 @@ class SettingsDrawer(QWidget):
         self.max_tokens.setRange(1, 32768)
         self.max_tokens.setValue(512)
         self.completion_mode = QCheckBox("Raw completion (no chat template)")
-        self.completion_mode.setToolTip("Each message is a prompt the model continues, without chat roles.\n"
-                                        "On by itself for models that have no chat template.")
+        self.completion_mode.setToolTip("The chat is one text the model continues as written, without chat roles\n"
+                                        "(for base models, and for seeing the model as it is). Off: a chat, with the\n"
+                                        "model's template, or a plain User/Assistant one when it has none.")
         self.completion_mode.toggled.connect(self.completionModeChanged)
 
         title = QLabel("Chat settings")
@@ -53,11 +55,12 @@ class SettingsDrawer(QWidget):
         self.defaults = GenerationDefaults()
 
     def set_model_defaults(self, defaults: GenerationDefaults | None, context: int) -> None:
-        """Show the loaded model's recommended sampling (its generation_config.json; greedy when it has none)."""
+        """Show the loaded model's recommended sampling (its generation_config.json; greedy when it has none) and an
+        answer length that leaves the chat room for more turns."""
         self.defaults = defaults or GenerationDefaults()
         self.temperature.setValue(self.defaults.temperature)
         self.top_p.setValue(self.defaults.top_p)
-        self.max_tokens.setValue(max(1, min(self.max_tokens.value(), context // 2)))
+        self.max_tokens.setValue(default_max_new_tokens(context))
 
     def params(self) -> SamplingParams:
         """The drawer's values on top of the model's defaults (top-k and repetition penalty come from the model)."""

@@ -65,6 +65,9 @@ class ModelInfo:
     has_chat_template: bool
     description: dict
     generation: Any = None           # cakep2p.engine.generation_config.GenerationDefaults: the model's sampling
+    facts: str = ""                  # "GGUF Q4_1, 93.8 MiB": its format, storage and size on disk
+    mode: str = ""                   # how the chat reads it: "chat, with the model's chat template", …
+    demo: bool = False               # the tiny demo model that ships inside the package
 
 
 @dataclass(frozen=True)
@@ -94,20 +97,78 @@ def plan_view(plan: Plan | Sequence[dict] | None, own_id: str, num_layers: int, 
     return PlanView(num_layers, tuple(segments), caption)
 
 
+def planned_nodes(plan: PlanView | None) -> set[str]:
+    """The nodes holding layers (or the embedding and head) in `plan`."""
+    return {segment.node_id for segment in plan.segments} if plan is not None else set()
+
+
 def preview_of(checkpoint: Any, planned: Any, own_id: str, failure: str | None = None) -> ModelPreview:
     """What the model panel shows before loading: the checkpoint's size and the plan cluster.plan_model made for it
     (`planned`, a PlannedModel, the very plan open_model then loads), or why it does not fit (`failure`)."""
+    from cakep2p.library.local import facts_of
     from cakep2p.units import format_size
 
     args = checkpoint.args
     weights = checkpoint.weight_bytes()
     name, path = checkpoint.name, str(checkpoint.path)
+    facts = f"{facts_of(checkpoint).text}, {args.num_layers} layers"
     if planned is None:
-        verdict = f"{format_size(weights)} of weights, {args.num_layers} layers" + (f" — {failure}" if failure else "")
+        verdict = facts + (f" — {failure}" if failure else "")
         return ModelPreview(path, name, args.architecture, args.num_layers, weights, failure is None, verdict, None)
     plan = planned.plan
     nodes = len({stage.node_id for stage in plan.stages if stage.layers.num_layers})
-    verdict = (f"{format_size(weights)} of weights, {args.num_layers} layers — fits: {nodes} of "
-               f"{len(planned.nodes)} node(s) would hold it ({format_size(planned.offered_bytes)} offered)")
+    where = "this machine would hold it" if nodes <= 1 else f"{nodes} of {len(planned.nodes)} machines would hold it"
+    verdict = f"{facts} — fits: {where} ({format_size(planned.offered_bytes)} offered)"
     view = plan_view(plan, own_id, args.num_layers, caption="plan preview")
     return ModelPreview(path, name, args.architecture, args.num_layers, weights, True, verdict, view, planned)
+
+
+def spare_bytes(node: Any) -> int | None:
+    """What the node's machine could offer at most (its memory's spare part), once the node has probed it."""
+    from cakep2p.discovery.capacity import offered_memory
+
+    return offered_memory(node.capacity, None) if node is not None and node.capacity is not None else None
+
+
+def left_out_notes(node: Any, planned: Any) -> tuple[str, list[str]]:
+    """The core's notes on who `node` heard but `planned` (or any plan) leaves out: the other clusters' sentence
+    (empty when there are none) and the other reasons' sentences."""
+    from cakep2p import cluster
+
+    entries = cluster.left_out(planned, node.directory.peers(), node.node_id, node.silent_static_peers())
+    foreign = [entry for entry in entries if entry.reason == "other_cluster"]
+    others = [entry for entry in entries if entry.reason != "other_cluster"]
+    return " ".join(cluster.describe_left_out(foreign, planned)), cluster.describe_left_out(others, planned)
+
+
+def library_state(budgets: Any, max_memory: int | None, repos: Sequence[str]) -> tuple[dict, dict, dict]:
+    """The catalog's fits over `budgets` (this machine alone when None), the `repos` downloaded here (their paths)
+    and the ones partly downloaded (their bytes)."""
+    from cakep2p.discovery.capacity import offered_memory, probe
+    from cakep2p.library import catalog, download, fit
+
+    if budgets is None:
+        budgets = fit.this_machine(offered_memory(probe(run_benchmark=False), max_memory))
+    local = {repo: str(path) for repo in repos for path in [download.downloaded(repo)] if path is not None}
+    partial = {repo: size for repo in repos if repo not in local for size in [download.partial_bytes(repo)] if size}
+    return fit.fits_of(catalog.CATALOG, budgets), local, partial
+
+
+def cluster_offers(node: Any, max_memory: int | None) -> Any:
+    """The node's and its usable peers' offers now (library.fit.Budgets), None before the node runs. It reads the
+    directory only: no network, so the UI thread may ask (the offered-memory slider's live fit)."""
+    from cakep2p.library.fit import cluster_budgets
+
+    return cluster_budgets(node, max_memory) if node is not None and node.capacity is not None else None
+
+
+def model_info(checkpoint: Any, model: Any, raw: bool = False) -> ModelInfo:
+    """What the window shows of a loaded model (cluster.LoadedModel) opened from `checkpoint`, chatting or `raw`."""
+    from cakep2p import paths
+    from cakep2p.engine.conversation import conversation_mode
+    from cakep2p.library.local import facts_of
+
+    return ModelInfo(model.name, str(checkpoint.path), model.args.num_layers, model.max_seq_len,
+                     model.tokenizer.has_chat_template, model.describe(), checkpoint.generation,
+                     facts=facts_of(checkpoint).text, mode=conversation_mode(model.tokenizer, raw).describe(),
+                     demo=paths.is_embedded_model(checkpoint.path))

@@ -1,87 +1,57 @@
-"""The main window: cluster panel and model picker on the left, the streaming chat on the right.
+"""The main window: the chat list on the left, the streaming chat in the middle, the model and the cluster on the
+right.
 
-Widgets only show state and forward intents: core intents to the Bridge, chat intents to the ChatController,
-whose Transcript the chat view shows (through ChatModel) and the history log stores.
+Widgets only show state and forward intents: core intents to the Bridge, chat intents to the ChatController
+(whose Transcript the chat view shows and the history log stores), library intents to the LibraryController, and
+the cluster's side (peers, offered memory, the re-plan offer) to the ClusterController. What the window remembers
+on this machine is in preferences.py.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QAction, QCloseEvent, QKeyEvent, QKeySequence
-from PySide6.QtWidgets import (QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWindow, QPlainTextEdit, QProgressBar,
-                               QPushButton, QSplitter, QVBoxLayout, QWidget)
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtGui import QCloseEvent
+from PySide6.QtWidgets import (QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWindow, QProgressBar, QPushButton,
+                               QSplitter, QVBoxLayout, QWidget)
 
 from cakep2p.gui.api_switch import ApiPanel, ApiSwitch
 from cakep2p.gui.bridge import Bridge
 from cakep2p.gui.chat import ChatController
-from cakep2p.gui.state import ModelInfo, ModelPreview, NodeState, PlanView
+from cakep2p.gui.chat_list import ChatListModel, ChatListPanel
 from cakep2p.gui.chat_view import ChatView
+from cakep2p.gui.cluster_view import ClusterController
 from cakep2p.gui.history import ChatHistory, ChatLog
+from cakep2p.gui.library_controller import LibraryController
+from cakep2p.gui.menus import build_menus
 from cakep2p.gui.model_panel import ModelPanel
-from cakep2p.gui.models import ChatModel, PeersModel
+from cakep2p.gui.models import ChatModel
+from cakep2p.gui.node_panel import NodeSettingsDialog
+from cakep2p.gui.peers_model import PeersModel
 from cakep2p.gui.peers_panel import PeersPanel
+from cakep2p.gui.preferences import PreferencesStore
 from cakep2p.gui.recent import RecentModels
 from cakep2p.gui.settings import SettingsDrawer
+from cakep2p.gui.state import ModelInfo, ModelPreview, NodeState, PlanView
+from cakep2p.gui.widgets import Banner, MessageInput
 
-BANNER_STYLE = {"error": "background:#fdecea; color:#8a1c1c; border-radius:6px; padding:6px;",
-                "choice": "background:#fff7e6; color:#5c3d00; border-radius:6px; padding:6px;"}
-
-
-class MessageInput(QPlainTextEdit):
-    """Enter sends, Shift+Enter starts a new line."""
-
-    submitted = Signal()
-
-    def keyPressEvent(self, event: QKeyEvent) -> None:  # noqa: N802 (Qt naming)
-        shifted = event.modifiers() & Qt.KeyboardModifier.ShiftModifier
-        if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and not shifted:
-            self.submitted.emit()
-            return
-        super().keyPressEvent(event)
-
-
-class Banner(QFrame):
-    """A dismissable message line, optionally with action buttons."""
-
-    def __init__(self, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.label = QLabel()
-        self.label.setWordWrap(True)
-        self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self._layout = QHBoxLayout(self)
-        self._layout.setContentsMargins(6, 2, 6, 2)
-        self._layout.addWidget(self.label, 1)
-        self._buttons: list[QPushButton] = []
-        self.setVisible(False)
-
-    def show_message(self, text: str, kind: str = "error", actions: tuple[tuple[str, object], ...] = ()) -> None:
-        for button in self._buttons:
-            button.deleteLater()
-        self._buttons = []
-        for title, callback in (*actions, ("Dismiss", None)):
-            button = QPushButton(title)
-            button.clicked.connect(self.hide)
-            if callback is not None:
-                button.clicked.connect(callback)
-            self._layout.addWidget(button)
-            self._buttons.append(button)
-        self.setStyleSheet(f"Banner {{ {BANNER_STYLE[kind]} }}")
-        self.label.setText(text)
-        self.setVisible(True)
-
-    def button(self, title: str) -> QPushButton | None:
-        return next((button for button in self._buttons if button.text() == title), None)
+WELCOME = ("Welcome to cakep2p. The model loaded now is stories260K, a tiny demo model that ships with the app: it "
+           "only writes short children's stories. For real chats, pick a model in the model library.")
 
 
 class MainWindow(QMainWindow):
     def __init__(self, node_options: dict | None = None, *, history: ChatHistory | None = None,
-                 recent: RecentModels | None = None, start_node: bool = True):
+                 recent: RecentModels | None = None, preferences: PreferencesStore | None = None,
+                 start_node: bool = True, open_demo: bool | None = None):
+        """`node_options` win over the ones saved on this machine; `open_demo` None: the demo model opens when no
+        model was ever opened here (the first launch)."""
         super().__init__()
         self.setWindowTitle("cakep2p")
-        self.resize(1280, 780)
-        self.bridge = Bridge(node_options, self)
+        self.resize(1360, 800)
+        self.preferences = preferences or PreferencesStore()
+        saved = self.preferences.load()
+        self.bridge = Bridge({**saved.node_options(), **(node_options or {})}, self)
         self.api_switch = ApiSwitch(self)
         self.peers_model = PeersModel(self)
         self.history = history or ChatHistory()
@@ -91,30 +61,47 @@ class MainWindow(QMainWindow):
         self.settings = SettingsDrawer()
         self.chat = ChatController(self.bridge, self.history, self.settings, self)
         self.chat_model = ChatModel(self.chat.transcript, self)
-        self._build()
+        self.chat_list_model = ChatListModel(self.history, self)
+        self.library = LibraryController(self.bridge, self)
+        self._loading_path: str | None = None
+        self._chat_list_timer = QTimer(self)
+        self._chat_list_timer.setSingleShot(True)
+        self._chat_list_timer.setInterval(300)
+        self._chat_list_timer.timeout.connect(self.chat_list_model.refresh)
+        self._build(saved.show_other_clusters)
+        self.cluster = ClusterController(self.bridge, self.peers_model, self.peers_panel, self.model_panel, self.offer,
+                                         self.preferences, reload=self.spread_model, notice=self.show_notice,
+                                         parent=self)
         self._connect()
-        self.model_panel.set_recent(self.recent.load())
+        recent_models = self.recent.load()
+        self.model_panel.set_recent(recent_models)
+        self.chat_list_model.refresh()
+        self.chat_list_model.set_current(self.chat.log.path)
         if start_node:
             self.bridge.start()
+        if open_demo or (open_demo is None and not recent_models):
+            self.open_demo()
 
     # Layout --------------------------------------------------------------------------------------
-    def _build(self) -> None:
-        self.peers_panel = PeersPanel(self.peers_model)
+    def _build(self, show_other_clusters: bool) -> None:
+        self.chat_list = ChatListPanel(self.chat_list_model)
+        self.peers_panel = PeersPanel(self.peers_model, show_other_clusters)
         self.model_panel = ModelPanel()
-        left = QWidget()
-        left_layout = QVBoxLayout(left)
-        left_layout.addWidget(self.peers_panel, 3)
-        line = QFrame()
-        line.setFrameShape(QFrame.Shape.HLine)
-        line.setStyleSheet("color: #e5e7eb;")
-        left_layout.addWidget(line)
-        left_layout.addWidget(self.model_panel, 0)
         self.api_panel = ApiPanel()
-        left_layout.addWidget(self.api_panel, 0)
+        right = QWidget()
+        right_layout = QVBoxLayout(right)
+        right_layout.addWidget(self.model_panel, 0)
+        for widget, stretch in ((self.peers_panel, 1), (self.api_panel, 0)):
+            line = QFrame()
+            line.setFrameShape(QFrame.Shape.HLine)
+            line.setStyleSheet("color: #e5e7eb;")
+            right_layout.addWidget(line)
+            right_layout.addWidget(widget, stretch)
 
         self.chat_view = ChatView()
         self.chat_view.setModel(self.chat_model)
-        self.banner = Banner()
+        self.banner = Banner()          # errors and choices
+        self.offer = Banner()           # offers: the demo's welcome, spreading the model over new machines
         self.input = MessageInput()
         self.input.setPlaceholderText("Message the model… (Enter sends, Shift+Enter for a new line)")
         self.input.setFixedHeight(64)
@@ -148,49 +135,38 @@ class MainWindow(QMainWindow):
         status_row.addWidget(self.context_bar)
         chat = QWidget()
         chat_layout = QVBoxLayout(chat)
+        chat_layout.addWidget(self.offer)
         chat_layout.addWidget(self.chat_view, 1)
         chat_layout.addWidget(self.banner)
         chat_layout.addWidget(self.input)
         chat_layout.addLayout(buttons)
         chat_layout.addLayout(status_row)
         self.settings.setVisible(False)
-        right = QWidget()
-        right_layout = QHBoxLayout(right)
-        right_layout.setContentsMargins(0, 0, 0, 0)
-        right_layout.addWidget(chat, 1)
-        right_layout.addWidget(self.settings)
+        middle = QWidget()
+        middle_layout = QHBoxLayout(middle)
+        middle_layout.setContentsMargins(0, 0, 0, 0)
+        middle_layout.addWidget(chat, 1)
+        middle_layout.addWidget(self.settings)
 
         splitter = QSplitter(Qt.Orientation.Horizontal)
-        splitter.addWidget(left)
-        splitter.addWidget(right)
-        splitter.setStretchFactor(0, 1)
-        splitter.setStretchFactor(1, 1)
-        splitter.setSizes([640, 640])
+        for widget, stretch in ((self.chat_list, 0), (middle, 1), (right, 0)):
+            splitter.addWidget(widget)
+            splitter.setStretchFactor(splitter.count() - 1, stretch)
+        splitter.setChildrenCollapsible(False)
+        splitter.setSizes([210, 590, 560])
         self.setCentralWidget(splitter)
-
-        menu = self.menuBar().addMenu("&File")
-        keys = QKeySequence.StandardKey
-        for title, shortcut, slot in (("Open model folder…", keys.Open, self.model_panel.choose_folder),
-                                      ("Export chat as Markdown…", keys.Save, lambda: self.export_chat()),
-                                      ("New chat", keys.New, self.new_chat),
-                                      ("Quit", keys.Quit, self.close)):
-            action = QAction(title, self)
-            action.setShortcut(shortcut)
-            action.triggered.connect(slot)
-            menu.addAction(action)
-        self.chats_menu = menu.addMenu("Earlier chats")
-        self.chats_menu.aboutToShow.connect(self._fill_chats_menu)
+        build_menus(self, open_model=self.model_panel.choose_file, open_folder=self.model_panel.choose_folder,
+                    library=self.open_library, export=lambda: self.export_chat(), new_chat=self.new_chat,
+                    node_settings=self.open_node_settings)
 
     def _connect(self) -> None:
         bridge = self.bridge
         bridge.nodeStarted.connect(self._on_node_started)
         bridge.nodeFailed.connect(self._on_node_failed)
-        bridge.peerEvent.connect(self._on_peer_event)
-        bridge.peersReset.connect(self.peers_model.clear)
-        bridge.servingChanged.connect(self.peers_panel.set_serving)
         bridge.notice.connect(self.show_notice)
         bridge.error.connect(self.show_error)
         bridge.modelInspected.connect(self._on_model_inspected)
+        bridge.inspectFailed.connect(self._on_inspect_failed)
         bridge.modelLoading.connect(self._on_model_loading)
         bridge.modelProgress.connect(self.model_panel.show_progress)
         bridge.modelLoaded.connect(self._on_model_loaded)
@@ -204,11 +180,16 @@ class MainWindow(QMainWindow):
         chat.statusChanged.connect(self.status_label.setText)
         for changed in (chat.transcript.inserted, chat.transcript.removed, chat.transcript.replaced):
             changed.connect(self._update_regenerate)
-        self.peers_panel.servingRequested.connect(bridge.set_serving)
-        self.peers_panel.codeChangeRequested.connect(bridge.change_cluster)
+        chat.transcript.historyChanged.connect(self._chat_list_timer.start)
+        self.chat_list.newRequested.connect(self.new_chat)
+        self.chat_list.openRequested.connect(self.open_chat)
+        self.chat_list.renameRequested.connect(self.rename_chat)
+        self.chat_list.deleteRequested.connect(self.delete_chat)
         self.model_panel.inspectRequested.connect(bridge.inspect_model)
         self.model_panel.loadRequested.connect(self.load_model)
-        self.model_panel.downloadRequested.connect(bridge.download_model)
+        self.model_panel.libraryRequested.connect(self.open_library)
+        self.peers_panel.node_button.clicked.connect(self.open_node_settings)
+        self.library.useRequested.connect(self.use_model)
         self.settings.completionModeChanged.connect(self._on_completion_mode_changed)
         self.api_panel.switchToggled.connect(self.api_switch.set_enabled)
         self.api_switch.serverStarted.connect(self.api_panel.show_serving)
@@ -223,10 +204,39 @@ class MainWindow(QMainWindow):
         self.export_button.clicked.connect(lambda: self.export_chat())
 
     # Intents -------------------------------------------------------------------------------------
-    def load_model(self, folder: str) -> None:
+    def load_model(self, path: str) -> None:
+        """Load the model at `path` (a .gguf or a folder); the chat on screen stays."""
         self.banner.hide()
-        self.bridge.inspect_model(folder)
-        self.bridge.load_model(folder)
+        self._loading_path = path
+        self.bridge.inspect_model(path)
+        self.bridge.load_model(path)
+
+    def spread_model(self) -> None:
+        """Load the model again over the machines there are now (the re-plan offer); the chat stays."""
+        if self.model_info is not None:
+            self.load_model(self.model_info.path)
+
+    def use_model(self, path: str) -> None:
+        self.model_panel.folder_combo.setEditText(path)
+        self.load_model(path)
+
+    def open_demo(self) -> None:
+        """Load the demo model that ships inside the package, and say what it is."""
+        from cakep2p import paths
+
+        demo = str(paths.embedded_model_dir())
+        self.model_panel.folder_combo.setEditText(demo)
+        self.load_model(demo)
+        self.offer.show_message(WELCOME, "info", actions=(("Open the model library", self.open_library),))
+
+    def open_library(self) -> None:
+        self.library.open()
+
+    def open_node_settings(self) -> NodeSettingsDialog:
+        dialog = NodeSettingsDialog(self.preferences.load(), self)
+        dialog.saved.connect(self.cluster.save_node_settings)
+        dialog.show()
+        return dialog
 
     @property
     def chat_log(self) -> ChatLog:
@@ -244,6 +254,7 @@ class MainWindow(QMainWindow):
     def new_chat(self) -> None:
         self.banner.hide()
         self.chat.new_chat()
+        self.chat_list_model.set_current(self.chat.log.path)
 
     def open_chat(self, log: ChatLog) -> None:
         """Show a stored chat and continue it (the model re-reads its text on the next message)."""
@@ -251,15 +262,18 @@ class MainWindow(QMainWindow):
         if log.system_prompt is not None:
             self.settings.system_prompt_edit.setPlainText(log.system_prompt)
         self.chat.open_chat(log)
+        self.chat_list_model.set_current(log.path)
 
-    def _fill_chats_menu(self) -> None:
-        self.chats_menu.clear()
-        chats = [log for log in self.history.chats() if log.messages][:15]
-        if not chats:
-            self.chats_menu.addAction("(no stored chats)").setEnabled(False)
-        for log in chats:
-            action = self.chats_menu.addAction(log.title)
-            action.triggered.connect(lambda _checked=False, chosen=log: self.open_chat(chosen))
+    def rename_chat(self, path: str, title: str) -> None:
+        log = self.chat.log if Path(path) == self.chat.log.path else self.history.open(path)
+        log.rename(title)
+        self.chat_list_model.refresh()
+
+    def delete_chat(self, path: str) -> None:
+        if Path(path) == self.chat.log.path:
+            self.new_chat()
+        self.history.delete(path)
+        self.chat_list_model.refresh()
 
     def export_chat(self, target: str | None = None) -> Path | None:
         if not target:
@@ -279,49 +293,55 @@ class MainWindow(QMainWindow):
     def show_notice(self, message: str) -> None:
         self.chat.add_notice(message)
 
+    def show_plan(self, plan: PlanView | None) -> None:
+        """Draw `plan` in the plan bar and the peers table's Layers column, in the same colours."""
+        self.cluster.show_plan(plan)
+
     # Core events ---------------------------------------------------------------------------------
     def _on_node_started(self, state: NodeState) -> None:
         self.setWindowTitle(f"cakep2p — {state.name}")
         self.peers_panel.show_node(state)
 
     def _on_node_failed(self, message: str) -> None:
-        self.peers_panel.show_node_failed(message)
+        self.peers_panel.show_node_failed()
         self.show_error(f"This machine could not join the network: {message}. You can still chat with a model "
                         "on this machine.")
 
-    def _on_peer_event(self, event: str, peer) -> None:
-        if event == "removed" and self.plan is not None:
-            held = self.plan.layers_by_node().get(peer.node_id)
-            if held:
-                self.show_notice(f"{peer.name} (layers {held}) left the cluster.")
-        self.peers_model.apply_event(event, peer)
-
     def _on_model_inspected(self, preview: ModelPreview) -> None:
-        self.model_panel.show_preview(preview, loaded=self.model_info is not None)
+        if self._loading_path is None or self.model_info is None:
+            self.model_panel.show_preview(preview, loaded=self.model_info is not None)
+
+    def _on_inspect_failed(self, message: str) -> None:
+        if self._loading_path is None:    # while loading, the load's failure says it (once)
+            self.model_panel.show_not_previewed(message)
 
     def _on_model_loading(self, what: str) -> None:
         self.chat.model_loading()
+        self.cluster.model_loading()
         self.model_panel.show_loading(what)
         self.api_switch.set_model(None)   # the old model is about to close: stop serving it
         self.api_panel.set_model_ready(False, loading=True)
         self.status_label.setText(f"Loading {Path(what).name or what}… (you can type your message meanwhile)")
 
     def _on_model_loaded(self, info: ModelInfo) -> None:
+        self._loading_path = None
         self.model_info = info
         self.model_panel.show_loaded(info)
         self.api_switch.set_model(self.bridge.model)
         self.api_panel.set_model_ready(True)
         self.model_panel.set_recent(self.recent.remember(info.path))
-        self.settings.set_completion_mode(not info.has_chat_template)
         self.settings.set_model_defaults(info.generation, info.context)
         self.status_label.setText(f"{info.name} ready.")
         self.chat.model_loaded(info.name)
+        self.cluster.model_loaded(info.name)
 
     def _on_model_failed(self, message: str) -> None:
+        self._loading_path = None
         queued = self.chat.model_failed()
         if queued:  # give the unsent message back
             self.input.setPlainText(queued)
-        self.model_panel.show_failed(message)
+        self.model_panel.show_failed(self.model_info if self.bridge.model is not None else None)
+        self.cluster.model_failed(self.bridge.model is not None)
         self.api_switch.set_model(self.bridge.model)   # the previous model, when the failure left it loaded
         self.api_panel.set_model_ready(self.bridge.model is not None)
         self.show_error(message)
@@ -331,19 +351,12 @@ class MainWindow(QMainWindow):
         self.plan = plan
         self.show_plan(plan)
 
-    def show_plan(self, plan: PlanView | None) -> None:
-        """Draw `plan` in the plan bar and the peers table's Layers column, in the same colours."""
-        self.model_panel.show_plan(plan)
-        layers = plan.layers_by_node() if plan else {}
-        bar = self.model_panel.plan_bar
-        self.peers_model.set_layers(layers, {node_id: bar.color_of(node_id) for node_id in layers})
-
     def _on_completion_mode_changed(self, enabled: bool) -> None:
         self.bridge.set_completion_mode(enabled)
         self.new_chat()
 
     def _on_api_failed(self, message: str) -> None:
-        self.api_panel.show_stopped(message)
+        self.api_panel.show_stopped("Off: it could not start (the message above says why).")
         self.show_error(message)
 
     def _offer_choice(self, message: str, question: str) -> None:
@@ -368,6 +381,7 @@ class MainWindow(QMainWindow):
         self.regenerate_button.setEnabled(not self.bridge.generating and self.chat.transcript.can_regenerate())
 
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 (Qt naming)
+        self.library.shutdown()
         self.api_switch.shutdown()   # before the bridge closes the model the server uses
         self.bridge.shutdown()
         super().closeEvent(event)
