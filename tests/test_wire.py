@@ -259,6 +259,7 @@ def test_fuzz_huge_or_wrong_declared_sizes_raise_only_wire_error(op, rng):
 
 @fuzz(1000)
 @given(st.sampled_from(range(len(VALID_FRAMES))), st.randoms(use_true_random=False))
+@pytest.mark.slow
 def test_fuzz_corrupted_valid_bytes_raise_only_wire_error(index, rng):
     for _ in range(3):
         frames = [bytearray(memoryview(frame).cast("B")) for frame in VALID_FRAMES[index]]
