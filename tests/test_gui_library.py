@@ -195,7 +195,7 @@ def test_a_gguf_shows_its_real_size_and_quantization_and_chats_with_its_template
     assert "GGUF Q4_1, 93.8 MiB" in window.model_panel.verdict.text()
     assert "model's chat template" in window.model_panel.verdict.text()
     window.settings.temperature.setValue(0.0)
-    window.settings.system_prompt_edit.setPlainText("You are a terse geography assistant.")
+    window.settings.system_prompt_edit.setPlainText("You are a helpful assistant.")
     pieces = []
     window.bridge.tokenArrived.connect(pieces.append)
     try:
@@ -206,7 +206,7 @@ def test_a_gguf_shows_its_real_size_and_quantization_and_chats_with_its_template
     assert "Paris" in first.text and "Rome" in second.text and len(pieces) > 4
     conversation = window.bridge.chat.conversation
     prompt = conversation.tokenizer.decode(conversation.prompt_ids())
-    assert prompt.index("You are a terse geography assistant.") < prompt.index(
+    assert prompt.index("You are a helpful assistant.") < prompt.index(
         "What is the capital of France?") < prompt.index("Paris") < prompt.index("And of Italy?")
     assert Path(window.recent.load()[0]) == next(GGUF_DIR.glob("*.gguf")).resolve()
 

@@ -100,6 +100,8 @@ class ChatListPanel(QWidget):
         self.list.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.list.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.list.setUniformItemSizes(True)
+        self.list.setWordWrap(False)
+        self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.list.setStyleSheet("QListView { border: none; background: transparent; } "
                                 "QListView::item { padding: 6px 4px; }")
         self.list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
@@ -111,7 +113,7 @@ class ChatListPanel(QWidget):
         title = QLabel("Chats")
         title.setStyleSheet("font-size: 15px; font-weight: 700;")
         layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setContentsMargins(8, 8, 0, 8)
         layout.addWidget(title)
         layout.addWidget(self.new_button)
         layout.addWidget(self.list, 1)

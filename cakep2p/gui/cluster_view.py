@@ -33,7 +33,7 @@ class ClusterController(QObject):
         bridge.peerEvent.connect(self._on_peer_event)
         bridge.peersReset.connect(peers_model.clear)
         bridge.ownInfo.connect(self._on_own_info)
-        bridge.peerLost.connect(peers_model.mark_lost)
+        bridge.peerLost.connect(self._on_peer_lost)
         bridge.servingChanged.connect(peers_panel.set_serving)
         bridge.notesChanged.connect(peers_panel.show_notes)
         bridge.nodeStarted.connect(lambda _state: self.notes_timer.start())
@@ -80,11 +80,16 @@ class ClusterController(QObject):
                 self.notice(f"{peer.name} (layers {held}) left the cluster.")
         self.peers_model.apply_event(event, peer)
         self.replan.peer_event(event, peer)
+        self.show_offer_fit(self.panel.offer.offered_bytes())
         if event == "removed" and peer.node_id in self._offered:   # an offer about machines that left again
             self._offered.remove(peer.node_id)
             if not self._offered:
                 self.offer.hide()
         self.notes_timer.start()
+
+    def _on_peer_lost(self, node_id: str) -> None:
+        self.peers_model.mark_lost(node_id)
+        self.show_offer_fit(self.panel.offer.offered_bytes())
 
     def _on_own_info(self, info: Any) -> None:
         self.peers_model.set_own(info)
@@ -102,7 +107,8 @@ class ClusterController(QObject):
         if budgets is None or sizing is None:
             self.panel.offer.show_fit("", True)
             return
-        verdict = fit(sizing[0], sizing[1], budgets.with_own_offer(offered))
+        lost = {peer.node_id for peer in self.peers_model.peers() if self.peers_model.state(peer) == "lost"}
+        verdict = fit(sizing[0], sizing[1], budgets.with_own_offer(offered).without(lost))
         self.panel.offer.show_fit(f"{self.model_name}: {verdict.text}", verdict.fits)
 
     def _choose_offer(self, offer: int | None) -> None:

@@ -13,6 +13,7 @@ from cakep2p.gui.peers_model import PeersFilter, PeersModel
 from cakep2p.gui.state import NodeState
 
 FOREIGN_HINT = "listed, never used"
+WINDOW_PAIRING_HINT = "In this window: paste their pairing code into Pairing code and press Join."
 
 TOGGLE_STYLE = """
 QCheckBox { font-weight: 600; spacing: 8px; }
@@ -148,7 +149,7 @@ class PeersPanel(QWidget):
         """What was heard but left out, and why (the core's notes): the other clusters' hint goes on their folded
         line, every other reason below it."""
         self.foreign_hint = foreign
-        self.notes_label.setText("\n".join(f"• {_sentence(note)}" for note in others))
+        self.notes_label.setText("\n".join(f"• {note}" for note in others))
         self.notes_label.setVisible(bool(others))
         self._update_hint()
 
@@ -181,10 +182,7 @@ class PeersPanel(QWidget):
         machines = "1 machine" if foreign == 1 else f"{foreign} machines"
         hidden = "" if self.show_foreign.isChecked() else " (hidden)"
         self.foreign_label.setText(f"<b>{machines} of other clusters</b>{hidden}: "
-                                   f"{_sentence(self.foreign_hint) if self.foreign_hint else FOREIGN_HINT}.")
+                                   f"{self.foreign_hint.rstrip('.') if self.foreign_hint else FOREIGN_HINT}. "
+                                   f"{WINDOW_PAIRING_HINT}")
         self.foreign_label.setVisible(foreign > 0)
         self.show_foreign.setVisible(foreign > 0)
-
-
-def _sentence(note: str) -> str:
-    return note[:1].upper() + note[1:] if note else note

@@ -9,6 +9,7 @@ on this machine is in preferences.py.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer
@@ -325,6 +326,8 @@ class MainWindow(QMainWindow):
 
     def _on_model_loaded(self, info: ModelInfo) -> None:
         self._loading_path = None
+        if not info.demo and self.offer.label.text() == WELCOME:   # a real model now: the welcome has done its job
+            self.offer.hide()
         self.model_info = info
         self.model_panel.show_loaded(info)
         self.api_switch.set_model(self.bridge.model)
@@ -352,8 +355,14 @@ class MainWindow(QMainWindow):
         self.show_plan(plan)
 
     def _on_completion_mode_changed(self, enabled: bool) -> None:
+        from cakep2p.engine.conversation import ConversationMode
+
         self.bridge.set_completion_mode(enabled)
         self.new_chat()
+        if self.model_info is not None:
+            template = "none" if enabled else "model" if self.model_info.has_chat_template else "fallback"
+            self.model_info = replace(self.model_info, mode=ConversationMode(enabled, template).describe())
+            self.model_panel.show_loaded(self.model_info)
 
     def _on_api_failed(self, message: str) -> None:
         self.api_panel.show_stopped("Off: it could not start (the message above says why).")

@@ -49,6 +49,10 @@ class Budgets:
         """The same budgets, this node offering `offered_bytes` (the offered-memory slider, before it applies)."""
         return Budgets((replace(self.nodes[0], offered_bytes=max(0, int(offered_bytes))), *self.nodes[1:]))
 
+    def without(self, node_ids: set[str]) -> "Budgets":
+        """The same budgets less the peers in `node_ids` (peers the mesh lost; this node always stays)."""
+        return Budgets((self.nodes[0], *(node for node in self.nodes[1:] if node.node_id not in node_ids)))
+
 
 def this_machine(offered_bytes: int, own_id: str = "local", name: str = "this machine") -> Budgets:
     return Budgets((planner.NodeBudget(own_id, name, max(0, int(offered_bytes))),))
