@@ -260,6 +260,7 @@ def table_names(window) -> set[str]:
     return {peer.name for peer in window.peers_model.peers()}
 
 
+@pytest.mark.slow   # --serve processes
 def test_peers_table_fills_when_serve_nodes_start_and_empties_when_they_stop(window, qtbot, tmp_path):
     names = [f"guipeer-{letter}-{RUN}" for letter in "ab"]
     nodes = [start_serve(tmp_path, name, free_port(), code=CLUSTER_CODE) for name in names]
@@ -356,6 +357,7 @@ def test_node_settings_are_saved_for_the_next_start(window, gui_home):
         dialog.close()
 
 
+@pytest.mark.slow   # --serve processes
 def test_join_toggle_makes_this_node_appear_and_disappear_for_a_peers_process(window, qtbot, tmp_path):
     own_id = window.bridge.node.node_id
     toggle = window.peers_panel.join_toggle
@@ -768,6 +770,7 @@ def test_machines_that_join_are_offered_the_model_and_taking_the_offer_keeps_the
     assert cluster_peers.chat_after == cluster_peers.chat_before and len(cluster_peers.chat_before) == 2
 
 
+@pytest.mark.slow   # --serve processes
 def test_a_chat_over_two_serve_peers_spreads_the_layers_and_matches_the_reference(cluster_peers, chat_window,
                                                                                    qtbot, stories_dir):
     reference = reference_greedy(stories_dir)
@@ -784,11 +787,13 @@ def test_a_chat_over_two_serve_peers_spreads_the_layers_and_matches_the_referenc
     assert list(finished.args[0].reply.token_ids) == reference["new_token_ids"]
 
 
+@pytest.mark.slow   # --serve processes
 def test_the_plan_that_loads_is_the_plan_the_preview_showed(cluster_peers, chat_window):
     preview = chat_window.bridge.preview        # made by cluster.plan_model when the model was chosen
     assert preview is not None and chat_window.bridge.model.plan is preview.plan
 
 
+@pytest.mark.slow   # --serve processes
 def test_a_lost_peer_is_shown_lost_at_once_and_the_next_answer_still_comes(cluster_peers, chat_window, qtbot):
     chat_window.new_chat()
     with qtbot.waitSignal(chat_window.bridge.replyFinished, timeout=60000):

@@ -190,6 +190,7 @@ def gguf_window(first_launch):
     yield first_launch
 
 
+@pytest.mark.slow   # loads a 135M-parameter model
 def test_a_gguf_shows_its_real_size_and_quantization_and_chats_with_its_template(gguf_window, qtbot):
     window = gguf_window
     assert "GGUF Q4_1, 93.8 MiB" in window.model_panel.verdict.text()
