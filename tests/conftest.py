@@ -27,22 +27,6 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 # loopback. Tests that want the all-interfaces default run it inside a network namespace and drop this.
 os.environ["CAKEP2P_INTERFACE"] = "127.0.0.1"
 
-# Slow tests in a file another engineer holds right now: marked from here until the marks can move into the file.
-SLOW_ELSEWHERE = {
-    "test_gui.py": {"test_peers_table_fills_when_serve_nodes_start_and_empties_when_they_stop",   # --serve processes
-                    "test_join_toggle_makes_this_node_appear_and_disappear_for_a_peers_process",  # `cakep2p peers` x2
-                    "test_a_chat_over_two_serve_peers_spreads_the_layers_and_matches_the_reference",  # cluster_peers
-                    "test_the_plan_that_loads_is_the_plan_the_preview_showed",
-                    "test_a_lost_peer_gives_a_notice_and_the_next_answer_still_comes"},
-}
-
-
-@pytest.hookimpl(tryfirst=True)   # before -m reads the marks
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if getattr(item, "originalname", item.name) in SLOW_ELSEWHERE.get(item.path.name, ()):
-            item.add_marker(pytest.mark.slow)
-
 
 @pytest.fixture(autouse=True, scope="session")
 def nothing_left_running():
