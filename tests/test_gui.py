@@ -96,6 +96,27 @@ def test_this_machines_row_comes_first_and_a_lost_peer_says_so_until_it_leaves(q
     assert model.node_ids() == ["id-2"] and model.row_of("id-0") == 0
 
 
+def test_the_replan_offer_asks_once_about_machines_that_joined_after_the_plan(qtbot):
+    from cakep2p.gui.replan import ReplanOffer
+
+    offer = ReplanOffer(settle_ms=10)
+    offered = []
+    offer.offered.connect(lambda question, node_ids: offered.append((question, node_ids)))
+    offer.peer_event("added", make_peer(1))                  # there when the model was planned: not offered
+    offer.plan_changed({"me"})
+    offer.set_model(True)
+    for index in (2, 3):
+        offer.peer_event("added", make_peer(index))
+    offer.peer_event("added", make_peer(4, serving=False))   # not serving: never offered
+    qtbot.waitUntil(lambda: bool(offered), timeout=2000)
+    assert offered == [("2 machines joined (peer-2, peer-3): spread the model over them? The chat stays.",
+                        ["id-2", "id-3"])]
+    offer.answered(["id-2", "id-3"])                          # "Not now" (or taken)
+    offer.peer_event("added", make_peer(5))
+    qtbot.waitUntil(lambda: len(offered) == 2, timeout=2000)
+    assert offered[1][1] == ["id-5"]
+
+
 def test_chat_model_passes_qtmodeltester_while_streaming(qtmodeltester, qtbot):
     transcript = Transcript()
     model = ChatModel(transcript, render_interval_ms=10)

@@ -264,3 +264,25 @@ def test_about_names_the_version_and_links_the_docs():
     assert f"cakep2p {__version__}" in text and "--serve" in text
     assert {path.name for _title, path in doc_links()} >= {"README.md", "protocol.md", "security.md"}
     assert all(path.as_uri() in text for _title, path in doc_links())
+
+
+def test_the_library_and_chat_list_models_pass_qtmodeltester(qtmodeltester, tmp_path):
+    from cakep2p.gui.chat_list import ChatListModel
+    from cakep2p.gui.library_view import LibraryModel
+    from cakep2p.library.fit import Fit
+
+    library = LibraryModel()
+    qtmodeltester.check(library, force_py=True)
+    library.set_fits({("smollm2-135m", "gguf"): Fit(True, 1, 2, 1, 1, 4096)})
+    library.set_local({"bartowski/SmolLM2-135M-Instruct-GGUF": "/models/x.gguf"}, {"Qwen/Qwen2.5-7B-Instruct": 5})
+    library.set_progress("Qwen/Qwen2.5-7B-Instruct", 50, 100)
+    assert library.index(0, 3).data() == "fits on this machine" and library.index(0, 4).data() == "downloaded"
+    assert library.state_text("Qwen/Qwen2.5-7B-Instruct") == "downloading 50%"
+    history = ChatHistory(tmp_path / "chats")
+    for question in ("first", "second"):
+        history.new_chat().append("user", question)
+    chats = ChatListModel(history)
+    qtmodeltester.check(chats, force_py=True)
+    chats.refresh()
+    chats.set_current(chats.logs()[0].path)
+    assert sorted(chats.index(row).data() for row in range(chats.rowCount())) == ["first", "second"]
