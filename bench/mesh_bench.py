@@ -150,6 +150,7 @@ def build_mesh(nodes: int, model_dir: Path, dtype: str, max_seq_len: int, proces
                keys, load: str) -> Config:
     from cakep2p import planner
     from cakep2p.engine.checkpoint import Checkpoint
+    from cakep2p.engine.formats import resolve_format
     from cakep2p.engine.loading import load_part
     from cakep2p.engine.model import ModelPart
     from cakep2p.engine.sizes import model_spec
@@ -164,7 +165,8 @@ def build_mesh(nodes: int, model_dir: Path, dtype: str, max_seq_len: int, proces
     endpoints = {process.node_id: ("127.0.0.1", process.port) for process in processes}
     stages = stages_for_plan(plan, endpoints, "node-0",
                              lambda layers: load_part(checkpoint, layers, dtype=dtype, device="cpu"))
-    pipeline = RemotePipeline(stages, checkpoint, max_seq_len, keys, dtype=dtype, allow_transfer=load == "transfer")
+    pipeline = RemotePipeline(stages, checkpoint, max_seq_len, keys, weights=resolve_format(checkpoint, "auto", dtype),
+                              dtype=dtype, allow_transfer=load == "transfer")
     by_port = {process.port: process for process in processes}
     remote = [(by_port[stage.port], stage.layers) for stage in stages if isinstance(stage, RemoteStage)]
     layout = " ".join(_describe(stage.layers, "local" if isinstance(stage, ModelPart) else stage.name)

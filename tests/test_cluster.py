@@ -20,6 +20,7 @@ from cakep2p.cluster import LocalModel
 from cakep2p.mesh import StageClient, StageRefused
 from cakep2p.testing import cached_random_model
 from cakep2p.engine.checkpoint import Checkpoint
+from cakep2p.mesh.transfer import PartOffer
 from cakep2p.mesh.transfer import load_part as load_part_over
 from cakep2p.cluster import ModelOptions
 from tests.kit import ChildProcess, loopback_multicast_on, reference_greedy, seed_benchmark, start_node, wait_until
@@ -217,7 +218,8 @@ def test_node_with_serving_off_refuses_new_work_and_is_not_planned(stories_dir, 
         with pytest.raises(PlanError):
             cluster.open_model(stories_dir, ModelOptions(context=64), node=initiator)
         with pytest.raises(StageRefused, match="serving off"):
-            load_part_over(client, Checkpoint.open(stories_dir), LayerRange(0, 2, False, False), max_seq_len=64)
+            load_part_over(client, PartOffer.of(Checkpoint.open(stories_dir), LayerRange(0, 2, False, False), "f32"),
+                           max_seq_len=64)
         assert client.ping().max_sessions == 0
     finally:
         client.close()

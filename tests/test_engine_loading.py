@@ -141,7 +141,7 @@ def test_from_tensors_equals_load(tiny_dir):
 
     args = Checkpoint.open(tiny_dir).args
     spec = LayerRange(0, args.num_layers, True, True)
-    built = part_from_tensors(args, spec, load_file(tiny_dir / "model.safetensors"), "float32", "cpu")
+    built = part_from_tensors(args, spec, "f32", load_file(tiny_dir / "model.safetensors"), "float32", "cpu")
     loaded = load_part(Checkpoint.open(tiny_dir), spec, dtype="float32", device="cpu")
     ids = torch.tensor(PROMPT)
     assert torch.equal(built(ids, 0, built.new_cache(8)), loaded(ids, 0, loaded.new_cache(8)))

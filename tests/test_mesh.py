@@ -26,6 +26,7 @@ from cakep2p.mesh import (RemotePipeline, RemoteStage, ServerThread, StageClient
                           StageServer, part_ref, stages_for_plan)
 from cakep2p.mesh import curve
 from cakep2p.mesh.parts_cache import cached_part_path
+from cakep2p.mesh.transfer import PartOffer
 from cakep2p.mesh.transfer import load_part as load_part_over
 from cakep2p.planner import LayerRange
 from tests.kit import StageProcess, wait_until
@@ -74,6 +75,11 @@ def start_servers(tmp_path, keys):
         thread.stop()
 
 
+def offer(model_dir, layers: LayerRange, weights: str = "f32") -> PartOffer:
+    """What the initiator offers a stage: these layers of the model, in float32 unless said otherwise."""
+    return PartOffer.of(Checkpoint.open(model_dir), layers, weights)
+
+
 def remote_stages(servers, specs) -> list[RemoteStage]:
     return [RemoteStage("127.0.0.1", server.server.port, spec, f"stage-{index}")
             for index, (server, spec) in enumerate(zip(servers, specs))]
@@ -88,7 +94,8 @@ def local_tokens(model_dir, prompt=PROMPT, params=GREEDY) -> list[int]:
 
 def remote_pipeline(stages, model_dir, keys, max_seq_len=SEQ, **options) -> RemotePipeline:
     options.setdefault("heartbeat_s", 0.2)
-    return RemotePipeline(stages, Checkpoint.open(model_dir), max_seq_len, keys, dtype="float32", **options)
+    return RemotePipeline(stages, Checkpoint.open(model_dir), max_seq_len, keys, weights="f32", dtype="float32",
+                          **options)
 
 
 # -- token identity -----------------------------------------------------------------------------------------
@@ -181,7 +188,7 @@ def test_sharded_checkpoint_is_sent_and_gives_the_local_tokens(start_servers, ke
 
 def test_stage_holding_another_dtype_gets_hidden_states_in_its_dtype(stories_dir, start_servers, keys):
     [server] = start_servers(1)
-    reply = with_client(server, keys, lambda client: load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ,
+    reply = with_client(server, keys, lambda client: load_part_over(client, offer(stories_dir, TWO_WAY[1]), max_seq_len=SEQ,
                                                                       dtype="bfloat16"))
     assert reply.dtype == "bfloat16"
     front = load_part(Checkpoint.open(stories_dir), TWO_WAY[0], dtype="float32", device="cpu")
@@ -233,13 +240,13 @@ def test_weight_transfer_fills_an_empty_cache_and_the_next_load_sends_nothing(st
     progress: list[tuple[int, int]] = []
     client = StageClient("127.0.0.1", first.server.port, keys)
     try:
-        source = load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ, dtype="float32",
+        source = load_part_over(client, offer(stories_dir, TWO_WAY[1]), max_seq_len=SEQ, dtype="float32",
                                   on_progress=lambda sent, total: progress.append((sent, total))).source
     finally:
         client.close()
     assert source == "transfer"
     assert progress and progress[-1][0] == progress[-1][1] > 0
-    ref = part_ref(Checkpoint.open(stories_dir).fingerprint, TWO_WAY[1])
+    ref = offer(stories_dir, TWO_WAY[1]).ref
     assert cached_part_path(ref, parts_dir).is_file()
     first.stop()
 
@@ -269,21 +276,21 @@ def test_stage_with_the_model_in_its_models_dir_loads_from_disk(stories_dir, sta
 def test_corrupted_cached_part_is_transferred_again(stories_dir, start_servers, keys, tmp_path):
     parts_dir = tmp_path / "receiver-parts"
     [first] = start_servers(1, parts_dir=parts_dir)
-    with_client(first, keys, lambda client: load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ))
+    with_client(first, keys, lambda client: load_part_over(client, offer(stories_dir, TWO_WAY[1]), max_seq_len=SEQ))
     first.stop()
-    path = cached_part_path(part_ref(Checkpoint.open(stories_dir).fingerprint, TWO_WAY[1]), parts_dir)
+    path = cached_part_path(offer(stories_dir, TWO_WAY[1]).ref, parts_dir)
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF
     path.write_bytes(bytes(data))
     [second] = start_servers(1, parts_dir=parts_dir)
-    reply = with_client(second, keys, lambda client: load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ))
+    reply = with_client(second, keys, lambda client: load_part_over(client, offer(stories_dir, TWO_WAY[1]), max_seq_len=SEQ))
     assert reply.source == "transfer"
 
 
 def test_load_without_a_copy_and_without_transfer_is_refused(stories_dir, start_servers, keys):
     [server] = start_servers(1)
     with pytest.raises(StageRefused) as refused:
-        with_client(server, keys, lambda client: load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ,
+        with_client(server, keys, lambda client: load_part_over(client, offer(stories_dir, TWO_WAY[1]), max_seq_len=SEQ,
                                                                   allow_transfer=False))
     assert refused.value.code == "not_found"
 
@@ -318,7 +325,7 @@ def test_sessions_beyond_the_limit_are_refused(stories_dir, start_servers, keys)
 
 def test_kv_cache_beyond_the_memory_budget_is_refused(stories_dir, start_servers, keys):
     args = Checkpoint.open(stories_dir).args
-    weights = weight_bytes(args, TWO_WAY[1], torch.float32)
+    weights = weight_bytes(args, TWO_WAY[1], "f32")
     kv = kv_cache_bytes(args, TWO_WAY[1], torch.float32, SEQ)
     [server] = start_servers(1, budget=weights + kv // 2)  # the weights fit, a KV cache does not
     local_part = load_part(Checkpoint.open(stories_dir), TWO_WAY[0], dtype="float32", device="cpu")
@@ -334,14 +341,14 @@ def test_kv_cache_beyond_the_memory_budget_is_refused(stories_dir, start_servers
 def test_load_beyond_the_memory_budget_is_refused(stories_dir, start_servers, keys):
     [server] = start_servers(1, budget=100_000)
     with pytest.raises(StageRefused) as refused:
-        with_client(server, keys, lambda client: load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ))
+        with_client(server, keys, lambda client: load_part_over(client, offer(stories_dir, TWO_WAY[1]), max_seq_len=SEQ))
     assert refused.value.code == "over_budget"
     assert server.call(server.server.stats)["used_bytes"] == 0
 
 
 def test_concurrent_loads_that_fit_only_one_at_a_time_do_not_both_pass_the_budget(stories_dir, start_servers, keys):
     args = Checkpoint.open(stories_dir).args
-    sizes = [weight_bytes(args, spec, torch.float32) for spec in TWO_WAY]
+    sizes = [weight_bytes(args, spec, "f32") for spec in TWO_WAY]
     budget = sum(sizes) - 1
     [server] = start_servers(1, budget=budget, models_dirs=[stories_dir.parent])
     outcomes: list[str] = []
@@ -350,7 +357,7 @@ def test_concurrent_loads_that_fit_only_one_at_a_time_do_not_both_pass_the_budge
     def load(spec: LayerRange) -> None:
         def act(client: StageClient) -> None:
             barrier.wait(timeout=30)
-            load_part_over(client, Checkpoint.open(stories_dir), spec, max_seq_len=SEQ, dtype="float32", allow_transfer=False)
+            load_part_over(client, offer(stories_dir, spec), max_seq_len=SEQ, dtype="float32", allow_transfer=False)
         try:
             with_client(server, keys, act)
             outcomes.append("loaded")
@@ -426,10 +433,10 @@ def test_expired_session_is_replayed_and_generation_continues_identically(storie
 
 def test_forward_of_the_wrong_hidden_size_is_refused_and_the_node_keeps_serving(stories_dir, start_servers, keys):
     [server] = start_servers(1)
-    ref = part_ref(Checkpoint.open(stories_dir).fingerprint, TWO_WAY[1])
+    ref = offer(stories_dir, TWO_WAY[1]).ref
 
     def act(client: StageClient):
-        load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ, dtype="float32")
+        load_part_over(client, offer(stories_dir, TWO_WAY[1]), max_seq_len=SEQ, dtype="float32")
         with pytest.raises(ProtocolError, match=r"\[T, 64\]"):
             client.forward("bad", ref, 0, 0, torch.zeros(3, 65))
         client.forward("gap", ref, 0, 0, torch.zeros(3, 64))
@@ -445,7 +452,8 @@ def test_forward_of_the_wrong_hidden_size_is_refused_and_the_node_keeps_serving(
 
 def test_forward_reply_of_the_wrong_shape_or_dtype_is_a_protocol_error():
     """A broken or hostile stage answers with tensors nobody asked for; no real server does, so a bare ROUTER does."""
-    middle, head = part_ref("0" * 16, LayerRange(1, 2, False, False)), part_ref("0" * 16, LayerRange(2, 2, False, True))
+    middle = part_ref("0" * 16, "0" * 64, LayerRange(1, 2, False, False))
+    head = part_ref("0" * 16, "0" * 64, LayerRange(2, 2, False, True))
     cases = [(middle, torch.zeros(3, 65)), (middle, torch.zeros(3, 64, dtype=torch.float16)),
              (middle, torch.zeros(2, 64)), (head, torch.zeros(1, 512, dtype=torch.bfloat16)),
              (head, torch.zeros(3, 512)), (middle, torch.zeros(3, 64))]
@@ -505,13 +513,13 @@ def malformed_messages(rng: random.Random, ref: wire.PartRef):
 @pytest.mark.slow
 def test_live_node_survives_ten_thousand_malformed_frames_and_still_answers(stories_dir, tmp_path, code, keys):
     with StageProcess(tmp_path / "home", code, "--max-frame-bytes", str(4 << 20)) as stage:
-        ref = part_ref(Checkpoint.open(stories_dir).fingerprint, TWO_WAY[1])
+        ref = offer(stories_dir, TWO_WAY[1]).ref
         client = StageClient("127.0.0.1", stage.port, keys, heartbeat_s=0.5)
         context = zmq.Context()
         dealer = context.socket(zmq.DEALER)
         oversize = context.socket(zmq.DEALER)
         try:
-            load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ, dtype="float32")
+            load_part_over(client, offer(stories_dir, TWO_WAY[1]), max_seq_len=SEQ, dtype="float32")
             expected = client.forward("before", ref, 0, 0, torch.ones(3, 64))
             for socket in (dealer, oversize):
                 socket.linger = 0
@@ -550,7 +558,7 @@ def test_client_with_another_cluster_code_gets_nothing_done(stories_dir, start_s
     stranger = security.derive_keys(security.new_code())
     caplog.set_level(logging.WARNING, logger="cakep2p")
     with pytest.raises(MeshError, match="lost"):
-        with_client(server, stranger, lambda client: load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ))
+        with_client(server, stranger, lambda client: load_part_over(client, offer(stories_dir, TWO_WAY[1]), max_seq_len=SEQ))
     assert refusals
     assert "wrong cluster code" in caplog.text
     assert server.call(server.server.stats)["parts"] == 0
@@ -605,10 +613,10 @@ def test_heartbeats_keep_a_slow_forward_alive(stories_dir, start_servers, keys, 
 
     monkeypatch.setattr(cakep2p.mesh.server, "_run_part", slow_run)
     [server] = start_servers(1)
-    ref = part_ref(Checkpoint.open(stories_dir).fingerprint, TWO_WAY[1])
+    ref = offer(stories_dir, TWO_WAY[1]).ref
 
     def act(client: StageClient):
-        load_part_over(client, Checkpoint.open(stories_dir), TWO_WAY[1], max_seq_len=SEQ, dtype="float32")
+        load_part_over(client, offer(stories_dir, TWO_WAY[1]), max_seq_len=SEQ, dtype="float32")
         timer = threading.Timer(2.0, released.set)  # 10 heartbeat intervals
         timer.start()
         try:

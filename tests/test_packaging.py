@@ -391,6 +391,7 @@ def test_built_app_serves_a_forward_found_over_mdns(built_app, tmp_path, stories
     from cakep2p.engine.loading import load_part
     from cakep2p.engine.tokenizer import Tokenizer
     from cakep2p.mesh import StageClient, part_ref
+    from cakep2p.mesh.transfer import PartOffer
     from cakep2p.mesh.transfer import load_part as load_part_over
     from cakep2p.planner import LayerRange
 
@@ -419,9 +420,10 @@ def test_built_app_serves_a_forward_found_over_mdns(built_app, tmp_path, stories
         client.ping()
         args = Checkpoint.open(stories_dir).args
         whole = LayerRange(0, args.num_layers, True, True)
-        assert load_part_over(client, Checkpoint.open(stories_dir), whole, max_seq_len=32).status == "ready"
+        offered = PartOffer.of(Checkpoint.open(stories_dir), whole, "f32")
+        assert load_part_over(client, offered, max_seq_len=32).status == "ready"
         prompt = torch.tensor(Tokenizer.from_checkpoint(Checkpoint.open(stories_dir)).encode("Once upon a time"), dtype=torch.int64)
-        remote = client.forward("packaging-test", part_ref(Checkpoint.open(stories_dir).fingerprint, whole), 0, 0, prompt)
+        remote = client.forward("packaging-test", offered.ref, 0, 0, prompt)
         local_part = load_part(Checkpoint.open(stories_dir), whole, device="cpu")
         local = local_part.forward(prompt, 0, local_part.new_cache(32))
         # a head stage returns the logits of the last position only

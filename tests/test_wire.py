@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from cakep2p import wire
 from cakep2p.wire import codec
 
-PART = wire.PartRef(model_fingerprint="0123456789abcdef" * 2, start=2, end=5, has_embedding=False, has_head=True)
+PART = wire.PartRef(model_fingerprint="0123456789abcdef" * 2, digest="cd" * 32, start=2, end=5, has_embedding=False,
+                    has_head=True)
 
 
 def fuzz(examples: int) -> settings:
@@ -24,12 +25,12 @@ def sample_messages() -> list[wire.Message]:
         wire.Ping(request_id=1),
         wire.Pong(request_id=2, node_id="node-1", name="kitchen laptop", loaded_parts=(PART, PART),
                   free_budget=123456789, sessions=1, max_sessions=8),
-        wire.LoadPart(request_id=3, part=PART, model_name="stories260K", dtype="bfloat16", max_seq_len=2048,
-                      source="transfer", config_json='{"hidden_size": 64}'),
+        wire.LoadPart(request_id=3, part=PART, model_name="stories260K", dtype="bfloat16", weights="int4",
+                      weight_bytes=123456, max_seq_len=2048, source="transfer", config_json='{"hidden_size": 64}'),
         wire.LoadReply(request_id=4, status="ready", source="cache", dtype="bfloat16"),
         wire.TensorChunk(request_id=5, part=PART, name="model.layers.2.mlp.up_proj.weight", dtype="bfloat16",
                          shape=(4, 8), offset=16, total=64, data=bytes(range(32))),
-        wire.TransferEnd(request_id=6, part=PART, sha256="ab" * 32, tensor_count=27),
+        wire.TransferEnd(request_id=6, part=PART, tensor_count=27),
         wire.Ack(request_id=7),
         wire.Forward(request_id=8, session_id="s-1", part=PART, step=3, start_pos=5, positions=2,
                      tensor=torch.randn(2, 64).to(torch.bfloat16)),
@@ -79,7 +80,7 @@ def test_tensor_travels_as_its_own_raw_frame():
     assert len(frames) == 2
     assert bytes(memoryview(frames[1])) == tensor.numpy().tobytes()
     header = msgpack.unpackb(frames[0])
-    assert header["dtype"] == "float32" and header["shape"] == [3, 2] and header["protocol_version"] == 1
+    assert header["dtype"] == "float32" and header["shape"] == [3, 2] and header["protocol_version"] == wire.PROTOCOL_VERSION
 
 
 def test_decode_accepts_zmq_frames():
@@ -96,12 +97,14 @@ def test_decode_accepts_zmq_frames():
     lambda: wire.Error(code="internal", message="two\nlines"),
     lambda: wire.Ping(request_id=-1),
     lambda: wire.Ping(request_id=True),
-    lambda: wire.Unload(part=wire.PartRef(model_fingerprint="XYZ", start=0, end=1, has_embedding=True,
+    lambda: wire.Unload(part=wire.PartRef(model_fingerprint="XYZ", digest="cd" * 32, start=0, end=1, has_embedding=True,
                                           has_head=False)),
-    lambda: wire.Unload(part=wire.PartRef(model_fingerprint="ab" * 8, start=3, end=1, has_embedding=True,
+    lambda: wire.Unload(part=wire.PartRef(model_fingerprint="ab" * 8, digest="cd" * 32, start=3, end=1, has_embedding=True,
                                           has_head=False)),
-    lambda: wire.LoadPart(part=PART, model_name="m", max_seq_len=0),
-    lambda: wire.LoadPart(part=PART, model_name="m", max_seq_len=16, source="transfer"),
+    lambda: wire.LoadPart(part=PART, model_name="m", weights="int4", weight_bytes=1, max_seq_len=0),
+    lambda: wire.LoadPart(part=PART, model_name="m", weights="int4", weight_bytes=1, max_seq_len=16,
+                          source="transfer"),
+    lambda: wire.LoadPart(part=PART, model_name="m", weights="int3", weight_bytes=1, max_seq_len=16),
     lambda: wire.Forward(session_id="s", part=PART, step=0, start_pos=0, positions=2, tensor=torch.zeros(3, 4)),
     lambda: wire.Forward(session_id="s", part=PART, step=0, start_pos=0, positions=1,
                          tensor=torch.zeros(1, 4, dtype=torch.float64)),
@@ -121,7 +124,7 @@ def test_package_protocol_version_is_the_wires():
 
 
 def test_other_protocol_version_is_refused_with_its_own_code():
-    header = msgpack.packb({"type": "ping", "request_id": 7, "protocol_version": 2})
+    header = msgpack.packb({"type": "ping", "request_id": 7, "protocol_version": wire.PROTOCOL_VERSION + 1})
     with pytest.raises(wire.WireError) as caught:
         wire.decode([header])
     assert caught.value.code == "unsupported_version"
@@ -129,7 +132,7 @@ def test_other_protocol_version_is_refused_with_its_own_code():
 
 
 def test_decode_error_carries_the_request_id_for_the_reply():
-    header = msgpack.packb({"type": "end_session", "request_id": 42, "protocol_version": 1, "session_id": "a b"})
+    header = msgpack.packb({"type": "end_session", "request_id": 42, "protocol_version": wire.PROTOCOL_VERSION, "session_id": "a b"})
     with pytest.raises(wire.WireError) as caught:
         wire.decode([header])
     assert caught.value.request_id == 42 and caught.value.code == "bad_request"

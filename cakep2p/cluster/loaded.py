@@ -78,14 +78,15 @@ class LocalModel:
         self.args = checkpoint.args
         self.tokenizer = Tokenizer.from_checkpoint(checkpoint)
         self.max_seq_len = context_length(self.args, options.context)
-        self.part = load_part(checkpoint, whole_model(self.args), dtype=options.dtype, device=options.device)
+        self.part = load_part(checkpoint, whole_model(self.args), dtype=options.dtype, device=options.device,
+                              weights=options.weights)
 
     def new_pipeline(self) -> Pipeline:
         return LocalPipeline([self.part], self.max_seq_len)
 
     def describe(self) -> dict:
         return {"name": self.name, "layers": self.args.num_layers, "dtype": name_of(self.part.dtype),
-                "context": self.max_seq_len,
+                "weights": self.part.weight_format, "kernel": self.part.kernel, "context": self.max_seq_len,
                 "stages": [{"node": "local", "name": self.node.name if self.node else "this machine", "start": 0,
                             "end": self.args.num_layers, "bytes": self.part.weight_bytes}]}
 

@@ -48,7 +48,7 @@ class Planning:
         if node.capacity is None:
             raise CakeError(f"node {node.name} is not running: start() it before planning a model over the cluster")
         self.node, self.options = node, options
-        self.spec = model_spec(checkpoint, options.dtype)
+        self.spec = model_spec(checkpoint, options.dtype, options.weights)
         self.context = context_length(checkpoint.args, options.context)
 
     def peers(self, exclude: set[str] = frozenset()) -> dict[str, PeerInfo]:
@@ -120,7 +120,7 @@ def check_fits_locally(checkpoint: Checkpoint, options: ModelOptions) -> None:
         capacity = replace(capacity, accelerator="cpu")
     this_machine = planner.NodeBudget("local", "this machine", offered_memory(capacity, options.max_memory))
     try:
-        planner.plan(model_spec(checkpoint, options.dtype), [this_machine], "local",
+        planner.plan(model_spec(checkpoint, options.dtype, options.weights), [this_machine], "local",
                      context_length(checkpoint.args, options.context))
     except ValueError as error:  # planner.DoesNotFit names the model, the need and the offer
         raise PlanError(f"--local: {error}") from None

@@ -14,11 +14,13 @@ from cakep2p.cluster.planning import Planning, PlannedModel
 from cakep2p.discovery import PeerInfo
 from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.dtypes import name_of
-from cakep2p.engine.loading import load_part, resolve_dtype
+from cakep2p.engine.formats import resolve_format
+from cakep2p.engine.loading import load_part
 from cakep2p.engine.model import ModelPart
 from cakep2p.engine.tokenizer import Tokenizer
 from cakep2p.errors import MeshError, PlanError
-from cakep2p.mesh import PipelineStage, RemotePipeline, RemoteStage, StageClient, StageRefused, part_ref, stages_for_plan
+from cakep2p.mesh import PipelineStage, RemotePipeline, RemoteStage, StageClient, StageRefused, stages_for_plan
+from cakep2p.mesh.transfer import PartOffer
 from cakep2p.node import Node
 from cakep2p.planner import LayerRange
 
@@ -41,6 +43,7 @@ class ClusterModel:
         self.tokenizer = Tokenizer.from_checkpoint(checkpoint)
         options: ModelOptions = planning.options
         self.max_seq_len, self.dtype, self.device = planned.context, options.dtype, options.device
+        self.weights = resolve_format(checkpoint, options.weights, options.dtype)
         self.on_progress, self.on_notice = on_progress, on_notice
         self.notices: list[str] = []
         self._planning = planning
@@ -62,7 +65,8 @@ class ClusterModel:
 
     def _local_part(self, layers: LayerRange) -> ModelPart:
         if layers not in self._local_parts:
-            self._local_parts[layers] = load_part(self.checkpoint, layers, dtype=self.dtype, device=self.device)
+            self._local_parts[layers] = load_part(self.checkpoint, layers, dtype=self.dtype, device=self.device,
+                                                  weights=self.weights)
         return self._local_parts[layers]
 
     def _stages(self) -> list[PipelineStage]:
@@ -78,8 +82,9 @@ class ClusterModel:
         stages = self._stages()
         for attempt in range(2):
             try:
-                return RemotePipeline(stages, self.checkpoint, self.max_seq_len, self.node.keys, dtype=self.dtype,
-                                      heartbeat_s=HEARTBEAT_S, on_progress=self.on_progress, on_lost=self._on_lost)
+                return RemotePipeline(stages, self.checkpoint, self.max_seq_len, self.node.keys, weights=self.weights,
+                                      dtype=self.dtype, heartbeat_s=HEARTBEAT_S, on_progress=self.on_progress,
+                                      on_lost=self._on_lost)
             except StageRefused:
                 raise
             except MeshError as error:  # a peer died between planning and loading: re-plan once
@@ -133,8 +138,10 @@ class ClusterModel:
                            "end": stage.layers.end, "bytes": stage.bytes, "holds_embedding": stage.layers.has_embedding,
                            "holds_head": stage.layers.has_head, "address": peer.address if peer else "local",
                            "port": peer.port if peer else self.node.port})
-        dtype = name_of(resolve_dtype(self.dtype, self.args))
-        return {"name": self.name, "layers": self.args.num_layers, "dtype": dtype, "context": self.max_seq_len,
+        local = next(iter(self._local_parts.values()), None)
+        dtype = name_of(local.dtype) if local is not None else self.dtype
+        return {"name": self.name, "layers": self.args.num_layers, "dtype": dtype, "weights": self.weights,
+                "kernel": local.kernel if local is not None else "", "context": self.max_seq_len,
                 "strategy": self.plan.strategy, "stages": stages}
 
     def close(self) -> None:
@@ -156,7 +163,8 @@ class ClusterModel:
                 continue
             client = StageClient(address, port, self.node.keys, heartbeat_s=0.5, timeout_s=5.0)
             try:
-                client.request(wire.Unload(part=part_ref(self.checkpoint.fingerprint, layers)), timeout_s=5.0)
+                client.request(wire.Unload(part=PartOffer.of(self.checkpoint, layers, self.weights).ref),
+                               timeout_s=5.0)
             except MeshError as error:  # gone or already unloaded: nothing more to free there
                 log.info("could not unload %s on %s:%d: %s", layers.describe(), address, port, error)
             finally:

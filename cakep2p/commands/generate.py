@@ -111,15 +111,23 @@ def cluster_report(model: "LoadedModel", pipeline: "LocalPipeline | RemotePipeli
         stages.append({**where, "start": stage.layers.start, "end": stage.layers.end,
                        "embedding": stage.layers.has_embedding, "head": stage.layers.has_head,
                        "source": source, "seconds": round(seconds, 6)})
+    described = model.describe()
     return {"plan": model.plan.to_json() if model.plan is not None else None, "stages": stages,
             "stage_seconds": [round(seconds, 6) for seconds in stage_seconds], "load_sources": sources,
-            "notices": list(model.notices)}
+            "weights": described.get("weights", ""), "kernel": described.get("kernel", ""),
+            "dtype": described.get("dtype", ""), "notices": list(model.notices)}
 
 
 def where_it_ran(model: "LoadedModel") -> str:
-    """`1 node` or `3 nodes`: how many machines held layers of this answer."""
+    """`1 node · int4 weights, int4pack+dequant-bf16 (AVX2)`: how many machines held layers of this answer, and
+    in which weight format and kernel."""
     count = len([stage for stage in model.plan.stages if stage.layers.num_layers]) if model.plan is not None else 1
-    return f"{max(count, 1)} node{'' if count <= 1 else 's'}"
+    described = model.describe()
+    nodes = f"{max(count, 1)} node{'' if count <= 1 else 's'}"
+    if not described.get("weights"):
+        return nodes
+    kernel = f", {described['kernel']}" if described.get("kernel") else ""
+    return f"{nodes} · {described['weights']} weights{kernel}"
 
 
 def report(reply: "Reply", model: "LoadedModel") -> None:

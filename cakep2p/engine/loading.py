@@ -1,5 +1,5 @@
 """Filling a ModelPart: which checkpoint tensors (Hugging Face names) a layer range needs, with their shapes, and
-copying exactly those into the part's fused weights, one tensor at a time."""
+putting exactly those, in the weight format, into the part's fused matrices in their kernels' layouts."""
 
 from __future__ import annotations
 
@@ -10,14 +10,17 @@ import torch
 from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.config import ModelArgs
 from cakep2p.engine.dtypes import float_dtype
-from cakep2p.engine.model import DecoderLayer, ModelPart, has_o_bias, pack_for_cpu
+from cakep2p.engine.formats import FLOAT_FORMATS, Weight, assemble, convert, quantized_bits, resolve_format
+from cakep2p.engine.kernels import has_bf16_hardware, kernel_name, prepare
+from cakep2p.engine.model import DecoderLayer, ModelPart, has_o_bias
+from cakep2p.engine.quant import QuantizedWeight
 from cakep2p.errors import ModelError
 from cakep2p.planner import LayerRange
 
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
-Fill = Callable[[str, torch.Tensor], None]  # copies the named checkpoint tensor into the given destination
+WeightOf = Callable[[str], Weight]  # the named checkpoint tensor, as a float tensor or a QuantizedWeight
 
 
 def resolve_dtype(dtype: str | torch.dtype, args: ModelArgs) -> torch.dtype:
@@ -106,71 +109,107 @@ def check_tensors(source: str, args: ModelArgs, layers: LayerRange,
 
 
 def load_part(checkpoint: Checkpoint, layers: LayerRange, dtype: str | torch.dtype = "auto",
-              device: str | torch.device = "auto") -> ModelPart:
-    """Only this range's tensors, read from the checkpoint one at a time into the part's fused weights."""
+              device: str | torch.device = "auto", weights: str = "auto") -> ModelPart:
+    """Only this range's tensors, read from the checkpoint one at a time, converted to the weight format and filled
+    into the part's fused matrices."""
     args = checkpoint.args
     check_range(args, layers)
     check_tensors(str(checkpoint.path), args, layers, {name: info.shape for name, info in checkpoint.tensors.items()})
-    part = ModelPart(args, layers, resolve_dtype(dtype, args), resolve_device(device))
-
-    def fill(name: str, destination: torch.Tensor) -> None:
-        if destination.device.type == "cpu":
-            checkpoint.load(name, part.dtype, out=destination)
-        else:
-            destination.copy_(checkpoint.load(name, part.dtype))
-
-    _fill_part(part, fill)
-    return part
+    format_name = resolve_format(checkpoint, weights, dtype if isinstance(dtype, str) else "auto")
+    return build_part(args, layers, format_name, lambda name: convert(checkpoint, name, format_name), dtype, device)
 
 
-def part_from_tensors(args: ModelArgs, layers: LayerRange, tensors: Mapping[str, torch.Tensor],
+def part_from_tensors(args: ModelArgs, layers: LayerRange, format_name: str, tensors: Mapping[str, torch.Tensor],
                       dtype: str | torch.dtype = "auto", device: str | torch.device = "auto") -> ModelPart:
-    """A part from tensors with HF names (received from a peer, or read from the parts cache on demand)."""
+    """A part from its served tensors (received from a peer, or read from the parts cache on demand)."""
     check_range(args, layers)
-    check_tensors("the given tensors", args, layers, {name: tuple(tensor.shape) for name, tensor in tensors.items()})
-    part = ModelPart(args, layers, resolve_dtype(dtype, args), resolve_device(device))
-    _fill_part(part, lambda name, destination: destination.copy_(tensors[name]))
+    names = part_tensor_names(args, layers)
+    weights = dict(assemble(tensors, names))
+    shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
+    check_tensors("the given tensors", args, layers, shapes)
+    return build_part(args, layers, format_name, weights.__getitem__, dtype, device)
+
+
+def build_part(args: ModelArgs, layers: LayerRange, format_name: str, weight_of: WeightOf,
+               dtype: str | torch.dtype = "auto", device: str | torch.device = "auto") -> ModelPart:
+    """Fill a part from `weight_of(checkpoint name)`, a float tensor or a QuantizedWeight, into its kernels'
+    layouts. The compute dtype `auto` is the format's float type, and float32 for quantized formats or for 16-bit
+    weights on a CPU without bf16 hardware (its fp16 and dequantizing kernels take fp32 in and out)."""
+    torch_device = resolve_device(device)
+    compute = compute_dtype(format_name, dtype, args, torch_device)
+    part = ModelPart(args, layers, compute, torch_device)
+    part.weight_format = format_name
+    part.kernel = kernel_name(compute, quantized_bits(format_name) or (4 if format_name == "gguf" else None),
+                              torch_device)
+    with torch.no_grad():
+        _fill_part(part, weight_of)
     return part
 
 
-def _fill_part(part: ModelPart, fill: Fill) -> None:
-    with torch.no_grad():
-        if part.embedding is not None:
-            fill(EMBEDDING, part.embedding)
-        for offset, block in enumerate(part.blocks):
-            _fill_layer(block, f"model.layers.{part.layers.start + offset}.", fill)
-        if part.final_norm is not None:
-            fill(FINAL_NORM, part.final_norm)
-        if part.lm_head is not None and part.lm_head is not part.embedding:
-            fill(LM_HEAD, part.lm_head)
-            part.lm_head = pack_for_cpu(part.lm_head)
+def compute_dtype(format_name: str, dtype: str | torch.dtype, args: ModelArgs, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return resolve_dtype(dtype, args)
+    if format_name in FLOAT_FORMATS:
+        chosen = FLOAT_FORMATS[format_name]
+        if chosen != torch.float32 and device.type == "cpu" and not has_bf16_hardware():
+            return torch.float32
+        return chosen
+    return torch.bfloat16 if device.type != "cpu" else torch.float32
 
 
-def _fill_layer(layer: DecoderLayer, prefix: str, fill: Fill) -> None:
-    """Copy one layer's checkpoint tensors straight into its fused weights, packing each big one at once."""
-    q, kv, inter = layer.q_size, layer.kv_size, layer.args.intermediate_size
-    fill(prefix + "input_layernorm.weight", layer.input_norm)
-    fill(prefix + "post_attention_layernorm.weight", layer.post_norm)
-    if layer.qkv_bias is not None:
-        fill(prefix + "self_attn.q_proj.bias", layer.qkv_bias[:q])
-        fill(prefix + "self_attn.k_proj.bias", layer.qkv_bias[q:q + kv])
-        fill(prefix + "self_attn.v_proj.bias", layer.qkv_bias[q + kv:])
-    if layer.q_norm is not None:
-        fill(prefix + "self_attn.q_norm.weight", layer.q_norm)
-        fill(prefix + "self_attn.k_norm.weight", layer.k_norm)
-    if layer.o_bias is not None:
-        fill(prefix + "self_attn.o_proj.bias", layer.o_bias)
-    fill(prefix + "self_attn.q_proj.weight", layer.qkv[:q])
-    fill(prefix + "self_attn.k_proj.weight", layer.qkv[q:q + kv])
-    fill(prefix + "self_attn.v_proj.weight", layer.qkv[q + kv:])
-    layer.qkv = pack_for_cpu(layer.qkv)
-    fill(prefix + "self_attn.o_proj.weight", layer.o_proj)
-    layer.o_proj = pack_for_cpu(layer.o_proj)
-    fill(prefix + "mlp.gate_proj.weight", layer.gate_up[:inter])
-    fill(prefix + "mlp.up_proj.weight", layer.gate_up[inter:])
-    layer.gate_up = pack_for_cpu(layer.gate_up)
-    fill(prefix + "mlp.down_proj.weight", layer.down)
-    layer.down = pack_for_cpu(layer.down)
+def _fill_part(part: ModelPart, weight_of: WeightOf) -> None:
+    compute, device = part.dtype, part.device
+
+    def vector(name: str) -> torch.Tensor:
+        return weight_of(name).to(device=device, dtype=compute)
+
+    needs_embedding = part.layers.has_embedding or (part.layers.has_head and part.args.tie_word_embeddings)
+    if needs_embedding:
+        embedding = weight_of(EMBEDDING)
+        part.embedding = embedding if isinstance(embedding, QuantizedWeight) and device.type == "cpu" \
+            else _dense(embedding, compute, device)
+    for offset, block in enumerate(part.blocks):
+        _fill_layer(block, f"model.layers.{part.layers.start + offset}.", weight_of, vector, compute, device)
+    if part.layers.has_head:
+        part.final_norm = vector(FINAL_NORM)
+        tied_dense = part.args.tie_word_embeddings and isinstance(part.embedding, torch.Tensor)
+        head = part.embedding if part.args.tie_word_embeddings else weight_of(LM_HEAD)
+        part.lm_head = part.embedding if tied_dense else prepare(head, compute, device)  # tied: one copy
+        if not part.layers.has_embedding:
+            part.embedding = None  # a tied head keeps only its own layout
+
+
+def _dense(weight: Weight, compute: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(weight, QuantizedWeight):
+        return weight.dequantize(compute).to(device)
+    return weight.to(device=device, dtype=compute)
+
+
+def _stacked(weights: list[Weight]) -> Weight:
+    if isinstance(weights[0], QuantizedWeight):
+        return QuantizedWeight.concat(weights)
+    return torch.cat([weight.to(weights[0].dtype) for weight in weights])
+
+
+def _fill_layer(layer: DecoderLayer, prefix: str, weight_of: WeightOf, vector: Callable[[str], torch.Tensor],
+                compute: torch.dtype, device: torch.device) -> None:
+    """One layer's checkpoint tensors into its fused matrices (q/k/v and gate/up stacked by rows)."""
+    def matrix(*names: str):
+        return prepare(_stacked([weight_of(prefix + name) for name in names]), compute, device)
+
+    layer.input_norm = vector(prefix + "input_layernorm.weight")
+    layer.post_norm = vector(prefix + "post_attention_layernorm.weight")
+    if layer.args.attention_bias:
+        layer.qkv_bias = torch.cat([vector(prefix + f"self_attn.{x}_proj.bias") for x in "qkv"])
+    if layer.args.qk_norm:
+        layer.q_norm = vector(prefix + "self_attn.q_norm.weight")
+        layer.k_norm = vector(prefix + "self_attn.k_norm.weight")
+    if has_o_bias(layer.args):
+        layer.o_bias = vector(prefix + "self_attn.o_proj.bias")
+    layer.qkv = matrix("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+    layer.o_proj = matrix("self_attn.o_proj.weight")
+    layer.gate_up = matrix("mlp.gate_proj.weight", "mlp.up_proj.weight")
+    layer.down = matrix("mlp.down_proj.weight")
 
 
 def check_complete(checkpoint: Checkpoint) -> None:

@@ -1,55 +1,28 @@
 """The whole forward pass of a model part, in one file: RMSNorm, rotary attention with fused QKV over a preallocated
 KV cache, the fused gate/up MLP, and a ModelPart that runs the embedding, its layers and the head in order.
 
-Weights are plain tensors (not Parameters: this engine only runs inference), allocated here and filled by
-cakep2p/engine/loading.py.
+The matrices are whatever their kernel wants (engine/kernels.py: dense, oneDNN-packed, fp16, int8, int4) and are
+filled in by cakep2p/engine/loading.py; this file only computes.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 
 from cakep2p.engine.config import ModelArgs
+from cakep2p.engine.kernels import PreparedLinear, linear
 from cakep2p.engine.kvcache import KVCache
+from cakep2p.engine.quant import QuantizedWeight
 from cakep2p.engine.rope import apply_rope, rope_tables
 from cakep2p.planner import LayerRange
 
-PACK_MIN_ELEMENTS = {torch.float32: 2**20, torch.bfloat16: 2**16}  # measured break-even, one thread
+Matrix = torch.Tensor | PreparedLinear
 
 
 def has_o_bias(args: ModelArgs) -> bool:
     """Llama/Qwen3 attention_bias also biases o_proj; Qwen2 biases only q, k and v."""
     return args.attention_bias and args.architecture != "Qwen2ForCausalLM"
-
-
-def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised weight storage."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's blocked layout for a CPU linear weight (~1.4x faster matrix-vector products); else unchanged.
-
-    CAKEP2P_PACK=0 turns it off. The dense tensor is dropped by the caller, so memory does not double.
-    """
-    worth_it = weight.numel() >= PACK_MIN_ELEMENTS.get(weight.dtype, 2**62)  # small ones: call overhead wins
-    if (weight.device.type != "cpu" or not worth_it or os.environ.get("CAKEP2P_PACK", "1") == "0"
-            or not torch.backends.mkldnn.is_available()):
-        return weight
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-    except (RuntimeError, AttributeError):
-        return weight
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, or oneDNN's linear for a weight packed by `pack_for_cpu`."""
-    if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -74,21 +47,20 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 class DecoderLayer(torch.nn.Module):
     """One transformer block with fused QKV and fused gate/up projections."""
 
-    def __init__(self, args: ModelArgs, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        hidden, q_size, kv_size = args.hidden_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.args = args
-        self.q_size, self.kv_size = q_size, kv_size
-        self.input_norm = empty((hidden,), dtype, device)
-        self.qkv = empty((q_size + 2 * kv_size, hidden), dtype, device)
-        self.qkv_bias = empty((q_size + 2 * kv_size,), dtype, device) if args.attention_bias else None
-        self.q_norm = empty((args.head_dim,), dtype, device) if args.qk_norm else None
-        self.k_norm = empty((args.head_dim,), dtype, device) if args.qk_norm else None
-        self.o_proj = empty((hidden, q_size), dtype, device)
-        self.o_bias = empty((hidden,), dtype, device) if has_o_bias(args) else None
-        self.post_norm = empty((hidden,), dtype, device)
-        self.gate_up = empty((2 * args.intermediate_size, hidden), dtype, device)
-        self.down = empty((hidden, args.intermediate_size), dtype, device)
+        self.q_size, self.kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.input_norm: torch.Tensor | None = None
+        self.post_norm: torch.Tensor | None = None
+        self.qkv: Matrix | None = None            # q, k and v stacked by rows
+        self.qkv_bias: torch.Tensor | None = None
+        self.q_norm: torch.Tensor | None = None   # Qwen3
+        self.k_norm: torch.Tensor | None = None
+        self.o_proj: Matrix | None = None
+        self.o_bias: torch.Tensor | None = None
+        self.gate_up: Matrix | None = None        # gate and up stacked by rows
+        self.down: Matrix | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor, start_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -126,29 +98,27 @@ class ModelPart(torch.nn.Module):
     def __init__(self, args: ModelArgs, layers: LayerRange, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.args, self.layers, self.dtype, self.device = args, layers, dtype, device
-        needs_embedding = layers.has_embedding or (layers.has_head and args.tie_word_embeddings)
-        self.embedding = empty((args.vocab_size, args.hidden_size), dtype, device) if needs_embedding else None
-        self.blocks = torch.nn.ModuleList(DecoderLayer(args, dtype, device) for _ in range(layers.num_layers))
-        self.final_norm = empty((args.hidden_size,), dtype, device) if layers.has_head else None
-        self.lm_head = None
-        if layers.has_head:
-            self.lm_head = self.embedding if args.tie_word_embeddings else empty(
-                (args.vocab_size, args.hidden_size), dtype, device)
+        self.blocks = torch.nn.ModuleList(DecoderLayer(args) for _ in range(layers.num_layers))
+        self.embedding: torch.Tensor | QuantizedWeight | None = None   # also what a tied head is made from
+        self.final_norm: torch.Tensor | None = None
+        self.lm_head: Matrix | None = None
+        self.weight_format = ""     # the format its weights came in (engine/formats.py)
+        self.kernel = ""            # what runs its matrices (engine/kernels.py kernel_name)
         self._rope_length = 0
         self._cos = self._sin = torch.empty(0)
 
     def weight_tensors(self) -> list[torch.Tensor]:
-        """Every weight this part holds (a tied head counted once)."""
-        found: dict[int, torch.Tensor] = {}
+        """Every tensor this part's weights keep alive, each once (a tied head shares the embedding)."""
+        seen: dict[int, torch.Tensor] = {}
         for holder in [self, *self.blocks]:
             for key, value in vars(holder).items():
-                if isinstance(value, torch.Tensor) and not key.startswith("_"):
-                    found[id(value)] = value
-        return list(found.values())
+                if not key.startswith("_"):
+                    seen.update((id(tensor), tensor) for tensor in _storages(value))
+        return list(seen.values())
 
     @property
     def weight_bytes(self) -> int:
-        return sum(tensor.numel() * tensor.element_size() for tensor in self.weight_tensors())
+        return sum(_tensor_bytes(tensor) for tensor in self.weight_tensors())
 
     def new_cache(self, max_seq_len: int) -> KVCache:
         """A preallocated cache for this part's layers, and rope tables long enough for it."""
@@ -168,8 +138,10 @@ class ModelPart(torch.nn.Module):
         end = start_pos + length
         if end > cache.max_seq_len:
             raise ValueError(f"positions up to {end} exceed the cache's max_seq_len {cache.max_seq_len}")
-        x = F.embedding(inputs.to(self.device), self.embedding) if self.layers.has_embedding else inputs.to(
-            device=self.device, dtype=self.dtype)
+        if self.layers.has_embedding:
+            x = self._embed(inputs.to(self.device))
+        else:
+            x = inputs.to(device=self.device, dtype=self.dtype)
         if self.blocks:
             cos = self._cos[start_pos:end].unsqueeze(1)
             sin = self._sin[start_pos:end].unsqueeze(1)
@@ -182,6 +154,11 @@ class ModelPart(torch.nn.Module):
             x = x[-1:]
         return linear(rms_norm(x, self.final_norm, self.args.rms_norm_eps), self.lm_head).float()
 
+    def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embedding, QuantizedWeight):
+            return self.embedding.rows(token_ids).to(self.dtype)
+        return F.embedding(token_ids, self.embedding)
+
     def _attention_mask(self, start_pos: int, length: int) -> torch.Tensor | None:
         """Causal (and sliding-window) mask [T, start_pos + T]; None for a single token (it sees everything)."""
         if length == 1:
@@ -192,3 +169,25 @@ class ModelPart(torch.nn.Module):
         if self.args.sliding_window is not None:
             allowed &= key > query - self.args.sliding_window
         return allowed
+
+
+def _storages(value: object) -> list[torch.Tensor]:
+    """The tensors a weight attribute keeps alive."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, QuantizedWeight):
+        return [tensor for tensor in (value.codes, value.scales, value.mins) if tensor is not None]
+    if isinstance(value, PreparedLinear):
+        tensors = [value.weight] if isinstance(value.weight, torch.Tensor) else []
+        if value.scales is not None:
+            tensors.append(value.scales)
+        if value.source is not None:  # the canonical weight serves prompts and lookups
+            tensors += _storages(value.source)
+        return tensors
+    return []
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    if tensor.is_mkldnn:
+        return tensor.numel() * tensor.element_size()
+    return tensor.untyped_storage().nbytes()

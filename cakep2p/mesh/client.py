@@ -33,9 +33,9 @@ class StageRefused(MeshError):
         self.code = code
 
 
-def part_ref(fingerprint: str, layers: LayerRange) -> wire.PartRef:
-    """The wire's name for a layer range of the model with this fingerprint."""
-    return wire.PartRef(model_fingerprint=fingerprint, start=layers.start, end=layers.end,
+def part_ref(fingerprint: str, digest: str, layers: LayerRange) -> wire.PartRef:
+    """The wire's name for a layer range of the model with this fingerprint, whose weights have this digest."""
+    return wire.PartRef(model_fingerprint=fingerprint, digest=digest, start=layers.start, end=layers.end,
                         has_embedding=layers.has_embedding, has_head=layers.has_head)
 
 

@@ -16,10 +16,10 @@ from typing import Awaitable, Callable, Sequence
 
 from cakep2p import wire
 from cakep2p.engine.config import ModelArgs
+from cakep2p.engine.digests import part_identity
 from cakep2p.engine.dtypes import name_of
-from cakep2p.engine.loading import load_part, part_from_tensors, part_tensor_names, resolve_dtype
+from cakep2p.engine.loading import check_range, load_part, part_from_tensors, part_tensor_names
 from cakep2p.engine.model import ModelPart
-from cakep2p.engine.sizes import weight_bytes
 from cakep2p.mesh.client import layer_range
 from cakep2p.mesh.parts_cache import find_model_dir, read_cached_part
 from cakep2p.mesh.transfer import Transfer, TransferRejected, accept_chunk, store_transfer
@@ -101,11 +101,11 @@ class PartStore:
                 raise Refusal("not_found", f"this node has no copy of model {request.model_name} "
                                            f"({ref.model_fingerprint}); send it with source 'transfer'")
             args = _args_from_json(request.config_json)
-            layers = layer_range(ref)
-            reserved = weight_bytes(args, layers, resolve_dtype(request.dtype, args))
+            check_range(args, layer_range(ref))
+            reserved = request.weight_bytes
             with self._reservation(reserved):  # handed over to the transfer, which counts it until it ends
-                self.transfers[ref] = Transfer(peer, request, args, part_tensor_names(args, layers), reserved,
-                                               spool_dir=self.parts_dir)
+                self.transfers[ref] = Transfer(peer, request, args, part_tensor_names(args, layer_range(ref)),
+                                               reserved, spool_dir=self.parts_dir)
             transfer_follows = True
             return wire.LoadReply(request_id=request.request_id, status="send")
         finally:
@@ -113,22 +113,28 @@ class PartStore:
                 self._end_pending(ref)
 
     async def _load_own_copy(self, request: wire.LoadPart) -> str | None:
-        """Load from the parts cache or a models dir; the source name, or None if this node has no copy."""
+        """Load from the parts cache or a models dir, only a copy whose content digest is the part's name; the
+        source name, or None if this node has no such copy."""
         ref, layers = request.part, layer_range(request.part)
         cached = await self._compute(read_cached_part, ref, self.parts_dir)
         if cached is not None:
-            config_json, tensors = cached
+            config_json, weights, tensors = cached
             args = _args_from_json(config_json)
-            with self._reservation(weight_bytes(args, layers, resolve_dtype(request.dtype, args))):
-                model = await self._compute(part_from_tensors, args, layers, tensors, request.dtype, self.device)
+            with self._reservation(request.weight_bytes):
+                model = await self._compute(part_from_tensors, args, layers, weights, tensors, request.dtype,
+                                            self.device)
                 self._register(request, model, "cache")
             return "cache"
         checkpoint = await self._compute(find_model_dir, self.models_dirs, ref.model_fingerprint)
         if checkpoint is None:
             return None
-        args = checkpoint.args
-        with self._reservation(weight_bytes(args, layers, resolve_dtype(request.dtype, args))):
-            model = await self._compute(load_part, checkpoint, layers, request.dtype, self.device)
+        check_range(checkpoint.args, layers)
+        identity = await self._compute(part_identity, checkpoint, layers, request.weights)
+        if identity.digest != ref.digest:
+            log.info("this node's copy of %s has other weights than asked for; it will be sent", request.model_name)
+            return None
+        with self._reservation(identity.nbytes):
+            model = await self._compute(load_part, checkpoint, layers, request.dtype, self.device, request.weights)
             self._register(request, model, "models_dir")
         return "models_dir"
 
@@ -146,8 +152,7 @@ class PartStore:
             self._reserved_bytes -= nbytes
 
     def _register(self, request: wire.LoadPart, model: ModelPart, source: str) -> None:
-        nbytes = weight_bytes(model.args, model.layers, model.dtype)
-        self.parts[request.part] = LoadedPart(model, request.max_seq_len, nbytes, source)
+        self.parts[request.part] = LoadedPart(model, request.max_seq_len, model.weight_bytes, source)
         log.info("loaded %s of %s from %s", model.layers.describe(), request.model_name, source)
 
     def _end_pending(self, ref: wire.PartRef) -> None:
@@ -189,20 +194,21 @@ class PartStore:
             raise Refusal("transfer_failed", "transfer_end: no transfer of that part in progress from you")
         transfer.last_used = float("inf")  # being built: neither stalled nor abandoned
         try:  # the transfer keeps its memory reservation until the part is registered
-            if transfer.complete_tensors != len(transfer.names) or end.tensor_count != len(transfer.names):
-                raise Refusal("transfer_failed", f"transfer_end after {transfer.complete_tensors} of "
-                                                 f"{len(transfer.names)} tensors")
-            if transfer.digest.hexdigest() != end.sha256:
-                raise Refusal("transfer_failed", "transfer_end: sha256 of the received tensors does not match")
+            if not transfer.covers_every_tensor() or end.tensor_count != len(transfer.entries):
+                raise Refusal("transfer_failed", f"transfer_end after {len(transfer.entries)} tensors, which do not "
+                                                 f"make the part's {len(transfer.names)}")
+            if transfer.content_digest() != end.part.digest:
+                raise Refusal("transfer_failed", "transfer_end: the received tensors are not the part's content "
+                                                 "(their digest differs from its name)")
             request = transfer.request
-            await self._compute(store_transfer, transfer, end.sha256, self.parts_dir)
+            await self._compute(store_transfer, transfer, self.parts_dir)
             transfer.close()
             # built from the file, one tensor at a time: the part is in memory once, never twice
             cached = await self._compute(read_cached_part, end.part, self.parts_dir)
             if cached is None:
                 raise Refusal("transfer_failed", "transfer_end: the received part could not be stored; retry")
-            model = await self._compute(part_from_tensors, transfer.args, layer_range(end.part), cached[1],
-                                        request.dtype, self.device)
+            model = await self._compute(part_from_tensors, transfer.args, layer_range(end.part), request.weights,
+                                        cached[2], request.dtype, self.device)
             self.transfers.pop(end.part, None)
             self._register(request, model, "transfer")
         finally:

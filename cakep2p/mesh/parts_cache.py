@@ -1,6 +1,6 @@
-"""The parts cache: model parts a stage received from peers, kept as safetensors files with their config and
-checksum in the metadata, verified on every read and never trusted when damaged; and finding a stage's own copy of
-a model in its models dirs."""
+"""The parts cache: model parts a stage received from peers, kept as safetensors files named by their content
+digest, with their config and weight format in the metadata; every read checks the content against the name, so
+a damaged or foreign file is never used. And finding a stage's own copy of a model in its models dirs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import torch
 
 from cakep2p import paths, wire
 from cakep2p.engine.checkpoint import Checkpoint
+from cakep2p.engine.digests import Served, content_digest
+from cakep2p.engine.dtypes import BY_SAFETENSORS
 from cakep2p.engine.safetensors import Entry, TensorInfo, mapped_tensor, read_safetensors_header, write_safetensors
 from cakep2p.errors import ModelError
 
@@ -28,17 +30,17 @@ def default_parts_dir() -> Path:
 
 
 def cached_part_path(ref: wire.PartRef, parts_dir: Path) -> Path:
-    """Where a received part is kept: <parts_dir>/<fingerprint>-<start>-<end>.safetensors."""
-    return parts_dir / f"{ref.model_fingerprint}-{ref.start}-{ref.end}.safetensors"
+    """Where a received part is kept: <parts_dir>/<content digest>.safetensors."""
+    return parts_dir / f"{ref.digest}.safetensors"
 
 
-def write_cached_part(ref: wire.PartRef, config_json: str, sha256: str, entries: Sequence[Entry],
+def write_cached_part(ref: wire.PartRef, config_json: str, weights: str, entries: Sequence[Entry],
                       write_data: Callable[[BinaryIO], None], parts_dir: Path) -> Path:
-    """Atomically store a part: its tensors (`entries`, bytes as `write_data` streams them, in transfer order) with
-    the part's config, name and checksum in the metadata."""
+    """Atomically store a part: its served tensors (`entries`, bytes as `write_data` streams them, in transfer
+    order) with the part's config, layers and weight format in the metadata."""
     path = cached_part_path(ref, parts_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"cakep2p_fingerprint": ref.model_fingerprint, "cakep2p_sha256": sha256, "cakep2p_config": config_json,
+    metadata = {"cakep2p_fingerprint": ref.model_fingerprint, "cakep2p_config": config_json, "cakep2p_weights": weights,
                 "cakep2p_part": json.dumps(_ref_fields(ref)), "cakep2p_order": json.dumps([e.name for e in entries])}
     return write_safetensors(path, entries, write_data, metadata)
 
@@ -60,9 +62,9 @@ class FileTensors(Mapping):
         return len(self._order)
 
 
-def read_cached_part(ref: wire.PartRef, parts_dir: Path) -> tuple[str, FileTensors] | None:
-    """(config_json, tensors read on demand) of a cached part whose checksum still matches; None (and the file
-    removed) if not. The checksum is computed by streaming the file, so the part is never all in memory here."""
+def read_cached_part(ref: wire.PartRef, parts_dir: Path) -> tuple[str, str, FileTensors] | None:
+    """(config_json, weight format, tensors read on demand) of a cached part whose content is still its name; None
+    (and the file removed) if not. The content is hashed by streaming the file: the part is never all in memory."""
     path = cached_part_path(ref, parts_dir)
     if not path.is_file():
         return None
@@ -74,22 +76,23 @@ def read_cached_part(ref: wire.PartRef, parts_dir: Path) -> tuple[str, FileTenso
         valid = (metadata["cakep2p_fingerprint"] == ref.model_fingerprint
                  and json.loads(metadata["cakep2p_part"]) == _ref_fields(ref)
                  and sorted(order) == sorted(index)
-                 and _file_sha256(path, [index[name] for name in order]) == metadata["cakep2p_sha256"])
+                 and content_digest(_file_entries(path, [index[name] for name in order])) == ref.digest)
     except Exception as error:  # a damaged cache file is re-fetched, never trusted
         log.warning("cached part %s is unreadable (%s); it will be transferred again", path.name, error)
         valid = False
     if not valid:
-        log.warning("cached part %s does not match its checksum; removing it", path.name)
+        log.warning("cached part %s does not hold the content its name says; removing it", path.name)
         path.unlink(missing_ok=True)
         return None
-    return metadata["cakep2p_config"], FileTensors(index, order)
+    return metadata["cakep2p_config"], metadata["cakep2p_weights"], FileTensors(index, order)
 
 
-def _file_sha256(path: Path, infos: Sequence[TensorInfo]) -> str:
-    """sha256 over the tensors' bytes in the file, in the given order, read READ_CHUNK_BYTES at a time."""
-    digest = hashlib.sha256()
+def _file_entries(path: Path, infos: Sequence[TensorInfo]) -> list[Served]:
+    """Each tensor's name, dtype, shape and the sha256 of its bytes in the file, read READ_CHUNK_BYTES at a time."""
+    entries = []
     with path.open("rb") as handle:
         for info in infos:
+            digest = hashlib.sha256()
             handle.seek(info.offset)
             left = info.nbytes
             while left:
@@ -98,22 +101,40 @@ def _file_sha256(path: Path, infos: Sequence[TensorInfo]) -> str:
                     raise ModelError(f"{path} is truncated")
                 digest.update(piece)
                 left -= len(piece)
-    return digest.hexdigest()
+            entries.append((info.name, BY_SAFETENSORS[info.dtype].name, info.shape, digest.hexdigest()))
+    return entries
 
 
 def find_model_dir(models_dirs: Sequence[Path], fingerprint: str) -> Checkpoint | None:
-    """A checkpoint under the given models dirs (each dir, its children, grandchildren) with this fingerprint."""
+    """A checkpoint under the given models dirs (each dir, its children, grandchildren: Hugging Face folders and
+    .gguf files) with this fingerprint."""
     for root in models_dirs:
-        candidates = [Path(root)] + sorted(Path(root).glob("*/")) + sorted(Path(root).glob("*/*/"))
-        for candidate in candidates:
-            if (candidate / "config.json").is_file():
-                try:
-                    checkpoint = Checkpoint.open(candidate)
-                except ModelError:
-                    continue
-                if checkpoint.fingerprint == fingerprint:
+        folders = [Path(root)] + sorted(Path(root).glob("*/")) + sorted(Path(root).glob("*/*/"))
+        for folder in folders:
+            candidates = ([folder] if (folder / "config.json").is_file() else []) + sorted(folder.glob("*.gguf"))
+            for candidate in candidates:
+                checkpoint = _opened(candidate)
+                if checkpoint is not None and checkpoint.fingerprint == fingerprint:
                     return checkpoint
     return None
+
+
+_OPENED: dict[tuple[str, int, int], Checkpoint | None] = {}
+
+
+def _opened(path: Path) -> Checkpoint | None:
+    """Checkpoint.open, remembered while the file is unchanged (a GGUF takes seconds to open)."""
+    try:
+        stat = (path / "config.json" if path.is_dir() else path).stat()
+    except OSError:
+        return None
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _OPENED:
+        try:
+            _OPENED[key] = Checkpoint.open(path)
+        except ModelError:
+            _OPENED[key] = None
+    return _OPENED[key]
 
 
 def _ref_fields(ref: wire.PartRef) -> list:

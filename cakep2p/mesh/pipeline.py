@@ -18,8 +18,8 @@ from cakep2p import planner, wire
 from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.model import ModelPart
 from cakep2p.errors import MeshError
-from cakep2p.mesh.client import StageClient, StageRefused, part_ref
-from cakep2p.mesh.transfer import load_part
+from cakep2p.mesh.client import StageClient, StageRefused
+from cakep2p.mesh.transfer import PartOffer, load_part
 from cakep2p.planner import LayerRange
 from cakep2p.security import ClusterKeys
 
@@ -48,14 +48,15 @@ class RemotePipeline:
     """
 
     def __init__(self, stages: Sequence[PipelineStage], checkpoint: Checkpoint, max_seq_len: int,
-                 keys: ClusterKeys | None, *, dtype: str = "auto", heartbeat_s: float = 1.0, timeout_s: float = 300.0,
+                 keys: ClusterKeys | None, *, weights: str, dtype: str = "auto", heartbeat_s: float = 1.0,
+                 timeout_s: float = 300.0,
                  allow_transfer: bool = True, on_progress: Callable[[str, int, int], None] | None = None,
                  on_lost: Replan | None = None, max_recoveries: int = 3, context: zmq.Context | None = None) -> None:
         self.checkpoint = checkpoint
         self.fingerprint = checkpoint.fingerprint
         self.args = checkpoint.args  # the shapes stage replies are checked against
         self.max_seq_len = max_seq_len
-        self.keys, self.dtype = keys, dtype
+        self.keys, self.dtype, self.weights = keys, dtype, weights
         self.heartbeat_s, self.timeout_s = heartbeat_s, timeout_s
         self.allow_transfer, self.on_progress = allow_transfer, on_progress
         self.on_lost, self.max_recoveries = on_lost, max_recoveries
@@ -70,7 +71,8 @@ class RemotePipeline:
         self._stages: list[PipelineStage] = []
         self._clients: list[StageClient | None] = []
         self._caches: list[object | None] = []
-        self._dtypes: list[torch.dtype | None] = []  # each stage's weight dtype: hidden states are sent in it
+        self._dtypes: list[torch.dtype | None] = []  # each stage's compute dtype: hidden states are sent in it
+        self._refs: list[wire.PartRef | None] = []   # each remote stage's part, by content
         self._attach(stages)
 
     @property
@@ -85,6 +87,7 @@ class RemotePipeline:
     def _attach(self, stages: Sequence[PipelineStage]) -> None:
         _check_stages(stages)
         self._stages, self._clients, self._caches, self._dtypes, self.load_sources = [], [], [], [], []
+        self._refs = []
         try:
             for stage in stages:
                 self._stages.append(stage)
@@ -92,6 +95,7 @@ class RemotePipeline:
                     self._clients.append(None)
                     self._caches.append(stage.new_cache(self.max_seq_len))
                     self._dtypes.append(stage.dtype)
+                    self._refs.append(None)
                     self.load_sources.append("local")
                     continue
                 client = StageClient(stage.address, stage.port, self.keys, name=stage.name,
@@ -102,8 +106,10 @@ class RemotePipeline:
                 progress = None
                 if self.on_progress is not None:
                     progress = lambda sent, total, label=client.label: self.on_progress(label, sent, total)
-                reply = load_part(client, self.checkpoint, stage.layers, max_seq_len=self.max_seq_len,
-                                  dtype=self.dtype, allow_transfer=self.allow_transfer, on_progress=progress)
+                offer = PartOffer.of(self.checkpoint, stage.layers, self.weights)
+                self._refs.append(offer.ref)
+                reply = load_part(client, offer, max_seq_len=self.max_seq_len, dtype=self.dtype,
+                                  allow_transfer=self.allow_transfer, on_progress=progress)
                 self.load_sources.append(reply.source)
                 self._dtypes[-1] = wire.DTYPES[reply.dtype]
         except BaseException:
@@ -161,8 +167,8 @@ class RemotePipeline:
                 if not stage.layers.has_embedding and x.dtype != self._dtypes[index]:
                     x = x.to(self._dtypes[index])  # stages may hold different dtypes (e.g. a GPU in bf16)
                 width = self.args.vocab_size if stage.layers.has_head else self.args.hidden_size
-                x = client.forward(self.session_id, part_ref(self.fingerprint, stage.layers), self._step, start_pos, x,
-                                   width=width, dtype=self._dtypes[index])
+                x = client.forward(self.session_id, self._refs[index], self._step, start_pos, x, width=width,
+                                   dtype=self._dtypes[index])
             self.stage_seconds[index] += time.perf_counter() - began
         return x[-1].float()
 

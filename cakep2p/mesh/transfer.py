@@ -1,5 +1,6 @@
 """Weights between nodes: asking a stage to load a part and, when it has no copy, streaming exactly the part's
-tensors to it (sending side); assembling such a stream on disk, in order, verified by sha256 (receiving side).
+served tensors to it, in its weight format (sending side); assembling such a stream on disk, in order, and using it
+only when its content digest is the part's name (receiving side).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import BinaryIO, Callable
 from cakep2p import wire
 from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.config import ModelArgs
+from cakep2p.engine.digests import PartIdentity, Served, content_digest, part_identity
 from cakep2p.engine.dtypes import BY_NAME, FLOAT_WEIGHTS, name_of
+from cakep2p.engine.formats import served_tensors
 from cakep2p.engine.loading import expected_shapes, part_tensor_names
 from cakep2p.engine.safetensors import Entry, raw_bytes
 from cakep2p.errors import ProtocolError
@@ -24,46 +27,58 @@ from cakep2p.mesh.parts_cache import write_cached_part
 from cakep2p.planner import LayerRange
 
 CHUNK_BYTES = 8 * 1024 * 1024
+QUANTIZED_PIECES = {".q8": ("int8",), ".q4": ("uint8",), ".scale": ("float32", "float16"), ".min": ("float16",)}
 Progress = Callable[[int, int], None]  # (bytes sent, bytes in all)
 
 
 # -- sending a part -----------------------------------------------------------------------------------------------
 
-def load_part(client: StageClient, checkpoint: Checkpoint, layers: LayerRange, *, max_seq_len: int,
-              dtype: str = "auto", allow_transfer: bool = True, on_progress: Progress | None = None) -> wire.LoadReply:
-    """Make the stage hold `layers` of the checkpoint (a model on this machine).
+@dataclass(frozen=True)
+class PartOffer:
+    """A part this node can send: which checkpoint, which layers, which weight format, and its content identity."""
 
-    The stage uses its own copy when it has one; otherwise (if allowed) exactly the part's tensors are streamed
-    to it. The reply says where its weights came from (memory, cache, models_dir, transfer) and their dtype.
+    checkpoint: Checkpoint
+    layers: LayerRange
+    weights: str
+    identity: PartIdentity
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint, layers: LayerRange, weights: str) -> "PartOffer":
+        return cls(checkpoint, layers, weights, part_identity(checkpoint, layers, weights))
+
+    @property
+    def ref(self) -> wire.PartRef:
+        return part_ref(self.checkpoint.fingerprint, self.identity.digest, self.layers)
+
+
+def load_part(client: StageClient, offer: PartOffer, *, max_seq_len: int, dtype: str = "auto",
+              allow_transfer: bool = True, on_progress: Progress | None = None) -> wire.LoadReply:
+    """Make the stage hold the offered part.
+
+    The stage uses its own copy when it has one with the same content; otherwise (if allowed) exactly the part's
+    served tensors are streamed to it. The reply says where its weights came from (memory, cache, models_dir,
+    transfer) and the dtype it computes in.
     """
-    ref = part_ref(checkpoint.fingerprint, layers)
+    checkpoint = offer.checkpoint
     model_name = "".join(char for char in checkpoint.name if char.isprintable())[:128]
-    reply = client.request(wire.LoadPart(part=ref, model_name=model_name, dtype=dtype, max_seq_len=max_seq_len,
+    reply = client.request(wire.LoadPart(part=offer.ref, model_name=model_name, dtype=dtype, weights=offer.weights,
+                                         weight_bytes=offer.identity.nbytes, max_seq_len=max_seq_len,
                                          source="transfer" if allow_transfer else "local",
                                          config_json=checkpoint.config_text if allow_transfer else ""))
     if isinstance(reply, wire.LoadReply) and reply.status == "send":
-        reply = send_part_tensors(client, checkpoint, ref, on_progress)
+        reply = send_part_tensors(client, offer, on_progress)
     if not isinstance(reply, wire.LoadReply) or reply.status != "ready":
-        raise ProtocolError(f"stage {client.label} did not confirm loading {layers.describe()}")
+        raise ProtocolError(f"stage {client.label} did not confirm loading {offer.layers.describe()}")
     return reply
 
 
-def send_part_tensors(client: StageClient, checkpoint: Checkpoint, ref: wire.PartRef,
-                      on_progress: Progress | None = None) -> wire.Message:
-    """Stream exactly the part's tensors in chunks, then transfer_end with the sha256 of all their bytes.
-
-    Returns the stage's reply to transfer_end (a ready load_reply once it has built the part)."""
-    names = part_tensor_names(checkpoint.args, layer_range(ref))
-    infos = [checkpoint.info(name) for name in names]
-    total = sum(info.nbytes for info in infos)
-    sent = 0
-    digest = hashlib.sha256()
-    for name in names:
-        tensor = checkpoint.stored(name)
-        if name_of(tensor.dtype) not in FLOAT_WEIGHTS:
-            tensor = tensor.float()
+def send_part_tensors(client: StageClient, offer: PartOffer, on_progress: Progress | None = None) -> wire.Message:
+    """Stream the part's served tensors in chunks, then transfer_end; returns the stage's reply to transfer_end (a
+    ready load_reply once it has checked the content and built the part)."""
+    names = part_tensor_names(offer.checkpoint.args, offer.layers)
+    ref, total, sent, count = offer.ref, offer.identity.nbytes, 0, 0
+    for name, tensor in served_tensors(offer.checkpoint, names, offer.weights):
         data = raw_bytes(tensor)
-        digest.update(data)
         for offset in range(0, data.nbytes, CHUNK_BYTES):
             piece = data[offset:offset + CHUNK_BYTES]
             reply = client.request(wire.TensorChunk(part=ref, name=name, dtype=name_of(tensor.dtype),
@@ -74,37 +89,37 @@ def send_part_tensors(client: StageClient, checkpoint: Checkpoint, ref: wire.Par
             sent += piece.nbytes
             if on_progress is not None:
                 on_progress(sent, total)
+        count += 1
         del tensor, data
-    return client.request(wire.TransferEnd(part=ref, sha256=digest.hexdigest(), tensor_count=len(names)))
+    return client.request(wire.TransferEnd(part=ref, tensor_count=count))
 
 
 # -- receiving a part ---------------------------------------------------------------------------------------------
 
 class TransferRejected(ValueError):
-    """A tensor_chunk that does not continue the transfer (wrong tensor, shape, dtype or offset)."""
+    """A tensor_chunk that does not continue the transfer (wrong tensor, shape, dtype, offset or size)."""
 
 
 @dataclass
 class Transfer:
-    """A part being streamed in by `peer`: tensors arrive in part_tensor_names order, each in offset order, and go
-    straight to a spool file in `spool_dir` (never all in memory: the part is built from the stored file)."""
+    """A part being streamed in by `peer`: served tensors arrive in the order of the part's checkpoint tensors, each
+    in offset order, and go straight to a spool file in `spool_dir` (never all in memory); each one's sha256 is
+    taken on the way, for the content digest."""
 
     peer: bytes
     request: wire.LoadPart
     args: ModelArgs
-    names: list[str]
+    names: list[str]                         # the checkpoint tensors the part is made of, in order
     reserved_bytes: int
     spool_dir: Path
-    received_tensors: dict[str, tuple[str, tuple[int, ...], int]] = field(default_factory=dict)  # dtype, shape, bytes
-    current: str | None = None  # the tensor whose chunks are arriving
+    entries: list[Served] = field(default_factory=list)   # the tensors received whole
+    current: tuple[str, str, tuple[int, ...], int] | None = None  # name, dtype, shape, bytes of the one arriving
     received: int = 0
+    received_bytes: int = 0
+    base_index: int = 0                      # which of `names` the arriving tensors belong to
     digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
     last_used: float = field(default_factory=time.monotonic)
     spool: BinaryIO | None = None
-
-    @property
-    def complete_tensors(self) -> int:
-        return len(self.received_tensors) - (self.current is not None)
 
     def close(self) -> None:
         """Drop the spool file (a transfer that ends, fails or is abandoned)."""
@@ -112,25 +127,28 @@ class Transfer:
             self.spool.close()
             self.spool = None
 
+    def content_digest(self) -> str:
+        return content_digest(self.entries)
+
+    def covers_every_tensor(self) -> bool:
+        """Whether every checkpoint tensor of the part has arrived (and nothing is half sent)."""
+        bases = {_base_name(entry[0]) for entry in self.entries}
+        return self.current is None and bases == set(self.names)
+
+
+def _base_name(served: str) -> str:
+    for suffix in QUANTIZED_PIECES:
+        if served.endswith(suffix):
+            return served[:-len(suffix)]
+    return served
+
 
 def accept_chunk(transfer: Transfer, chunk: wire.TensorChunk) -> None:
-    """Append one chunk to the transfer's spool; TransferRejected when it is not the next one expected."""
-    index = transfer.complete_tensors
-    if index >= len(transfer.names) or chunk.name != transfer.names[index]:
-        expected = transfer.names[index] if index < len(transfer.names) else "nothing more"
-        raise TransferRejected(f"tensor_chunk: expected {expected}, got {chunk.name}")
-    if transfer.current is None:
-        expected_shape = expected_shapes(transfer.args, layer_range(chunk.part))[chunk.name]
-        if chunk.offset != 0 or chunk.shape != expected_shape or chunk.dtype not in FLOAT_WEIGHTS:
-            raise TransferRejected(f"tensor_chunk: {chunk.name} must start at offset 0 with shape "
-                                   f"{list(expected_shape)} and a float dtype")
-        if transfer.spool is None:
-            transfer.spool_dir.mkdir(parents=True, exist_ok=True)
-            transfer.spool = tempfile.TemporaryFile(dir=transfer.spool_dir, prefix=".transfer-")
-        transfer.current, transfer.received = chunk.name, 0
-        transfer.received_tensors[chunk.name] = (chunk.dtype, chunk.shape, chunk.total)
-    _, _, total = transfer.received_tensors[chunk.name]
-    if chunk.offset != transfer.received or chunk.total != total:
+    """Append one chunk to the transfer's spool; TransferRejected when it is not what may come next."""
+    if transfer.current is None or chunk.name != transfer.current[0] or chunk.offset == 0:
+        _begin_tensor(transfer, chunk)
+    name, dtype, shape, total = transfer.current
+    if chunk.offset != transfer.received or chunk.total != total or (chunk.dtype, chunk.shape) != (dtype, shape):
         raise TransferRejected(f"tensor_chunk: {chunk.name} offset {chunk.offset} out of order")
     data = memoryview(chunk.data)
     if transfer.received + data.nbytes > total:
@@ -140,17 +158,64 @@ def accept_chunk(transfer: Transfer, chunk: wire.TensorChunk) -> None:
     transfer.received += data.nbytes
     transfer.last_used = time.monotonic()
     if transfer.received == total:
+        transfer.entries.append((name, dtype, shape, transfer.digest.hexdigest()))
         transfer.current = None
 
 
-def store_transfer(transfer: Transfer, sha256: str, parts_dir: Path) -> Path:
+def _begin_tensor(transfer: Transfer, chunk: wire.TensorChunk) -> None:
+    if transfer.current is not None or chunk.offset != 0:
+        raise TransferRejected(f"tensor_chunk: {chunk.name} starts before the previous tensor ended")
+    base = _base_name(chunk.name)
+    index = transfer.base_index
+    if index < len(transfer.names) and base != transfer.names[index] and transfer.entries:
+        index += 1  # the next checkpoint tensor begins
+    if index >= len(transfer.names) or base != transfer.names[index]:
+        expected = transfer.names[index] if index < len(transfer.names) else "nothing more"
+        raise TransferRejected(f"tensor_chunk: expected a piece of {expected}, got {chunk.name}")
+    if any(entry[0] == chunk.name for entry in transfer.entries):
+        raise TransferRejected(f"tensor_chunk: {chunk.name} was sent already")
+    _check_piece(transfer, chunk, expected_shapes(transfer.args, layer_range(chunk.part))[base])
+    if transfer.received_bytes + chunk.total > transfer.request.weight_bytes:
+        raise TransferRejected(f"tensor_chunk: the part's tensors exceed the {transfer.request.weight_bytes} bytes "
+                               "load_part declared")
+    if transfer.spool is None:
+        transfer.spool_dir.mkdir(parents=True, exist_ok=True)
+        transfer.spool = tempfile.TemporaryFile(dir=transfer.spool_dir, prefix=".transfer-")
+    transfer.base_index = index
+    transfer.current = (chunk.name, chunk.dtype, chunk.shape, chunk.total)
+    transfer.received, transfer.digest = 0, hashlib.sha256()
+    transfer.received_bytes += chunk.total
+
+
+def _check_piece(transfer: Transfer, chunk: wire.TensorChunk, expected: tuple[int, ...]) -> None:
+    """A float tensor of its checkpoint shape, or a quantized piece of plausible dtype and shape for it."""
+    suffix = chunk.name[len(_base_name(chunk.name)):]
+    if not suffix:
+        if chunk.shape != expected or chunk.dtype not in FLOAT_WEIGHTS:
+            raise TransferRejected(f"tensor_chunk: {chunk.name} must have shape {list(expected)} and a float dtype")
+        return
+    rows, cols = expected if len(expected) == 2 else (0, 0)
+    allowed_shape = {".q8": (rows, cols), ".q4": (rows, cols // 2)}.get(suffix)
+    if chunk.dtype not in QUANTIZED_PIECES[suffix] or not rows or (allowed_shape and chunk.shape != allowed_shape) \
+            or (not allowed_shape and (chunk.shape[0] != rows or len(chunk.shape) > 2)):
+        raise TransferRejected(f"tensor_chunk: {chunk.name} is not a quantized piece of a {rows}x{cols} matrix")
+
+
+def store_transfer(transfer: Transfer, parts_dir: Path) -> Path:
     """Write a complete transfer as the part's cache file, copying the spool."""
-    entries = [Entry(name, BY_NAME[dtype].torch, tuple(shape), nbytes)
-               for name, (dtype, shape, nbytes) in transfer.received_tensors.items()]
+    entries = [Entry(name, BY_NAME[dtype].torch, shape, BY_NAME[dtype].itemsize * _count(shape))
+               for name, dtype, shape, _ in transfer.entries]
 
     def write_data(handle: BinaryIO) -> None:
         transfer.spool.seek(0)
         shutil.copyfileobj(transfer.spool, handle, CHUNK_BYTES)
 
-    return write_cached_part(transfer.request.part, transfer.request.config_json, sha256, entries, write_data,
-                             parts_dir)
+    request = transfer.request
+    return write_cached_part(request.part, request.config_json, request.weights, entries, write_data, parts_dir)
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: parts named by their content, weight formats, quantized tensors
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_CONFIG_BYTES = 48 * 1024
@@ -32,9 +32,12 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "int64": torch.int64,
     "int32": torch.int32,
+    "int8": torch.int8,    # quantized weights' codes
+    "uint8": torch.uint8,  # two 4-bit codes per byte
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 PART_DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHT_FORMATS = ("f32", "bf16", "f16", "int8", "int4", "gguf")  # cakep2p/engine/formats.py
 ERROR_CODES = (
     "bad_request",  # the message failed validation
     "unsupported_version",  # the peer speaks another protocol version

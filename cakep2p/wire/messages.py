@@ -12,16 +12,18 @@ import torch
 from cakep2p.wire.fields import (COUNT, DTYPE, DTYPES, ERROR_CODES, FINGERPRINT, LAYER, MAX_CHUNK_BYTES,
                                  MAX_FORWARD_BYTES, MAX_PARTS_LISTED, MAX_SEQ_LEN, MAX_TENSORS_PER_PART,
                                  MAX_TENSOR_BYTES, PART_DTYPES, PROTOCOL_VERSION, REQUEST_ID, SESSION_ID, SHA256,
-                                 TENSOR_NAME, WireError, _boolean, _choice, _field, _integer, _json_text, _payload,
+                                 TENSOR_NAME, WEIGHT_FORMATS, WireError, _boolean, _choice, _field, _integer, _json_text, _payload,
                                  _record, _records, _shape, _text, _version)
 
 
 
 @dataclass(frozen=True, kw_only=True)
 class PartRef:
-    """Which part of which model: layers [start, end) plus the embedding and/or the head."""
+    """Which part of which model: layers [start, end) plus the embedding and/or the head, and `digest`, the sha256
+    of its weights in their format (engine/digests.py): a part is served only under the name of its content."""
 
     model_fingerprint: str = _field(FINGERPRINT)
+    digest: str = _field(SHA256)
     start: int = _field(LAYER)
     end: int = _field(LAYER)
     has_embedding: bool = _field(_boolean)
@@ -76,7 +78,9 @@ class LoadPart(Message):
     type: ClassVar[str] = "load_part"
     part: PartRef = _field(_part)
     model_name: str = _field(_text(128))
-    dtype: str = _field(_choice(PART_DTYPES), default="auto")
+    dtype: str = _field(_choice(PART_DTYPES), default="auto")   # activations; auto: the node's choice
+    weights: str = _field(_choice(WEIGHT_FORMATS))
+    weight_bytes: int = _field(_integer(0, MAX_TENSOR_BYTES))   # the part's tensors in that format
     max_seq_len: int = _field(_integer(1, MAX_SEQ_LEN))
     source: str = _field(_choice(("local", "transfer")), default="local")
     config_json: str = _field(_json_text, default="")
@@ -124,11 +128,10 @@ class TensorChunk(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class TransferEnd(Message):
-    """All tensors sent; `sha256` is over their raw bytes concatenated in part_tensor_names order."""
+    """All tensors sent; the stage uses them only if their content digest is the part's `digest`."""
 
     type: ClassVar[str] = "transfer_end"
     part: PartRef = _field(_part)
-    sha256: str = _field(SHA256)
     tensor_count: int = _field(_integer(0, MAX_TENSORS_PER_PART))
 
 

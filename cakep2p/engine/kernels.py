@@ -1,0 +1,174 @@
+"""The matrix kernels, chosen once per weight for this device and CPU capability (measured side by side with
+llama.cpp: bench/quant_bench.py), and the one `linear` the model calls.
+
+On a CPU:
+- float32: oneDNN's blocked layout (fp32 GEMM/GEMV).
+- 16-bit: bf16 in oneDNN's layout where the CPU has bf16 hardware (avx512_bf16, AMX); elsewhere fbgemm's fp16
+  kernel, fp32 in and out (bf16 GEMMs without the hardware run 3-6x slower than fp32 for a prompt).
+- int8 / int4, few rows (decode): torch's weight-only kernels (bf16 in); many rows (a prompt): the weight is
+  dequantized a chunk of rows at a time and multiplied by the dense GEMM (bf16 with the hardware, else fp32).
+Elsewhere (CUDA, MPS) a quantized weight is dequantized once at load and runs as a dense one: correct and
+simple; those devices are not what the quantized kernels were measured on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from cakep2p.engine.quant import QuantizedWeight
+
+aten = torch.ops.aten
+Kind = Literal["dense", "mkldnn", "fp16", "int8", "int4"]
+PACK_MIN_ELEMENTS = {torch.float32: 2**20, torch.bfloat16: 2**16}  # oneDNN packing pays off above these (1 thread)
+WEIGHT_ONLY_MAX_ROWS = 4       # input rows up to which the weight-only int kernels beat dequantize + GEMM
+DEQUANT_CHUNK_ROWS = 1024      # weight rows dequantized at a time on the many-rows path (cache-sized)
+
+
+@lru_cache(maxsize=1)
+def cpu_capability() -> str:
+    """'AVX512', 'AVX2', 'DEFAULT'... as torch dispatches (ATEN_CPU_CAPABILITY can lower it)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+@lru_cache(maxsize=1)
+def has_bf16_hardware() -> bool:
+    """Whether oneDNN runs bf16 GEMMs in hardware here (ONEDNN_MAX_CPU_ISA can turn it off)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@dataclass(frozen=True)
+class PreparedLinear:
+    """One weight [out, in] in the layout its kernel wants on this machine (never stored: it is device-specific)."""
+
+    kind: Kind
+    weight: object                       # dense/mkldnn tensor, fbgemm packed fp16, int8 codes, int4pack bytes, or
+                                         # None: a shape the weight-only kernels cannot take (always dequantized)
+    out_features: int
+    in_features: int
+    scales: torch.Tensor | None = None   # int8: bf16 [out]; int4: bf16 scales-and-zeros [in / group, out, 2]
+    group: int = 0
+    source: QuantizedWeight | None = None   # int8/int4: the canonical weight (embedding lookups, dequantizing)
+
+    @property
+    def nbytes(self) -> int:
+        if self.kind == "fp16":
+            return 2 * self.out_features * self.in_features
+        weight = self.weight
+        if weight is None:
+            return 0
+        size = 0 if getattr(weight, "is_mkldnn", False) else weight.numel() * weight.element_size()
+        if getattr(weight, "is_mkldnn", False):
+            size = self.out_features * self.in_features * weight.element_size()
+        return size + (self.scales.numel() * self.scales.element_size() if self.scales is not None else 0)
+
+
+def kernel_name(compute: torch.dtype, quantized: int | None, device: torch.device) -> str:
+    """What runs the matrices, for --json and the window: e.g. 'int4pack+dequant-bf16 (AVX512)'."""
+    if device.type != "cpu":
+        return f"dense {str(compute).removeprefix('torch.')} ({device.type})"
+    big = "bf16" if has_bf16_hardware() else "fp32"
+    if quantized == 8:
+        return f"int8pack+dequant-{big} ({cpu_capability()})"
+    if quantized == 4:
+        return f"int4pack+dequant-{big} ({cpu_capability()})"
+    if compute == torch.float32:
+        return f"onednn-fp32 ({cpu_capability()})"
+    return f"{'onednn-bf16' if has_bf16_hardware() else 'fbgemm-fp16'} ({cpu_capability()})"
+
+
+def prepare(weight: torch.Tensor | QuantizedWeight, compute: torch.dtype,
+            device: torch.device) -> torch.Tensor | PreparedLinear:
+    """The weight in its kernel's layout; a float tensor may come back as a plain tensor (dense F.linear)."""
+    if isinstance(weight, QuantizedWeight):
+        if device.type != "cpu":
+            return weight.dequantize(compute).to(device)
+        return _prepare_quantized(weight)
+    if device.type != "cpu" or os.environ.get("CAKEP2P_PACK", "1") == "0":
+        return weight.to(device=device, dtype=compute)
+    if weight.dtype in (torch.bfloat16, torch.float16) and compute == torch.float32 and not has_bf16_hardware():
+        if float(weight.abs().max()) <= 65504:  # bf16 -> fp16 is exact for every normal fp16 value
+            packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
+            return PreparedLinear("fp16", packed, weight.shape[0], weight.shape[1])
+        weight = weight.float()
+    return _pack_dense(weight.to(compute))
+
+
+def _pack_dense(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked layout for a big CPU weight (~1.4x faster matrix-vector products); small ones stay."""
+    if weight.numel() < PACK_MIN_ELEMENTS.get(weight.dtype, 2**62) or not torch.backends.mkldnn.is_available():
+        return weight.contiguous()
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+    except (RuntimeError, AttributeError):
+        return weight.contiguous()
+
+
+def _weight_only_fits(rows: int, cols: int, group: int) -> bool:
+    """Shapes torch's weight-only kernels handle: int8pack reads garbage past an input width that is not a
+    multiple of its vector tile (seen at 172), int4pack needs rows % 16 and a power-of-two group >= 32."""
+    return cols % 64 == 0 and rows % 16 == 0 and (group == cols or group in (32, 64, 128, 256))
+
+
+def _prepare_quantized(weight: QuantizedWeight) -> PreparedLinear:
+    rows, cols = weight.shape
+    if not _weight_only_fits(rows, cols, weight.group):  # toy shapes: always the dequantizing path
+        return PreparedLinear(f"int{weight.bits}", None, rows, cols, group=weight.group, source=weight)
+    if weight.bits == 8:
+        return PreparedLinear("int8", weight.codes, rows, cols, weight.scales.to(torch.bfloat16), source=weight)
+    codes = weight.unpacked_codes().to(torch.int32)
+    packed = aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scales, mins = weight.scales.float(), weight.mins.float()
+    zeros = mins + 8.0 * scales  # the kernel computes (q - 8) * scale + zero
+    scales_and_zeros = torch.stack((scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous()
+    return PreparedLinear("int4", packed, rows, cols, scales_and_zeros, weight.group, source=weight)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | PreparedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, in] @ weight^T (+ bias) -> [M, out] in x's dtype, by the weight's kernel."""
+    if isinstance(weight, torch.Tensor):
+        if weight.is_mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
+    if weight.kind == "fp16":
+        out = torch.ops.quantized.linear_dynamic_fp16(x.float(), weight.weight).to(x.dtype)
+    elif x.shape[0] <= WEIGHT_ONLY_MAX_ROWS and weight.weight is not None:
+        out = _weight_only(x, weight)
+    else:
+        out = _dequantized_gemm(x, weight)
+    return out if bias is None else out + bias
+
+
+def _weight_only(x: torch.Tensor, weight: PreparedLinear) -> torch.Tensor:
+    """torch's weight-only kernels: bf16 activations, fp32 accumulation (fp32 activations take a slow path)."""
+    x16 = x.to(torch.bfloat16)
+    if weight.kind == "int8":
+        out = aten._weight_int8pack_mm(x16, weight.weight, weight.scales)
+    else:
+        out = aten._weight_int4pack_mm_for_cpu(x16, weight.weight, weight.group, weight.scales)
+    return out.to(x.dtype)
+
+
+def _dequantized_gemm(x: torch.Tensor, weight: PreparedLinear) -> torch.Tensor:
+    """Many input rows: dequantize DEQUANT_CHUNK_ROWS weight rows at a time (from the canonical codes) into a
+    cache-sized buffer and run the dense GEMM on it (bf16 with the hardware, else fp32)."""
+    gemm = torch.bfloat16 if has_bf16_hardware() else torch.float32
+    xc = x.to(gemm)
+    out_t = torch.empty(weight.out_features, x.shape[0], dtype=gemm)
+    source = weight.source
+    for first in range(0, weight.out_features, DEQUANT_CHUNK_ROWS):
+        rows = slice(first, min(first + DEQUANT_CHUNK_ROWS, weight.out_features))
+        if source.bits == 8:  # the row scale applies to the output: one copy of the codes, no multiply
+            torch.mm(source.codes[rows].to(gemm), xc.t(), out=out_t[rows])
+            out_t[rows] *= source.scales[rows].to(gemm).unsqueeze(1)
+        else:
+            torch.mm(source.dequantize(gemm, rows), xc.t(), out=out_t[rows])
+    return out_t.t().to(x.dtype)
