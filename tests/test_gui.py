@@ -608,6 +608,21 @@ def test_the_settings_take_the_sampling_defaults_of_the_models_generation_config
         window.bridge.modelLoaded.disconnect(loaded.append)
 
 
+def test_the_weights_selector_loads_the_model_in_the_chosen_format(window, qtbot, stories_dir):
+    loaded = []
+    window.bridge.modelLoaded.connect(loaded.append)
+    try:
+        window.model_panel.weights_combo.setCurrentText("int8")
+        assert window.bridge.weights == "int8"
+        window.load_model(str(stories_dir))
+        qtbot.waitUntil(lambda: bool(loaded), timeout=60000)
+        assert window.bridge.model.describe()["weights"] == "int8"
+        assert "runs as int8" in window.model_panel.verdict.text()
+    finally:
+        window.model_panel.weights_combo.setCurrentText("auto")
+        window.bridge.modelLoaded.disconnect(loaded.append)
+
+
 def test_regenerate_replaces_the_last_answer(greedy, qtbot):
     with qtbot.waitSignal(greedy.bridge.replyFinished, timeout=60000) as first:
         send(greedy, "Once upon a time", 12)

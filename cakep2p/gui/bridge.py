@@ -1,11 +1,6 @@
-"""The one QObject between the headless core and Qt: core events become signals, window intents become jobs.
-
-Core callbacks arrive on the node's threads and are re-emitted as signals (queued to the UI thread);
-intents run on two worker threads — one for the node (start, serving, cluster code, offered memory, model checks,
-notes), one for the model (load, generate, reset) — so the UI thread never waits on the network or on torch.
-The worker threads only emit: they never touch a widget, a model or the window's Transcript. A chat
-reaches the engine as the history the window hands `ask` (see chat_session.py).
-"""
+"""The one QObject between the headless core and Qt: core events become signals (queued to the UI thread), window
+intents become jobs on two worker threads (the node's: start, serving, code, memory, checks, notes; the model's:
+load, generate, reset), which only emit: they never touch a widget, a model or the window's Transcript."""
 
 from __future__ import annotations
 
@@ -77,6 +72,7 @@ class Bridge(QObject):
         self._generating = False
         self._closed = False
         self.preview: Any = None    # the last plan preview (cluster.PlannedModel): Load uses it while it holds
+        self.weights = "auto"       # the weight format to load in (cakep2p.engine.formats.USER_FORMATS)
         self._inspecting: Future | None = None
         self._node_started: Future | None = None
         self._loads: set[Future] = set()
@@ -135,6 +131,9 @@ class Bridge(QObject):
     def _report_serving(self) -> None:
         if self.node is not None:
             self.servingChanged.emit(bool(self.node.serving))
+
+    def set_weights(self, weights: str) -> None:   # the format the next preview and Load use
+        self.weights = weights
 
     def set_max_memory(self, offer: int | None) -> Future | None:
         """What this machine offers to model parts from now on (None: all it can spare); re-announced at once."""
@@ -234,7 +233,7 @@ class Bridge(QObject):
     def model_options(self) -> Any:
         from cakep2p.cluster import ModelOptions
 
-        return ModelOptions(max_memory=self.node_options.get("max_memory"))
+        return ModelOptions(max_memory=self.node_options.get("max_memory"), weights=self.weights)
 
     def load_model(self, model_dir: str) -> Future | None:
         """Open the model (over the cluster when the core can); modelLoaded or modelFailed follows."""

@@ -9,6 +9,7 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (QComboBox, QFileDialog, QHBoxLayout, QLabel, QProgressBar, QPushButton, QSizePolicy,
                                QVBoxLayout, QWidget)
 
+from cakep2p.engine.formats import USER_FORMATS
 from cakep2p.gui.plan_bar import PlanBar
 from cakep2p.gui.state import ModelInfo, ModelPreview, PlanView
 
@@ -23,10 +24,15 @@ def chosen_model(path: str) -> str:
     return str(picked) if picked.suffix.lower() == ".gguf" or picked.is_dir() else str(picked.parent)
 
 
+WEIGHTS_TIP = ("The weight format to load in: auto keeps a GGUF's own quantization and a 16-bit model at 16 bits;\n"
+               "int8 holds about twice as much model per machine, int4 about four times.")
+
+
 class ModelPanel(QWidget):
     inspectRequested = Signal(str)
     loadRequested = Signal(str)
     libraryRequested = Signal()
+    weightsChanged = Signal(str)
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -44,6 +50,10 @@ class ModelPanel(QWidget):
         self.library_button = QPushButton("Library…")
         self.library_button.setToolTip("Recommended models: sizes, whether this cluster can hold them, downloads")
         self.library_button.clicked.connect(self.libraryRequested)
+        self.weights_combo = QComboBox()
+        self.weights_combo.addItems(USER_FORMATS)
+        self.weights_combo.setToolTip(WEIGHTS_TIP)
+        self.weights_combo.currentTextChanged.connect(self._weights_changed)
         self.load_button = QPushButton("Load")
         self.load_button.setDefault(True)
         self.load_button.clicked.connect(self._request_load)
@@ -64,6 +74,7 @@ class ModelPanel(QWidget):
         folder_row.addWidget(self.folder_combo, 1)
         folder_row.addWidget(self.browse_button)
         folder_row.addWidget(self.library_button)
+        folder_row.addWidget(self.weights_combo)
         folder_row.addWidget(self.load_button)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -72,6 +83,10 @@ class ModelPanel(QWidget):
         layout.addWidget(self.verdict)
         layout.addWidget(self.progress)
         layout.addWidget(self.plan_bar)
+
+    def _weights_changed(self, weights: str) -> None:
+        self.weightsChanged.emit(weights)
+        self._inspect_current()   # the fit and the plan depend on the format
 
     def folder(self) -> str:
         """The model chosen: a .gguf file or a model folder."""
@@ -141,7 +156,10 @@ class ModelPanel(QWidget):
     def show_loaded(self, info: ModelInfo) -> None:
         self._idle()
         demo = f"<br><span style='color:#1e3a8a'>{DEMO_NOTE}</span>" if info.demo else ""
-        self.verdict.setText(f"<b>{info.name}</b> loaded — {info.facts} · {info.num_layers} layers · context "
+        running = info.description.get("weights", "")
+        kernel = info.description.get("kernel", "")
+        runs = f" · runs as {running}" + (f" ({kernel})" if kernel else "") if running else ""
+        self.verdict.setText(f"<b>{info.name}</b> loaded — {info.facts}{runs} · {info.num_layers} layers · context "
                              f"{info.context} tokens · {info.mode}{demo}")
 
     def show_failed(self, previous: ModelInfo | None) -> None:

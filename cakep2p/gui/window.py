@@ -189,6 +189,7 @@ class MainWindow(QMainWindow):
         self.model_panel.inspectRequested.connect(bridge.inspect_model)
         self.model_panel.loadRequested.connect(self.load_model)
         self.model_panel.libraryRequested.connect(self.open_library)
+        self.model_panel.weightsChanged.connect(bridge.set_weights)
         self.peers_panel.node_button.clicked.connect(self.open_node_settings)
         self.library.useRequested.connect(self.use_model)
         self.settings.completionModeChanged.connect(self._on_completion_mode_changed)
