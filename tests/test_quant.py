@@ -61,7 +61,7 @@ def test_int4_groups_divide_every_width_and_are_32_for_real_models():
 
 
 @pytest.mark.parametrize("shape", [(256, 512), (96, 256), (64, 172), (344, 64)], ids=str)
-@pytest.mark.parametrize("rows", [1, 4, 5, 33])
+@pytest.mark.parametrize("rows", [1, 16, 17, 64, 130])   # both sides of WEIGHT_ONLY_MAX_ROWS; int4 in slices
 @pytest.mark.parametrize("quantize", [quantize_int8, quantize_int4], ids=["int8", "int4"])
 def test_every_kernel_path_equals_its_float_reference(shape, rows, quantize):
     generator = torch.Generator().manual_seed(rows)
@@ -158,6 +158,20 @@ def test_the_planner_counts_the_formats_real_bytes(stories):
              for weights in sizes}
     assert sizes["f32"] == 2 * sizes["bf16"] and sizes["int4"] < sizes["int8"] < sizes["bf16"]
     assert all(abs(parts[weights] - sizes[weights]) <= 0.02 * sizes[weights] for weights in sizes), (parts, sizes)
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
+def test_a_part_in_its_kernels_layout_costs_the_formats_bytes_and_no_second_copy(tmp_path, weights):
+    from cakep2p.testing import make_random_model
+
+    checkpoint = Checkpoint.open(make_random_model(tmp_path / "kernel-shaped", "llama", hidden_size=256,
+                                                   intermediate_size=512, num_hidden_layers=2, vocab_size=512))
+    spec = model_spec(checkpoint, weights=weights)
+    part = load_part(checkpoint, whole_model(checkpoint.args), device="cpu", weights=weights)
+    planned = sum(spec.layer_bytes) + spec.embedding_bytes + spec.head_bytes
+    qkv = part.blocks[0].qkv
+    assert weights == "bf16" or (isinstance(qkv, PreparedLinear) and qkv.weight is not None)   # the kernel path
+    assert abs(part.weight_bytes - planned) <= 0.05 * planned, (part.weight_bytes, planned)
 
 
 def test_generate_json_says_which_format_and_kernel_ran(stories_dir, tmp_path):

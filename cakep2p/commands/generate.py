@@ -119,7 +119,7 @@ def cluster_report(model: "LoadedModel", pipeline: "LocalPipeline | RemotePipeli
 
 
 def where_it_ran(model: "LoadedModel") -> str:
-    """`1 node · int4 weights, int4pack+dequant-bf16 (AVX2)`: how many machines held layers of this answer, and
+    """`1 node · int4 weights, int4pack (AVX2)`: how many machines held layers of this answer, and
     in which weight format and kernel."""
     count = len([stage for stage in model.plan.stages if stage.layers.num_layers]) if model.plan is not None else 1
     described = model.describe()

@@ -5,8 +5,9 @@ On a CPU:
 - float32: oneDNN's blocked layout (fp32 GEMM/GEMV).
 - 16-bit: bf16 in oneDNN's layout where the CPU has bf16 hardware (avx512_bf16, AMX); elsewhere fbgemm's fp16
   kernel, fp32 in and out (bf16 GEMMs without the hardware run 3-6x slower than fp32 for a prompt).
-- int8 / int4, few rows (decode): torch's weight-only kernels (bf16 in); many rows (a prompt): the weight is
-  dequantized a chunk of rows at a time and multiplied by the dense GEMM (bf16 with the hardware, else fp32).
+- int8 / int4: torch's weight-only kernels (bf16 in) for decode and short prompts; a longer prompt runs int8 as
+  chunks of dequantized rows through the dense GEMM (bf16 with the hardware, else fp32) and int4 in slices of
+  64 rows through its kernel, which keeps no second copy of the weight (a 4-bit part costs its 4-bit bytes).
 Elsewhere (CUDA, MPS) a quantized weight is dequantized once at load and runs as a dense one: correct and
 simple; those devices are not what the quantized kernels were measured on.
 """
@@ -26,7 +27,8 @@ from cakep2p.engine.quant import QuantizedWeight
 aten = torch.ops.aten
 Kind = Literal["dense", "mkldnn", "fp16", "int8", "int4"]
 PACK_MIN_ELEMENTS = {torch.float32: 2**20, torch.bfloat16: 2**16}  # oneDNN packing pays off above these (1 thread)
-WEIGHT_ONLY_MAX_ROWS = 4       # input rows up to which the weight-only int kernels beat dequantize + GEMM
+WEIGHT_ONLY_MAX_ROWS = {8: 16, 4: 64}   # input rows up to which the weight-only kernel beats dequantize + GEMM
+                                        # (both capabilities, 2 threads, TinyLlama's matrices)
 DEQUANT_CHUNK_ROWS = 1024      # weight rows dequantized at a time on the many-rows path (cache-sized)
 
 
@@ -56,7 +58,8 @@ class PreparedLinear:
     in_features: int
     scales: torch.Tensor | None = None   # int8: bf16 [out]; int4: bf16 scales-and-zeros [in / group, out, 2]
     group: int = 0
-    source: QuantizedWeight | None = None   # int8/int4: the canonical weight (embedding lookups, dequantizing)
+    source: QuantizedWeight | None = None   # int8, and shapes the kernels cannot take: the canonical weight that
+                                            # long prompts dequantize (int4 keeps only its packed form)
 
     @property
     def nbytes(self) -> int:
@@ -72,14 +75,14 @@ class PreparedLinear:
 
 
 def kernel_name(compute: torch.dtype, quantized: int | None, device: torch.device) -> str:
-    """What runs the matrices, for --json and the window: e.g. 'int4pack+dequant-bf16 (AVX512)'."""
+    """What runs the matrices, for --json and the window: e.g. 'int8pack+dequant-bf16 (AVX512)'."""
     if device.type != "cpu":
         return f"dense {str(compute).removeprefix('torch.')} ({device.type})"
     big = "bf16" if has_bf16_hardware() else "fp32"
     if quantized == 8:
         return f"int8pack+dequant-{big} ({cpu_capability()})"
     if quantized == 4:
-        return f"int4pack+dequant-{big} ({cpu_capability()})"
+        return f"int4pack ({cpu_capability()})"
     if compute == torch.float32:
         return f"onednn-fp32 ({cpu_capability()})"
     return f"{'onednn-bf16' if has_bf16_hardware() else 'fbgemm-fp16'} ({cpu_capability()})"
@@ -129,7 +132,7 @@ def _prepare_quantized(weight: QuantizedWeight) -> PreparedLinear:
     scales, mins = weight.scales.float(), weight.mins.float()
     zeros = mins + 8.0 * scales  # the kernel computes (q - 8) * scale + zero
     scales_and_zeros = torch.stack((scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous()
-    return PreparedLinear("int4", packed, rows, cols, scales_and_zeros, weight.group, source=weight)
+    return PreparedLinear("int4", packed, rows, cols, scales_and_zeros, weight.group)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | PreparedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,10 +143,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PreparedLinear, bias: torch.T
         return F.linear(x, weight, bias)
     if weight.kind == "fp16":
         out = torch.ops.quantized.linear_dynamic_fp16(x.float(), weight.weight).to(x.dtype)
-    elif x.shape[0] <= WEIGHT_ONLY_MAX_ROWS and weight.weight is not None:
-        out = _weight_only(x, weight)
-    else:
+    elif weight.weight is None or (weight.kind == "int8" and x.shape[0] > WEIGHT_ONLY_MAX_ROWS[8]):
         out = _dequantized_gemm(x, weight)
+    else:
+        step = WEIGHT_ONLY_MAX_ROWS[4] if weight.kind == "int4" else x.shape[0]
+        out = torch.cat([_weight_only(x[first:first + step], weight) for first in range(0, x.shape[0], step)])
     return out if bias is None else out + bias
 
 
