@@ -263,8 +263,16 @@ def test_weight_transfer_fills_an_empty_cache_and_the_next_load_sends_nothing(st
         pipeline.close()
 
 
-def test_stage_with_the_model_in_its_models_dir_loads_from_disk(stories_dir, start_servers, keys):
-    servers = start_servers(2, models_dirs=[stories_dir.parent])
+def models_dir_with(model_dir, tmp_path):
+    """A models dir holding just this model (the shared one may hold GGUFs that take seconds to open)."""
+    models = tmp_path / "models"
+    models.mkdir(exist_ok=True)
+    (models / model_dir.name).symlink_to(model_dir)
+    return models
+
+
+def test_stage_with_the_model_in_its_models_dir_loads_from_disk(stories_dir, start_servers, keys, tmp_path):
+    servers = start_servers(2, models_dirs=[models_dir_with(stories_dir, tmp_path)])
     pipeline = remote_pipeline(remote_stages(servers, TWO_WAY), stories_dir, keys)
     try:
         assert pipeline.load_sources == ["models_dir", "models_dir"]
@@ -346,11 +354,12 @@ def test_load_beyond_the_memory_budget_is_refused(stories_dir, start_servers, ke
     assert server.call(server.server.stats)["used_bytes"] == 0
 
 
-def test_concurrent_loads_that_fit_only_one_at_a_time_do_not_both_pass_the_budget(stories_dir, start_servers, keys):
+def test_concurrent_loads_that_fit_only_one_at_a_time_do_not_both_pass_the_budget(stories_dir, start_servers, keys,
+                                                                                  tmp_path):
     args = Checkpoint.open(stories_dir).args
     sizes = [weight_bytes(args, spec, "f32") for spec in TWO_WAY]
     budget = sum(sizes) - 1
-    [server] = start_servers(1, budget=budget, models_dirs=[stories_dir.parent])
+    [server] = start_servers(1, budget=budget, models_dirs=[models_dir_with(stories_dir, tmp_path)])
     outcomes: list[str] = []
     barrier = threading.Barrier(2)
 
@@ -381,7 +390,7 @@ def test_idle_session_expires_and_its_cache_is_freed(stories_dir, start_servers,
         pipeline.forward(PROMPT, 0)
         stats = server.call(server.server.stats)
         assert stats["sessions"] == 1 and stats["kv_bytes"] > 0
-        cache = server.call(lambda: weakref.ref(next(iter(server.server._sessions.values())).cache))
+        cache = server.call(lambda: weakref.ref(next(iter(server.server.sessions)).cache))
         wait_until(lambda: server.call(server.server.stats)["sessions"] == 0, message="the idle session to expire")
         assert server.call(server.server.stats)["kv_bytes"] == 0
         wait_until(lambda: cache() is None, message="the expired session's cache to be freed")
@@ -557,7 +566,7 @@ def test_client_with_another_cluster_code_gets_nothing_done(stories_dir, start_s
     [server] = start_servers(1, on_refused=refusals.append)
     stranger = security.derive_keys(security.new_code())
     caplog.set_level(logging.WARNING, logger="cakep2p")
-    with pytest.raises(MeshError, match="lost"):
+    with pytest.raises(MeshError, match="could not authenticate: wrong or no pairing code"):
         with_client(server, stranger, lambda client: load_part_over(client, offer(stories_dir, TWO_WAY[1]), max_seq_len=SEQ))
     assert refusals
     assert "wrong cluster code" in caplog.text
@@ -602,16 +611,16 @@ def test_heartbeat_detects_a_killed_stage_process(tmp_path, code, keys):
 
 @pytest.mark.slow
 def test_heartbeats_keep_a_slow_forward_alive(stories_dir, start_servers, keys, monkeypatch):
-    import cakep2p.mesh.server
+    import cakep2p.mesh.compute
 
-    real_run = cakep2p.mesh.server._run_part
+    real_run = cakep2p.mesh.compute._run_chunk
     released = threading.Event()
 
     def slow_run(*args):
         released.wait(timeout=30)  # a compute that outlasts many heartbeat intervals
         return real_run(*args)
 
-    monkeypatch.setattr(cakep2p.mesh.server, "_run_part", slow_run)
+    monkeypatch.setattr(cakep2p.mesh.compute, "_run_chunk", slow_run)
     [server] = start_servers(1)
     ref = offer(stories_dir, TWO_WAY[1]).ref
 

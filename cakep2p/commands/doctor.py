@@ -14,6 +14,7 @@ import psutil
 from cakep2p.commands.display import window_problem
 from cakep2p.commands.options import port_number, wait_seconds
 from cakep2p.discovery import snapshot_peers
+from cakep2p.mesh.parts_cache import CAP_ENV, cache_summary, default_parts_dir
 from cakep2p.network import (DEFAULT_PORT, announce_addresses, is_virtual_interface, listen_host, port_is_free,
                              resolve_interfaces)
 from cakep2p.node import cluster_fingerprint
@@ -166,6 +167,12 @@ def peer_lines(interfaces: list[str] | None, wait_s: float, code: str | None) ->
     return lines
 
 
+def parts_cache_line() -> str:
+    """How much the parts cache (weights received from peers) holds, against its cap."""
+    parts_dir = default_parts_dir()
+    return f"parts cache: {cache_summary(parts_dir)} in {parts_dir} (least recently used go first; set {CAP_ENV})"
+
+
 def window_line() -> str:
     """Whether `cakep2p` (no command) can open its window here, and if not, the fix."""
     if importlib.util.find_spec("PySide6") is None:
@@ -190,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
             lines.append(f"multicast on {address}: {multicast_self_test(address)}")
     lines += mdns_daemon_lines()
     lines.append(mesh_port_line(args.port, args.interface))
+    lines.append(parts_cache_line())
     lines.append(window_line())
     if args.wait > 0:
         lines += peer_lines(args.interface, args.wait, args.cluster)

@@ -18,6 +18,7 @@ from cakep2p.engine.rope import apply_rope, rope_tables
 from cakep2p.planner import LayerRange
 
 Matrix = torch.Tensor | PreparedLinear
+PREFILL_CHUNK = 512  # positions per pass: a long prompt's mask and attention temporaries grow with chunk x context
 
 
 def has_o_bias(args: ModelArgs) -> bool:
@@ -132,12 +133,18 @@ class ModelPart(torch.nn.Module):
     def forward(self, inputs: torch.Tensor, start_pos: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """Token ids [T] (with embedding) or hidden [T, hidden] in; float32 logits [T, vocab] or hidden out.
 
-        With `last_only`, the head runs on the last position only (logits [1, vocab]).
+        With `last_only`, the head runs on the last position only (logits [1, vocab]). More than PREFILL_CHUNK
+        positions run as consecutive chunks of it, from the first position on: the same bits on every node, however
+        a pipeline splits the layers (mesh/compute.py cuts a stage's forward the same way).
         """
         length = inputs.shape[0]
         end = start_pos + length
         if end > cache.max_seq_len:
             raise ValueError(f"positions up to {end} exceed the cache's max_seq_len {cache.max_seq_len}")
+        if length > PREFILL_CHUNK:
+            outputs = [self.forward(inputs[offset:offset + PREFILL_CHUNK], start_pos + offset, cache, last_only)
+                       for offset in range(0, length, PREFILL_CHUNK)]
+            return outputs[-1] if last_only and self.layers.has_head else torch.cat(outputs)
         if self.layers.has_embedding:
             x = self._embed(inputs.to(self.device))
         else:

@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFormLayout
                                QPushButton, QSlider, QSpinBox, QVBoxLayout, QWidget)
 
 from cakep2p.gui.preferences import Preferences
+from cakep2p.mesh.parts_cache import cache_summary
 from cakep2p.units import format_size
 
 STEP_BYTES = 64 * 1024 * 1024      # the slider moves in 64 MiB steps
@@ -135,6 +136,7 @@ class NodeSettingsDialog(QDialog):
         form.addRow("Name", self.name_edit)
         form.addRow("Interface", self.interface_combo)
         form.addRow("Port", self.port_box)
+        form.addRow("Parts cache", QLabel(cache_summary()))   # weights received from peers, least recent go first
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(note)

@@ -1,5 +1,6 @@
-"""The initiator's end of one stage: a DEALER with request ids, heartbeats, liveness and capped reconnect backoff;
-the async ping that discovery and static peers use; and the wire's names for layer ranges (PartRef).
+"""The initiator's end of one stage: a DEALER with request ids, heartbeats, liveness and capped reconnect backoff,
+under a Lease (lease.py) that makes the stage's state for us ours; the async ping that discovery and static peers
+use; and the wire's names for layer ranges (PartRef).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import time
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from cakep2p import wire
 from cakep2p.errors import MeshError, ProtocolError
 from cakep2p.mesh.curve import configure_client
+from cakep2p.mesh.lease import Lease, process_lease
 from cakep2p.network import endpoint
 from cakep2p.planner import LayerRange
 from cakep2p.security import ClusterKeys
@@ -23,14 +26,18 @@ from cakep2p.security import ClusterKeys
 log = logging.getLogger(__name__)
 
 PROTOCOL_CODES = ("bad_request", "unsupported_version", "shape_mismatch")
+REPLAN_CODES = ("over_budget", "too_many_sessions", "disk_full")  # refusals another plan may route around
+HANDSHAKE_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+UNAUTHENTICATED = "could not authenticate: wrong or no pairing code?"
 
 
 class StageRefused(MeshError):
-    """A stage answered with an error reply; `code` is the wire error code."""
+    """A stage answered with an error reply; `code` is the wire error code, `endpoint` the stage's (address, port)."""
 
-    def __init__(self, message: str, code: str):
+    def __init__(self, message: str, code: str, endpoint: tuple[str, int] | None = None):
         super().__init__(message)
         self.code = code
+        self.endpoint = endpoint
 
 
 def part_ref(fingerprint: str, digest: str, layers: LayerRange) -> wire.PartRef:
@@ -47,21 +54,26 @@ class StageClient:
     """A DEALER connected to one stage server; request/response with ids, heartbeats and timeouts.
 
     Thread-safe (one request at a time). Liveness: any frame from the stage counts; while waiting, a heartbeat is
-    sent every `heartbeat_s` of silence and the stage is declared lost after `liveness` silent intervals.
+    sent every `heartbeat_s` of silence and the stage is declared lost after `liveness` silent intervals. What the
+    stage keeps for us belongs to `lease` (by default the process's); keep_alive() renews it between requests.
     """
 
     def __init__(self, address: str, port: int, keys: ClusterKeys | None, *, name: str = "",
                  heartbeat_s: float = 1.0, liveness: int = 3, timeout_s: float = 300.0,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, lease: Lease | None = None) -> None:
         self.address, self.port, self.keys = address, port, keys
         self.label = name or f"{address}:{port}"
         self.heartbeat_s, self.liveness, self.timeout_s = heartbeat_s, liveness, timeout_s
+        self.lease = lease or process_lease()
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._handshake = {"connected": False, "authenticated": False}
         self._lock = threading.Lock()
         self._request_ids = itertools.count(1)
         self._backoff_s = 0.0
         self._reconnect_at = 0.0
+        self._last_sent = 0.0
         self.lost = False  # declared dead (silent for `liveness` intervals) and not heard from since
 
     def __repr__(self) -> str:
@@ -79,24 +91,63 @@ class StageClient:
             socket.reconnect_ivl = 100
             socket.reconnect_ivl_max = 2000
             socket.maxmsgsize = wire.MAX_FRAME_BYTES
+            socket.routing_id = self.lease.routing_id()
             configure_client(socket, self.keys)
+            self._monitor = socket.get_monitor_socket(HANDSHAKE_EVENTS)
+            self._handshake = {"connected": False, "authenticated": False}
             socket.connect(endpoint(self.address, self.port))
             self._socket = socket
         return self._socket
 
-    def _drop(self) -> None:
+    def _close_socket(self) -> None:
         if self._socket is not None:
+            self._socket.disable_monitor()
             self._socket.close(linger=0)
             self._socket = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def _drop(self) -> None:
+        self._close_socket()
         self.lost = True
         self._backoff_s = min(2.0, max(0.1, self._backoff_s * 2))
         self._reconnect_at = time.monotonic() + self._backoff_s
 
     def close(self) -> None:
+        self.lease.release(self)
         with self._lock:
-            if self._socket is not None:
-                self._socket.close(linger=0)
-                self._socket = None
+            self._close_socket()
+
+    def keep_alive(self, idle_s: float) -> None:
+        """Renew our lease on the stage with a heartbeat when this connection has sent nothing for `idle_s`; never
+        waits for a request in progress (it renews the lease itself) and drops the heartbeats' answers."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if time.monotonic() - self._last_sent < idle_s or time.monotonic() < self._reconnect_at:
+                return
+            socket = self._connect()
+            try:
+                socket.send_multipart(wire.encode(wire.Heartbeat(request_id=0)), flags=zmq.NOBLOCK)
+            except zmq.Again:  # a stage gone for long: its queue is full; the next request finds out
+                return
+            self._last_sent = time.monotonic()
+            while socket.poll(0):
+                socket.recv_multipart(copy=False)
+        finally:
+            self._lock.release()
+
+    def _authenticated(self) -> bool | None:
+        """Whether this connection's CURVE handshake completed: True, False (TCP connected, never authenticated),
+        None (never even connected)."""
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            self._handshake["connected"] |= event == zmq.EVENT_CONNECTED
+            self._handshake["authenticated"] |= event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        if self._handshake["authenticated"]:
+            return True
+        return False if self._handshake["connected"] else None
 
     # -- requests -------------------------------------------------------------------------------------------
 
@@ -111,12 +162,13 @@ class StageClient:
             except wire.WireError as error:
                 raise ProtocolError(f"cannot send {message.type} to stage {self.label}: {error}") from None
             socket.send_multipart(frames, copy=False)
+            self._last_sent = time.monotonic()
             reply = self._await_reply(socket, request_id, timeout_s or self.timeout_s, message.type)
         if isinstance(reply, wire.Error):
             text = f"stage {self.label} refused {message.type}: {reply.message}"
             if reply.code in PROTOCOL_CODES:
                 raise ProtocolError(text)
-            raise StageRefused(text, reply.code)
+            raise StageRefused(text, reply.code, (self.address, self.port))
         return reply
 
     def _await_reply(self, socket: zmq.Socket, request_id: int, timeout_s: float, op: str) -> wire.Message:
@@ -127,11 +179,16 @@ class StageClient:
                 raise MeshError(f"stage {self.label} at {self.address}:{self.port} lost: no reply to {op} "
                                 f"within {timeout_s:.0f} s")
             if now - last_heard > self.liveness * self.heartbeat_s:
+                authenticated = self._authenticated()
                 self._drop()
+                if authenticated is False:
+                    raise MeshError(f"stage {self.label} at {self.address}:{self.port} {UNAUTHENTICATED} (it "
+                                    "accepts connections but the encrypted handshake never completed)")
                 raise MeshError(f"stage {self.label} at {self.address}:{self.port} lost: silent for "
                                 f"{now - last_heard:.1f} s")
             if not socket.poll(int(self.heartbeat_s * 1000)):
                 socket.send_multipart(wire.encode(wire.Heartbeat(request_id=0)))
+                self._last_sent = time.monotonic()
                 continue
             frames = socket.recv_multipart(copy=False)
             last_heard = time.monotonic()

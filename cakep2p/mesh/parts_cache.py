@@ -1,12 +1,14 @@
 """The parts cache: model parts a stage received from peers, kept as safetensors files named by their content
 digest, with their config and weight format in the metadata; every read checks the content against the name, so
-a damaged or foreign file is never used. And finding a stage's own copy of a model in its models dirs."""
+a damaged or foreign file is never used. The cache has a size cap ($CAKEP2P_PARTS_CACHE_MAX, default 16 GiB): the
+least recently used parts go first. And finding a stage's own copy of a model in its models dirs."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Mapping, Sequence
 
@@ -17,16 +19,76 @@ from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.digests import Served, content_digest
 from cakep2p.engine.dtypes import BY_SAFETENSORS
 from cakep2p.engine.safetensors import Entry, TensorInfo, mapped_tensor, read_safetensors_header, write_safetensors
-from cakep2p.errors import ModelError
+from cakep2p.errors import CakeError, ModelError
+from cakep2p.units import format_size, parse_size
 
 log = logging.getLogger(__name__)
 
 PARTS_DIR = "parts"
 READ_CHUNK_BYTES = 8 * 1024 * 1024
+CAP_ENV = "CAKEP2P_PARTS_CACHE_MAX"
+DEFAULT_CAP_BYTES = 16 << 30
+
+
+class CacheFull(OSError):
+    """A part bigger than the whole parts cache may hold: it is kept in memory only."""
 
 
 def default_parts_dir() -> Path:
     return paths.cache_dir() / PARTS_DIR
+
+
+def cache_cap() -> int:
+    """The parts cache's size cap: $CAKEP2P_PARTS_CACHE_MAX (a size such as 4GiB; 0 keeps nothing), else 16 GiB."""
+    text = os.environ.get(CAP_ENV, "").strip()
+    if not text:
+        return DEFAULT_CAP_BYTES
+    try:
+        return parse_size(text)
+    except (CakeError, ValueError):
+        log.warning("%s=%r is not a size (e.g. 8GiB); using %d bytes", CAP_ENV, text, DEFAULT_CAP_BYTES)
+        return DEFAULT_CAP_BYTES
+
+
+def cached_parts(parts_dir: Path) -> list[tuple[Path, int, float]]:
+    """(path, bytes, last use) of every cached part, least recently used first."""
+    found = []
+    for path in Path(parts_dir).glob("*.safetensors"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        found.append((path, stat.st_size, stat.st_mtime))
+    return sorted(found, key=lambda item: item[2])
+
+
+def cache_usage(parts_dir: Path) -> tuple[int, int]:
+    """(bytes, parts) the parts cache holds now."""
+    parts = cached_parts(parts_dir)
+    return sum(size for _, size, _ in parts), len(parts)
+
+
+def cache_summary(parts_dir: Path | None = None) -> str:
+    """`3 parts, 1.2 GiB of its 16 GiB cap`: what doctor and the window's node settings show."""
+    used, count = cache_usage(parts_dir or default_parts_dir())
+    return f"{count} part{'' if count == 1 else 's'}, {format_size(used)} of its {format_size(cache_cap())} cap"
+
+
+def make_room(parts_dir: Path, nbytes: int, cap: int) -> None:
+    """Evict the least recently used parts until `nbytes` more fit under `cap`; CacheFull if they never can."""
+    if nbytes > cap:
+        raise CacheFull(f"a part of {nbytes} bytes is more than the parts cache's cap of {cap} bytes")
+    parts = cached_parts(parts_dir)
+    used = sum(size for _, size, _ in parts)
+    for path, size, _ in parts:
+        if used + nbytes <= cap:
+            break
+        try:
+            path.unlink()
+            used -= size
+            log.info("parts cache over its cap: evicted %s (%d bytes, least recently used)", path.name, size)
+        except OSError as error:  # in use where open files cannot be deleted: the next one goes instead
+            log.debug("could not evict %s: %s", path.name, error)
 
 
 def cached_part_path(ref: wire.PartRef, parts_dir: Path) -> Path:
@@ -35,11 +97,13 @@ def cached_part_path(ref: wire.PartRef, parts_dir: Path) -> Path:
 
 
 def write_cached_part(ref: wire.PartRef, config_json: str, weights: str, entries: Sequence[Entry],
-                      write_data: Callable[[BinaryIO], None], parts_dir: Path) -> Path:
+                      write_data: Callable[[BinaryIO], None], parts_dir: Path, cap: int = DEFAULT_CAP_BYTES) -> Path:
     """Atomically store a part: its served tensors (`entries`, bytes as `write_data` streams them, in transfer
-    order) with the part's config, layers and weight format in the metadata."""
+    order) with the part's config, layers and weight format in the metadata; older parts are evicted to stay under
+    `cap` (CacheFull when the part alone is bigger; OSError when the disk is full)."""
     path = cached_part_path(ref, parts_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
+    make_room(parts_dir, sum(entry.nbytes for entry in entries) + len(config_json) + 4096, cap)
     metadata = {"cakep2p_fingerprint": ref.model_fingerprint, "cakep2p_config": config_json, "cakep2p_weights": weights,
                 "cakep2p_part": json.dumps(_ref_fields(ref)), "cakep2p_order": json.dumps([e.name for e in entries])}
     return write_safetensors(path, entries, write_data, metadata)
@@ -84,6 +148,10 @@ def read_cached_part(ref: wire.PartRef, parts_dir: Path) -> tuple[str, str, File
         log.warning("cached part %s does not hold the content its name says; removing it", path.name)
         path.unlink(missing_ok=True)
         return None
+    try:
+        os.utime(path)   # recently used: the last to be evicted
+    except OSError:
+        pass
     return metadata["cakep2p_config"], metadata["cakep2p_weights"], FileTensors(index, order)
 
 

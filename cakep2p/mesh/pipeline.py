@@ -1,5 +1,6 @@
 """The engine's Pipeline over remote stages (and optionally this node's own parts): one session, its KV caches on
-the stages, token by token through them in order; on a lost stage it moves to new stages and replays exactly.
+the stages, token by token through them in order; on a lost stage, or one that refuses for want of room, it moves
+to new stages and replays exactly. What the stages keep for it is held under a Lease (lease.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from cakep2p import planner, wire
 from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.model import ModelPart
 from cakep2p.errors import MeshError
-from cakep2p.mesh.client import StageClient, StageRefused
+from cakep2p.mesh.client import REPLAN_CODES, StageClient, StageRefused
+from cakep2p.mesh.lease import Lease
 from cakep2p.mesh.transfer import PartOffer, load_part
 from cakep2p.planner import LayerRange
 from cakep2p.security import ClusterKeys
@@ -37,7 +39,8 @@ class RemoteStage:
 
 
 PipelineStage = RemoteStage | ModelPart  # a ModelPart runs in-process (the initiator's own share)
-Replan = Callable[[MeshError, list[PipelineStage]], Sequence[PipelineStage] | None]  # (why, stages) -> new stages
+# (why, stages) -> new stages; `why` is a lost stage's MeshError or a StageRefused with a code in REPLAN_CODES
+Replan = Callable[[MeshError, list[PipelineStage]], Sequence[PipelineStage] | None]
 
 
 class RemotePipeline:
@@ -45,13 +48,15 @@ class RemotePipeline:
 
     `history` is the token ids now in the caches; `rebuild(new_stages)` reloads the model on a new set of stages
     and replays that history (in the same chunks, so the caches are bit-identical) to continue a generation.
+    Without a `lease` the pipeline has its own, renewed while it is open; with one (a model's), its holder renews it.
     """
 
     def __init__(self, stages: Sequence[PipelineStage], checkpoint: Checkpoint, max_seq_len: int,
                  keys: ClusterKeys | None, *, weights: str, dtype: str = "auto", heartbeat_s: float = 1.0,
                  timeout_s: float = 300.0,
                  allow_transfer: bool = True, on_progress: Callable[[str, int, int], None] | None = None,
-                 on_lost: Replan | None = None, max_recoveries: int = 3, context: zmq.Context | None = None) -> None:
+                 on_lost: Replan | None = None, max_recoveries: int = 3, context: zmq.Context | None = None,
+                 lease: Lease | None = None) -> None:
         self.checkpoint = checkpoint
         self.fingerprint = checkpoint.fingerprint
         self.args = checkpoint.args  # the shapes stage replies are checked against
@@ -62,6 +67,8 @@ class RemotePipeline:
         self.on_lost, self.max_recoveries = on_lost, max_recoveries
         self.recoveries: list[str] = []  # one line per recovery, for the caller's notice
         self._context = context
+        self._own_lease = lease is None   # kept alive here while open; a given lease is its holder's to keep
+        self.lease = lease or Lease()
         self.session_id = uuid.uuid4().hex
         self.load_sources: list[str] = []
         self.stage_seconds: list[float] = []
@@ -99,8 +106,11 @@ class RemotePipeline:
                     self.load_sources.append("local")
                     continue
                 client = StageClient(stage.address, stage.port, self.keys, name=stage.name,
-                                     heartbeat_s=self.heartbeat_s, timeout_s=self.timeout_s, context=self._context)
+                                     heartbeat_s=self.heartbeat_s, timeout_s=self.timeout_s, context=self._context,
+                                     lease=self.lease)
                 self._clients.append(client)
+                if self._own_lease:
+                    self.lease.keep(client)
                 self._caches.append(None)
                 self._dtypes.append(None)
                 progress = None
@@ -134,20 +144,28 @@ class RemotePipeline:
                 logits = self._run(list(token_ids), start_pos)
                 break
             except StageRefused as refusal:
+                if refusal.code in REPLAN_CODES:   # no room there now: another plan may have some
+                    move_to = self._recover(refusal, attempt)
+                    continue
                 if refusal.code not in ("unknown_session", "unknown_part") or attempt >= self.max_recoveries:
                     raise
                 self.recoveries.append(f"{refusal}; replaying the session on the same stages")
                 move_to = self.stages  # the stage restarted or expired the session: refill its cache
             except MeshError as error:
-                recoverable = self.on_lost is not None and attempt < self.max_recoveries
-                move_to = self.on_lost(error, self.stages) if recoverable else None
-                if not move_to:
-                    raise
-                self.recoveries.append(f"{error}; continuing on {len(move_to)} stages")
-                log.warning("%s; moving the session to %d stages", error, len(move_to))
+                move_to = self._recover(error, attempt)
         self._chunks.append((start_pos, list(token_ids)))
         self._history.extend(token_ids)
         return logits
+
+    def _recover(self, error: MeshError, attempt: int) -> Sequence[PipelineStage]:
+        """The stages on_lost offers after `error`; raises `error` when there is no way on."""
+        recoverable = self.on_lost is not None and attempt < self.max_recoveries
+        move_to = self.on_lost(error, self.stages) if recoverable else None
+        if not move_to:
+            raise error
+        self.recoveries.append(f"{error}; continuing on {len(move_to)} stages")
+        log.warning("%s; moving the session to %d stages", error, len(move_to))
+        return move_to
 
     def _forget_from(self, position: int) -> None:
         """Drop the history from `position` on, and every recorded chunk that starts there or later. A chunk across
@@ -194,6 +212,7 @@ class RemotePipeline:
         for client in self._clients:
             if client is None:
                 continue
+            self.lease.release(client)
             if end_session and not client.lost:
                 try:
                     client.end_session(self.session_id, timeout_s=min(5.0, self.timeout_s))

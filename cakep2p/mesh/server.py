@@ -1,33 +1,33 @@
 """A stage server: hosts model parts behind a CURVE ZeroMQ ROUTER and runs forward passes for remote initiators,
-with compute in an executor thread so pings and heartbeats keep flowing; sessions and limits here, the parts
-themselves in its PartStore.
+with compute on one thread shared fairly between them (compute.py) so pings and heartbeats keep flowing. What it
+keeps belongs to an owner, the lease of the connection that asked (sessions.py): nobody else reaches it, and it
+all goes within seconds once its owner falls silent. The parts themselves are in its PartStore.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
 import zmq
 import zmq.asyncio
 
 from cakep2p import wire
-from cakep2p.engine.dtypes import name_of
-from cakep2p.engine.model import ModelPart
 from cakep2p.engine.sizes import kv_cache_bytes
 from cakep2p.errors import CakeError
 from cakep2p.mesh.client import layer_range
+from cakep2p.mesh.compute import FairCompute, checked_inputs, run_forward
 from cakep2p.mesh.curve import Authenticator, configure_server
-from cakep2p.mesh.part_store import LoadedPart, PartStore, Refusal
-from cakep2p.mesh.parts_cache import default_parts_dir
+from cakep2p.mesh.part_store import TRANSFER_STALL_S, LoadedPart, PartStore, Refusal
+from cakep2p.mesh.parts_cache import cache_cap, default_parts_dir
+from cakep2p.mesh.sessions import Leases, Owner, Session, Sessions, owner_label, owner_of
 from cakep2p.network import endpoint
 from cakep2p.security import ClusterKeys, insecure_warning
 
@@ -39,28 +39,15 @@ RECEIVE_QUEUE_MESSAGES = 4  # per peer, with ZMQ_MAXMSGSIZE: bounds what a peer 
 SEND_QUEUE_MESSAGES = 1000  # per peer; a client may pipeline hundreds of requests (tests/test_mesh.py reads 500)
 
 
-# -- server state ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Session:
-    session_id: str
-    ref: wire.PartRef
-    max_seq_len: int
-    kv_bytes: int
-    cache: object | None = None
-    position: int = 0
-    busy: bool = False
-    last_used: float = field(default_factory=time.monotonic)
-
-
 @dataclass(frozen=True)
 class StageLimits:
-    """What a node lends: memory for weights + KV caches + transfers, and how many sessions it keeps."""
+    """What a node lends: memory for weights + KV caches + transfers, how many sessions it keeps, and how long an
+    owner may be silent before its sessions, parts and transfers go (lease_s) or a session unused (session_idle_s)."""
 
     budget_bytes: int
     max_sessions: int = 8
     session_idle_s: float = 600.0
+    lease_s: float = 6.0
     max_frame_bytes: int = wire.MAX_FRAME_BYTES
 
 
@@ -70,18 +57,23 @@ class StageServer:
     def __init__(self, *, node_id: str, name: str, keys: ClusterKeys | None, limits: StageLimits,
                  address: str = "127.0.0.1", port: int = 0, models_dirs: Sequence[str | Path] = (),
                  parts_dir: str | Path | None = None, device: str = "auto",
-                 on_refused: Callable[[str], None] | None = None, serving: bool = True) -> None:
+                 on_refused: Callable[[str], None] | None = None, serving: bool = True,
+                 parts_cache_cap: int | None = None) -> None:
         self.node_id, self.name, self.keys, self.limits = node_id, name, keys, limits
         self.address, self.port = address, port
         self.on_refused = on_refused
         self.serving = serving  # False: refuse new loads, transfers and sessions (running sessions go on)
         self.refused_requests = 0  # malformed or refused messages answered with an error
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cakep2p-compute")
+        self._compute = FairCompute(self._executor)
         self.store = PartStore(parts_dir=Path(parts_dir) if parts_dir is not None else default_parts_dir(),
                                models_dirs=[Path(path) for path in models_dirs], device=device,
-                               free_bytes=self.free_bytes, compute=self._compute)
-        self._sessions: dict[tuple[str, wire.PartRef], _Session] = {}
+                               free_bytes=self.free_bytes, compute=self._compute.run, node_name=lambda: self.name,
+                               cache_cap=cache_cap() if parts_cache_cap is None else parts_cache_cap)
+        self.sessions = Sessions()
+        self.leases = Leases()
         self._tasks: set[asyncio.Task] = set()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cakep2p-compute")
+        self._owner_tasks: collections.Counter[Owner] = collections.Counter()
         self._context: zmq.asyncio.Context | None = None
         self._router: zmq.asyncio.Socket | None = None
         self._authenticator: Authenticator | None = None
@@ -96,6 +88,7 @@ class StageServer:
         router.linger = 0
         router.maxmsgsize = self.limits.max_frame_bytes
         router.sndhwm, router.rcvhwm = SEND_QUEUE_MESSAGES, RECEIVE_QUEUE_MESSAGES
+        router.router_handover = 1  # a lease's reconnecting DEALER takes its routing id back at once
         if self.keys is not None:
             self._authenticator = Authenticator(self._context, self.keys, self.on_refused)
         else:
@@ -123,13 +116,14 @@ class StageServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._compute.stop()
         if self._router is not None:
             self._router.close(linger=0)
             self._router = None
         self._shutdown_context()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.store.close()
-        self._sessions.clear()
+        self.sessions.drop()
 
     def _shutdown_context(self) -> None:
         if self._authenticator is not None:
@@ -139,10 +133,13 @@ class StageServer:
             self._context.term()
             self._context = None
 
-    def _spawn(self, coroutine) -> None:
+    def _spawn(self, coroutine, owner: Owner | None = None) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if owner is not None:
+            self._owner_tasks[owner] += 1
+            task.add_done_callback(lambda _: self._owner_tasks.subtract([owner]))
 
     # -- accounting -----------------------------------------------------------------------------------------
 
@@ -151,17 +148,17 @@ class StageServer:
         self.limits = dataclasses.replace(self.limits, budget_bytes=budget_bytes)
 
     def used_bytes(self) -> int:
-        return self.store.used_bytes() + sum(session.kv_bytes for session in self._sessions.values())
+        return self.store.used_bytes() + self.sessions.kv_bytes()
 
     def free_bytes(self) -> int:
         return max(0, self.limits.budget_bytes - self.used_bytes())
 
     def stats(self) -> dict:
         """A snapshot for status displays and tests."""
-        return {"parts": len(self.store.parts), "sessions": len(self._sessions),
-                "kv_bytes": sum(session.kv_bytes for session in list(self._sessions.values())),
+        return {"parts": len(self.store.parts), "sessions": len(self.sessions), "kv_bytes": self.sessions.kv_bytes(),
                 "used_bytes": self.used_bytes(), "free_bytes": self.free_bytes(),
-                "transfers": len(self.store.transfers), "refused_requests": self.refused_requests}
+                "transfers": len(self.store.transfers), "refused_requests": self.refused_requests,
+                "owners": len(self.store.owners() | self.sessions.owners())}
 
     # -- the socket -----------------------------------------------------------------------------------------
 
@@ -169,15 +166,21 @@ class StageServer:
         while True:
             frames = await self._router.recv_multipart(copy=False)
             peer, body = frames[0].bytes, frames[1:]
+            owner = owner_of(peer)
+            self.leases.heard(owner)   # any frame renews the owner's lease
             try:
                 message = wire.decode(body)
             except wire.WireError as error:
                 await self._refuse(peer, error.request_id, error.code, f"malformed request: {error}")
                 continue
             try:
-                await self._dispatch(peer, message)
+                await self._dispatch(peer, owner, message)
             except wire.WireError as error:  # e.g. a reply that fails to encode: answer, keep serving
                 await self._refuse(peer, message.request_id, error.code, str(error))
+            except Exception as error:  # noqa: BLE001  (one request's failure must not end the server)
+                log.exception("stage server failed on %s", message.type)
+                await self._refuse(peer, message.request_id, "internal", f"{message.type} failed: "
+                                                                          f"{type(error).__name__}")
 
     async def _send(self, peer: bytes, message: wire.Message) -> None:
         if self._router is not None:
@@ -185,41 +188,40 @@ class StageServer:
 
     async def _refuse(self, peer: bytes, request_id: int, code: str, text: str) -> None:
         self.refused_requests += 1
-        self._log_budget.warning("refused a request from peer %s: %s", peer.hex()[:10], text)
+        self._log_budget.warning("refused a request from %s: %s", owner_label(owner_of(peer)), text)
         text = "".join(char if char.isprintable() else " " for char in text)[:300]
         await self._send(peer, wire.Error(request_id=request_id, code=code, message=text))
 
-    async def _dispatch(self, peer: bytes, message: wire.Message) -> None:
+    async def _dispatch(self, peer: bytes, owner: Owner, message: wire.Message) -> None:
         if isinstance(message, wire.Heartbeat):
             await self._send(peer, wire.Heartbeat(request_id=message.request_id))
         elif isinstance(message, wire.Ping):
-            await self._send(peer, self._pong(message.request_id))
+            await self._send(peer, self._pong(owner, message.request_id))
         elif isinstance(message, (wire.LoadPart, wire.TensorChunk, wire.TransferEnd)) and not self.serving:
             await self._refuse(peer, message.request_id, "over_budget", NOT_SERVING.format(op=message.type))
         elif isinstance(message, (wire.Forward, wire.LoadPart, wire.TransferEnd)):
-            if len(self._tasks) >= self.limits.max_sessions + MAX_EXTRA_TASKS:
+            everyone = self.limits.max_sessions + MAX_EXTRA_TASKS
+            if len(self._tasks) >= everyone or self._owner_tasks[owner] >= max(2, everyone // 2):
                 await self._refuse(peer, message.request_id, "over_budget",
                                    f"{message.type}: this node is busy with too many requests; retry later")
                 return
             handler = {"forward": self._forward, "load_part": self._load, "transfer_end": self._finish_transfer}
-            self._spawn(self._guarded(peer, message, handler[message.type](peer, message)))
+            self._spawn(self._guarded(peer, message, handler[message.type](peer, owner, message)), owner)
         elif isinstance(message, wire.TensorChunk):
             try:
-                self.store.accept(peer, message)
+                self.store.accept(owner, message)
             except Refusal as refusal:
                 await self._refuse(peer, message.request_id, refusal.code, str(refusal))
                 return
             await self._send(peer, wire.Ack(request_id=message.request_id))
         elif isinstance(message, wire.EndSession):
-            for key in [key for key in self._sessions if key[0] == message.session_id]:
-                del self._sessions[key]
+            self.sessions.drop(owner, message.session_id)
             await self._send(peer, wire.Ack(request_id=message.request_id))
         elif isinstance(message, wire.Unload):
-            if not self.store.unload(message.part):
-                await self._refuse(peer, message.request_id, "unknown_part", "unload: this node lacks that part")
+            if not self.store.unload(owner, message.part):
+                await self._refuse(peer, message.request_id, "unknown_part", "unload: you hold no such part here")
                 return
-            for key in [key for key in self._sessions if key[1] == message.part]:
-                del self._sessions[key]
+            self.sessions.drop(owner, ref=message.part)
             await self._send(peer, wire.Ack(request_id=message.request_id))
         else:
             await self._refuse(peer, message.request_id, "bad_request", f"{message.type} is not a request")
@@ -235,40 +237,38 @@ class StageServer:
             log.exception("stage server failed on %s", request.type)
             await self._refuse(peer, request.request_id, "internal", f"{request.type} failed: {type(error).__name__}")
 
-    def _pong(self, request_id: int) -> wire.Pong:
-        """Capabilities; a node that is not serving offers no memory and no sessions (max_sessions 0)."""
+    def _pong(self, owner: Owner, request_id: int) -> wire.Pong:
+        """Capabilities, and the parts the asker holds here; a node that is not serving offers no memory and no
+        sessions (max_sessions 0)."""
         return wire.Pong(request_id=request_id, node_id=self.node_id, name=self.name[:64],
-                         loaded_parts=tuple(self.store.parts)[:wire.MAX_PARTS_LISTED],
-                         free_budget=self.free_bytes() if self.serving else 0, sessions=len(self._sessions),
+                         loaded_parts=tuple(self.store.parts_of(owner))[:wire.MAX_PARTS_LISTED],
+                         free_budget=self.free_bytes() if self.serving else 0, sessions=len(self.sessions),
                          max_sessions=self.limits.max_sessions if self.serving else 0)
-
-    async def _compute(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     # -- loading (the store answers, the server sends) -------------------------------------------------------------
 
-    async def _load(self, peer: bytes, request: wire.LoadPart) -> None:
-        await self._send(peer, await self.store.load(peer, request))
+    async def _load(self, peer: bytes, owner: Owner, request: wire.LoadPart) -> None:
+        await self._send(peer, await self.store.load(owner, request))
 
-    async def _finish_transfer(self, peer: bytes, end: wire.TransferEnd) -> None:
-        await self._send(peer, await self.store.finish(peer, end))
+    async def _finish_transfer(self, peer: bytes, owner: Owner, end: wire.TransferEnd) -> None:
+        await self._send(peer, await self.store.finish(owner, end))
 
     # -- forward --------------------------------------------------------------------------------------------
 
-    async def _forward(self, peer: bytes, request: wire.Forward) -> None:
-        loaded = self.store.parts.get(request.part)
+    async def _forward(self, peer: bytes, owner: Owner, request: wire.Forward) -> None:
+        loaded = self.store.held(owner, request.part)
         if loaded is None:
-            raise Refusal("unknown_part", "forward: this node does not hold that part; send load_part first")
-        inputs = _checked_inputs(loaded.model, request.tensor)
-        session = self._sessions.get((request.session_id, request.part))
+            raise Refusal("unknown_part", "forward: you hold no such part on this node; send load_part first")
+        inputs = checked_inputs(loaded.model, request.tensor)
+        session = self.sessions.get(owner, request.session_id, request.part)
         if session is None and request.start_pos > 0:
             raise Refusal("unknown_session", f"forward: session {request.session_id} is not on this node "
                                               "(expired or never started); replay it from position 0")
-        max_seq_len = session.max_seq_len if session is not None else loaded.max_seq_len
+        max_seq_len = session.max_seq_len if session is not None else loaded.context_for(owner)
         if request.start_pos + request.positions > max_seq_len:
             raise Refusal("bad_request", f"forward: positions up to {request.start_pos + request.positions} "
                                           f"exceed the session's max_seq_len {max_seq_len}")
-        session = session or self._new_session(request.session_id, request.part, loaded)
+        session = session or self._new_session(owner, request.session_id, request.part, loaded)
         if session.busy:
             raise Refusal("bad_request", f"forward: session {request.session_id} is already computing")
         if request.start_pos > session.position:
@@ -276,7 +276,8 @@ class StageServer:
                                           f"{session.position} positions cached for the session")
         session.busy = True
         try:
-            output = await self._compute(_run_part, loaded, session, inputs, request.start_pos)
+            output = await run_forward(self._compute.for_owner(owner), loaded.model, session, inputs,
+                                       request.start_pos)
         finally:
             session.busy = False
             session.last_used = time.monotonic()
@@ -284,55 +285,44 @@ class StageServer:
         await self._send(peer, wire.ForwardResult(request_id=request.request_id, session_id=request.session_id,
                                                   step=request.step, tensor=output))
 
-    def _new_session(self, session_id: str, ref: wire.PartRef, loaded: LoadedPart) -> _Session:
+    def _new_session(self, owner: Owner, session_id: str, ref: wire.PartRef, loaded: LoadedPart) -> Session:
         if not self.serving:
             raise Refusal("over_budget", NOT_SERVING.format(op="forward"))
-        if len(self._sessions) >= self.limits.max_sessions:
+        if len(self.sessions) >= self.limits.max_sessions:
             raise Refusal("too_many_sessions", f"this node already serves its maximum of "
                                                 f"{self.limits.max_sessions} sessions; retry when one ends")
-        model = loaded.model
-        kv_bytes = kv_cache_bytes(model.args, model.layers, model.dtype, loaded.max_seq_len)
+        model, max_seq_len = loaded.model, loaded.context_for(owner)
+        kv_bytes = kv_cache_bytes(model.args, model.layers, model.dtype, max_seq_len)
         if kv_bytes > self.free_bytes():
             raise Refusal("over_budget", f"a KV cache of {kv_bytes} bytes exceeds the {self.free_bytes()} "
                                           "bytes this node still offers")
-        session = _Session(session_id, ref, loaded.max_seq_len, kv_bytes)
-        self._sessions[(session_id, ref)] = session
+        session = Session(owner, session_id, ref, max_seq_len, kv_bytes)
+        self.sessions.add(session)
         return session
 
+    # -- leases and expiry ------------------------------------------------------------------------------------
+
     async def _expiry_loop(self) -> None:
-        interval = max(0.05, min(1.0, self.limits.session_idle_s / 4))
+        interval = max(0.05, min(0.5, self.limits.lease_s / 4, self.limits.session_idle_s / 4))
         while True:
             await asyncio.sleep(interval)
-            deadline = time.monotonic() - self.limits.session_idle_s
-            # comprehensions only: a loop variable left holding a session would keep its KV cache alive
-            for key in [key for key, session in self._sessions.items()
-                        if not session.busy and session.last_used < deadline]:
-                del self._sessions[key]
-                log.info("session %s expired after %.0f s idle", key[0], self.limits.session_idle_s)
-            for ref in self.store.drop_abandoned(deadline):
-                log.info("abandoned weight transfer of %s dropped", layer_range(ref).describe())
+            self.expire(time.monotonic())
 
-
-def _checked_inputs(model: ModelPart, tensor: torch.Tensor) -> torch.Tensor:
-    args = model.args
-    if model.layers.has_embedding:
-        if tensor.dim() != 1 or tensor.dtype != torch.int64:
-            raise Refusal("shape_mismatch", f"forward: this part takes int64 token ids [T], got "
-                                             f"{wire.DTYPE_NAMES[tensor.dtype]}{list(tensor.shape)}")
-        if int(tensor.min()) < 0 or int(tensor.max()) >= args.vocab_size:
-            raise Refusal("shape_mismatch", f"forward: token ids must lie in [0, {args.vocab_size})")
-        return tensor
-    if tensor.dim() != 2 or tensor.shape[1] != args.hidden_size or tensor.dtype != model.dtype:
-        raise Refusal("shape_mismatch", f"forward: this part takes {name_of(model.dtype)} hidden states "
-                                         f"[T, {args.hidden_size}], got {wire.DTYPE_NAMES[tensor.dtype]}"
-                                         f"{list(tensor.shape)}")
-    return tensor
-
-
-def _run_part(loaded: LoadedPart, session: _Session, inputs: torch.Tensor, start_pos: int) -> torch.Tensor:
-    if session.cache is None:
-        session.cache = loaded.model.new_cache(session.max_seq_len)
-    return loaded.model(inputs, start_pos, session.cache, last_only=loaded.model.layers.has_head)
+    def expire(self, now: float) -> None:
+        """Drop what belongs to owners silent for lease_s, sessions unused for session_idle_s and transfers
+        without a chunk for TRANSFER_STALL_S."""
+        deadline = now - self.limits.lease_s
+        for owner in self.leases.lapsed(self.store.owners() | self.sessions.owners(), deadline):
+            sessions = self.sessions.drop(owner, keep_busy=True)
+            parts = self.store.release(owner)
+            log.info("lease of %s lapsed: dropped %d sessions and %d parts", owner_label(owner), sessions, len(parts))
+        self.leases.forget_before(deadline)
+        idle = self.sessions.idle_since(now - self.limits.session_idle_s)
+        self.sessions.drop_keys(idle)
+        for key in idle:
+            log.info("session %s expired after %.0f s idle", key[1], self.limits.session_idle_s)
+        for ref in self.store.drop_stalled(now - min(TRANSFER_STALL_S, self.limits.session_idle_s)):
+            log.info("stalled weight transfer of %s dropped", layer_range(ref).describe())
 
 
 class _LogLimiter:
@@ -353,46 +343,3 @@ class _LogLimiter:
             log.warning(text, *args)
         else:
             self.suppressed += 1
-
-
-class ServerThread:
-    """A StageServer on its own asyncio loop in a background thread (for tests and headless hosts)."""
-
-    def __init__(self, server: StageServer) -> None:
-        self.server = server
-        self._loop = asyncio.SelectorEventLoop()  # zmq.asyncio needs a selector loop (Windows too)
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"cakep2p-stage-{server.name}", daemon=True)
-
-    def start(self) -> int:
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
-        return self.server.port
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self.server.start())
-        except BaseException as error:
-            self._error = error
-            self._ready.set()
-            self._loop.close()
-            return
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(self.server.stop())
-        self._loop.close()
-
-    def call(self, function: Callable, *args):
-        """Run function(*args) on the server's loop and return its result (for inspection in tests)."""
-        async def run():
-            return function(*args)
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=30)
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=30)

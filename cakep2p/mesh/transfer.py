@@ -6,12 +6,16 @@ only when its content digest is the part's name (receiving side).
 from __future__ import annotations
 
 import hashlib
+import io
+import mmap
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Mapping
+
+import torch
 
 from cakep2p import wire
 from cakep2p.engine.checkpoint import Checkpoint
@@ -23,7 +27,7 @@ from cakep2p.engine.loading import expected_shapes, part_tensor_names
 from cakep2p.engine.safetensors import Entry, raw_bytes
 from cakep2p.errors import ProtocolError
 from cakep2p.mesh.client import StageClient, layer_range, part_ref
-from cakep2p.mesh.parts_cache import write_cached_part
+from cakep2p.mesh.parts_cache import DEFAULT_CAP_BYTES, write_cached_part
 from cakep2p.planner import LayerRange
 
 CHUNK_BYTES = 8 * 1024 * 1024
@@ -102,11 +106,11 @@ class TransferRejected(ValueError):
 
 @dataclass
 class Transfer:
-    """A part being streamed in by `peer`: served tensors arrive in the order of the part's checkpoint tensors, each
-    in offset order, and go straight to a spool file in `spool_dir` (never all in memory); each one's sha256 is
-    taken on the way, for the content digest."""
+    """A part being streamed in by `owner`: served tensors arrive in the order of the part's checkpoint tensors, each
+    in offset order, and go straight to a spool file in `spool_dir` (never all in memory, unless that disk is full
+    and the node lends the memory: `in_memory`); each one's sha256 is taken on the way, for the content digest."""
 
-    peer: bytes
+    owner: bytes
     request: wire.LoadPart
     args: ModelArgs
     names: list[str]                         # the checkpoint tensors the part is made of, in order
@@ -120,6 +124,8 @@ class Transfer:
     digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
     last_used: float = field(default_factory=time.monotonic)
     spool: BinaryIO | None = None
+    spooled: int = 0                         # bytes in the spool
+    in_memory: bool = False
 
     def close(self) -> None:
         """Drop the spool file (a transfer that ends, fails or is abandoned)."""
@@ -144,16 +150,30 @@ def _base_name(served: str) -> str:
 
 
 def accept_chunk(transfer: Transfer, chunk: wire.TensorChunk) -> None:
-    """Append one chunk to the transfer's spool; TransferRejected when it is not what may come next."""
+    """Append one chunk to the transfer's spool; TransferRejected when it is not what may come next, OSError when
+    the spool cannot take it (the transfer then stands as before the chunk's bytes: see append_chunk)."""
     if transfer.current is None or chunk.name != transfer.current[0] or chunk.offset == 0:
         _begin_tensor(transfer, chunk)
     name, dtype, shape, total = transfer.current
     if chunk.offset != transfer.received or chunk.total != total or (chunk.dtype, chunk.shape) != (dtype, shape):
         raise TransferRejected(f"tensor_chunk: {chunk.name} offset {chunk.offset} out of order")
-    data = memoryview(chunk.data)
-    if transfer.received + data.nbytes > total:
+    if transfer.received + memoryview(chunk.data).nbytes > total:
         raise TransferRejected(f"tensor_chunk: {chunk.name} runs past its {total} bytes")
-    transfer.spool.write(data)
+    append_chunk(transfer, chunk)
+
+
+def append_chunk(transfer: Transfer, chunk: wire.TensorChunk) -> None:
+    """Write an admitted chunk's bytes to the spool and count them (again after an OSError and spool_in_memory)."""
+    if transfer.spool is None:
+        transfer.spool_dir.mkdir(parents=True, exist_ok=True)
+        transfer.spool = tempfile.TemporaryFile(dir=transfer.spool_dir, prefix=".transfer-", buffering=0)
+    data = memoryview(chunk.data).cast("B")
+    transfer.spool.seek(transfer.spooled)
+    written = 0
+    while written < data.nbytes:
+        written += transfer.spool.write(data[written:]) or 0
+    transfer.spooled += data.nbytes
+    name, dtype, shape, total = transfer.current
     transfer.digest.update(data)
     transfer.received += data.nbytes
     transfer.last_used = time.monotonic()
@@ -178,9 +198,6 @@ def _begin_tensor(transfer: Transfer, chunk: wire.TensorChunk) -> None:
     if transfer.received_bytes + chunk.total > transfer.request.weight_bytes:
         raise TransferRejected(f"tensor_chunk: the part's tensors exceed the {transfer.request.weight_bytes} bytes "
                                "load_part declared")
-    if transfer.spool is None:
-        transfer.spool_dir.mkdir(parents=True, exist_ok=True)
-        transfer.spool = tempfile.TemporaryFile(dir=transfer.spool_dir, prefix=".transfer-")
     transfer.base_index = index
     transfer.current = (chunk.name, chunk.dtype, chunk.shape, chunk.total)
     transfer.received, transfer.digest = 0, hashlib.sha256()
@@ -201,8 +218,40 @@ def _check_piece(transfer: Transfer, chunk: wire.TensorChunk, expected: tuple[in
         raise TransferRejected(f"tensor_chunk: {chunk.name} is not a quantized piece of a {rows}x{cols} matrix")
 
 
-def store_transfer(transfer: Transfer, parts_dir: Path) -> Path:
-    """Write a complete transfer as the part's cache file, copying the spool."""
+def spool_in_memory(transfer: Transfer) -> None:
+    """Move the spool to memory (its disk is full): the bytes so far are copied, the file goes."""
+    memory = io.BytesIO()
+    if transfer.spool is not None:
+        transfer.spool.seek(0)
+        left = transfer.spooled
+        while left:
+            piece = transfer.spool.read(min(left, CHUNK_BYTES))
+            if not piece:
+                raise OSError(f"the transfer's spool lost its bytes after {transfer.spooled - left}")
+            memory.write(piece)
+            left -= len(piece)
+        transfer.spool.close()
+    transfer.spool, transfer.in_memory = memory, True
+
+
+def spool_tensors(transfer: Transfer) -> Mapping[str, torch.Tensor]:
+    """The received tensors straight from the spool (a part kept in memory only: the cache could not store it)."""
+    if transfer.in_memory:
+        buffer = transfer.spool.getbuffer()
+    else:
+        buffer = mmap.mmap(transfer.spool.fileno(), 0, access=mmap.ACCESS_COPY) if transfer.spooled else b""
+    tensors, offset = {}, 0
+    for name, dtype_name, shape, _ in transfer.entries:
+        dtype = BY_NAME[dtype_name].torch
+        nbytes = BY_NAME[dtype_name].itemsize * _count(shape)
+        tensors[name] = (torch.frombuffer(buffer, dtype=dtype, count=_count(shape), offset=offset).view(shape)
+                         if nbytes else torch.empty(shape, dtype=dtype))
+        offset += nbytes
+    return tensors
+
+
+def store_transfer(transfer: Transfer, parts_dir: Path, cap: int = DEFAULT_CAP_BYTES) -> Path:
+    """Write a complete transfer as the part's cache file, copying the spool (CacheFull or OSError if it cannot)."""
     entries = [Entry(name, BY_NAME[dtype].torch, shape, BY_NAME[dtype].itemsize * _count(shape))
                for name, dtype, shape, _ in transfer.entries]
 
@@ -211,7 +260,8 @@ def store_transfer(transfer: Transfer, parts_dir: Path) -> Path:
         shutil.copyfileobj(transfer.spool, handle, CHUNK_BYTES)
 
     request = transfer.request
-    return write_cached_part(request.part, request.config_json, request.weights, entries, write_data, parts_dir)
+    return write_cached_part(request.part, request.config_json, request.weights, entries, write_data, parts_dir,
+                             cap)
 
 
 def _count(shape: tuple[int, ...]) -> int:

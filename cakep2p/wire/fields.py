@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-PROTOCOL_VERSION = 2  # 2: parts named by their content, weight formats, quantized tensors
+PROTOCOL_VERSION = 3  # 2: parts named by their content, weight formats, quantized tensors; 3: leases, disk_full
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_CONFIG_BYTES = 48 * 1024
@@ -48,6 +48,7 @@ ERROR_CODES = (
     "shape_mismatch",  # tensor shape or dtype does not fit the loaded part
     "not_found",  # load with source=local, but the node has no copy of the model
     "transfer_failed",  # sha256 mismatch, out-of-order chunk, incomplete transfer
+    "disk_full",  # the node cannot store the part and has no memory to keep it instead
     "internal",  # the node failed while serving a valid request
 )
 

@@ -164,17 +164,20 @@ def kill_all(children) -> None:
 class StageProcess(ChildProcess):
     """A bare StageServer (tests/kit/stage_server.py) on 127.0.0.1 in its own process; `with` waits for its port.
 
-    code=None runs it with --insecure; its stderr goes to HOME/stage.log."""
+    code=None runs it with --insecure; its stderr goes to HOME/stage.log. `prefix` goes before the command (e.g. a
+    mount namespace that gives it a small disk), `env` on top of its environment."""
 
-    def __init__(self, home: Path, code: str | None, *extra_args: str) -> None:
+    def __init__(self, home: Path, code: str | None, *extra_args: str, prefix: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         home.mkdir(parents=True, exist_ok=True)
+        self.home = home
         self.log_path = home / "stage.log"
-        args = [sys.executable, str(STAGE_SERVER), "--port", "0", *extra_args]
+        args = [*prefix, sys.executable, str(STAGE_SERVER), "--port", "0", *extra_args]
         if code is None:
             args.append("--insecure")
         with open(self.log_path, "wb") as log_file:
-            super().__init__(args, env=child_env(home, code), role="stage server", stdout=subprocess.PIPE,
-                             stderr=log_file, text=True)
+            super().__init__(args, env=child_env(home, code, **(env or {})), role="stage server",
+                             stdout=subprocess.PIPE, stderr=log_file, text=True)
         self.port = 0
 
     def __enter__(self) -> "StageProcess":
@@ -194,6 +197,14 @@ class StageProcess(ChildProcess):
         import psutil
 
         return psutil.Process(self.pid).memory_info().rss
+
+    def peak_rss(self) -> int:
+        """The most memory it has held so far (Linux's VmHWM)."""
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
 
 class ApiProcess(ChildProcess):

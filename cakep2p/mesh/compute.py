@@ -1,0 +1,130 @@
+"""A stage's compute: one thread shared fairly between the owners that send it work, and a forward pass cut into
+the engine's prefill chunks, each its own turn on that thread.
+
+Round robin by owner: every owner with work waiting gets one job (a chunk of at most PREFILL_CHUNK positions, a
+token, a load step) before any owner gets a second. A member looping long prefills delays another's token by one
+chunk, not by its whole queue; and a long prefill's attention temporaries are those of one chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from concurrent.futures import Executor
+from typing import Callable
+
+import torch
+
+from cakep2p import wire
+from cakep2p.engine.dtypes import name_of
+from cakep2p.engine.model import PREFILL_CHUNK, ModelPart
+from cakep2p.mesh.part_store import Refusal
+from cakep2p.mesh.sessions import Owner, Session
+
+Compute = Callable[..., "asyncio.Future"]  # compute(function, *args) -> its result, on the compute thread
+
+
+class FairCompute:
+    """Runs functions on one executor thread, taking the owners with work in turn (one job each per round)."""
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+        self._queues: dict[Owner, collections.deque] = {}
+        self._turns: collections.deque[Owner] = collections.deque()
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    def waiting(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
+
+    async def run(self, owner: Owner, function: Callable, *args):
+        """function(*args) on the compute thread when `owner`'s turn comes; returns its result."""
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._wake = asyncio.Event()
+            self._worker = loop.create_task(self._work())
+        future = loop.create_future()
+        queue = self._queues.setdefault(owner, collections.deque())
+        if not queue:
+            self._turns.append(owner)
+        queue.append((function, args, future))
+        self._wake.set()
+        return await future
+
+    def for_owner(self, owner: Owner) -> Compute:
+        return lambda function, *args: self.run(owner, function, *args)
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+        for queue in self._queues.values():
+            for _, _, future in queue:
+                future.cancel()
+        self._queues.clear()
+        self._turns.clear()
+
+    async def _work(self) -> None:
+        while True:
+            while not self._turns:
+                self._wake.clear()
+                await self._wake.wait()
+            owner = self._turns.popleft()
+            queue = self._queues[owner]
+            job = queue.popleft()
+            if queue:
+                self._turns.append(owner)   # back of the line: everyone else waiting goes first
+            else:
+                del self._queues[owner]
+            await self._run_job(*job)
+            del job   # nothing of a finished job (a session's cache among its arguments) may stay alive here
+
+    async def _run_job(self, function: Callable, args: tuple, future: asyncio.Future) -> None:
+        if future.cancelled():
+            return
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        except Exception as error:
+            if not future.cancelled():
+                future.set_exception(error)
+        else:
+            if not future.cancelled():
+                future.set_result(result)
+
+
+async def run_forward(compute: Compute, model: ModelPart, session: Session, inputs: torch.Tensor,
+                      start_pos: int) -> torch.Tensor:
+    """The part's output for `inputs` at start_pos.., computed chunk by chunk as the engine itself cuts a prefill
+    (so the bits are the same as one call), each chunk one turn: hidden states [T, hidden], or the head's logits
+    of the last position [1, vocab]."""
+    if session.cache is None:
+        session.cache = await compute(model.new_cache, session.max_seq_len)
+    head = model.layers.has_head
+    outputs = []
+    for offset in range(0, inputs.shape[0], PREFILL_CHUNK):
+        piece = inputs[offset:offset + PREFILL_CHUNK]
+        outputs.append(await compute(_run_chunk, model, piece, start_pos + offset, session.cache, head))
+    return outputs[-1] if head or len(outputs) == 1 else torch.cat(outputs)
+
+
+def _run_chunk(model: ModelPart, inputs: torch.Tensor, start_pos: int, cache, last_only: bool) -> torch.Tensor:
+    return model(inputs, start_pos, cache, last_only=last_only)
+
+
+def checked_inputs(model: ModelPart, tensor: torch.Tensor) -> torch.Tensor:
+    """A forward's tensor if it fits the part: token ids in the vocabulary, or hidden states of its width and dtype;
+    Refusal (shape_mismatch) else."""
+    args = model.args
+    if model.layers.has_embedding:
+        if tensor.dim() != 1 or tensor.dtype != torch.int64:
+            raise Refusal("shape_mismatch", f"forward: this part takes int64 token ids [T], got "
+                                             f"{wire.DTYPE_NAMES[tensor.dtype]}{list(tensor.shape)}")
+        if int(tensor.min()) < 0 or int(tensor.max()) >= args.vocab_size:
+            raise Refusal("shape_mismatch", f"forward: token ids must lie in [0, {args.vocab_size})")
+        return tensor
+    if tensor.dim() != 2 or tensor.shape[1] != args.hidden_size or tensor.dtype != model.dtype:
+        raise Refusal("shape_mismatch", f"forward: this part takes {name_of(model.dtype)} hidden states "
+                                         f"[T, {args.hidden_size}], got {wire.DTYPE_NAMES[tensor.dtype]}"
+                                         f"{list(tensor.shape)}")
+    return tensor
