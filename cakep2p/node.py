@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 STATIC_PEER_REFRESH_S = 2.0   # how often static --peers are pinged over the mesh
 STATIC_PEER_TIMEOUT_S = 3.0   # a ping unanswered this long is a miss; two misses in a row drop the peer
 STATIC_PEER_MISSES = 2
+VERIFY_TIMEOUT_S = 2.0        # an announced peer must answer an authenticated ping this fast to join plans
 
 
 def cluster_fingerprint(code: str | None) -> str:
@@ -86,6 +87,7 @@ class Node:
         self._error: BaseException | None = None
         self._static_task: asyncio.Task | None = None
         self._silent_static: frozenset[tuple[str, int]] = frozenset()   # static --peers whose last ping went unanswered
+        self._mesh_context: zmq.asyncio.Context | None = None   # for pings: static peers and proving announcements
 
     # ---- life cycle -------------------------------------------------------------------------------------------
 
@@ -159,10 +161,12 @@ class Node:
                                   serving=self._serving)
         self.port = await self.server.start()   # port 0 (a throwaway initiator): the one the OS picked
         self.info = replace(self.info, port=self.port)
+        self._mesh_context = zmq.asyncio.Context()
         if self.discovery_enabled:
             self.discovery = Discovery(self.directory, self.fingerprint, self.interfaces,
                                        on_duplicate_id=self._on_duplicate_id,
-                                       on_addresses_changed=self._on_addresses_changed)
+                                       on_addresses_changed=self._on_addresses_changed,
+                                       verify=self._proves_membership if self.keys is not None else None)
             await self.discovery.start()
             if self._joined:
                 await self.discovery.announce(self.info)
@@ -184,26 +188,35 @@ class Node:
         if self.discovery is not None:
             await self.discovery.stop()
             self.discovery = None
+        if self._mesh_context is not None:
+            self._mesh_context.destroy(linger=0)
+            self._mesh_context = None
+
+    async def _proves_membership(self, peer: PeerInfo) -> bool:
+        """Whether an announced peer answers an authenticated ping as the node it claims to be: CURVE lets only a
+        holder of the cluster key finish the handshake, so an announcement copied from the LAN proves nothing."""
+        pong = await ping(self._mesh_context, peer.address, peer.port, self.keys, VERIFY_TIMEOUT_S)
+        return pong is not None and pong.node_id == peer.node_id
 
     async def _poll_static_peers(self) -> None:
-        """Ping each --peers host:port over the mesh; answers become directory entries, silence removes them."""
-        context, misses = zmq.asyncio.Context(), {peer: 0 for peer in self.static_peers}
-        try:
-            while True:
-                pongs = await asyncio.gather(*(ping(context, host, port, self.keys, STATIC_PEER_TIMEOUT_S)
-                                               for host, port in self.static_peers))
-                for (host, port), pong in zip(self.static_peers, pongs):
-                    key = f"{STATIC_KEY}{host}:{port}"
-                    misses[host, port] = 0 if pong is not None else misses[host, port] + 1
-                    if pong is not None and pong.node_id != self.node_id:
-                        self.directory.put(key, self._static_peer_info(host, port, pong))
-                    elif pong is not None or misses[host, port] >= STATIC_PEER_MISSES:
-                        if self.directory.remove(key) is not None:
-                            log.info("static peer %s:%d stopped answering", host, port)
-                self._silent_static = frozenset(peer for peer, pong in zip(self.static_peers, pongs) if pong is None)
-                await asyncio.sleep(STATIC_PEER_REFRESH_S)
-        finally:
-            context.destroy(linger=0)
+        """Ping each --peers host:port over the mesh, each on its own: one that answers is usable at once, however
+        long another takes to time out."""
+        await asyncio.gather(*(self._poll_static_peer(host, port) for host, port in self.static_peers))
+
+    async def _poll_static_peer(self, host: str, port: int) -> None:
+        """Answers become a directory entry, silence (STATIC_PEER_MISSES pings in a row) removes it."""
+        key, misses = f"{STATIC_KEY}{host}:{port}", 0
+        while True:
+            pong = await ping(self._mesh_context, host, port, self.keys, STATIC_PEER_TIMEOUT_S)
+            misses = 0 if pong is not None else misses + 1
+            if pong is not None and pong.node_id != self.node_id:
+                self.directory.put(key, self._static_peer_info(host, port, pong))
+            elif pong is not None or misses >= STATIC_PEER_MISSES:
+                if self.directory.remove(key) is not None:
+                    log.info("static peer %s:%d stopped answering", host, port)
+            silent = {(host, port)} if pong is None else set()
+            self._silent_static = frozenset((self._silent_static - {(host, port)}) | silent)
+            await asyncio.sleep(STATIC_PEER_REFRESH_S)
 
     def _static_peer_info(self, host: str, port: int, pong) -> PeerInfo:
         """A static peer as the directory lists it: what its Pong says (a successful CURVE ping proves the cluster)."""
@@ -290,6 +303,11 @@ class Node:
         """Static --peers (host, port) whose last ping went unanswered: down, unreachable, or of another cluster
         (CURVE lets no stranger in, and says nothing to one)."""
         return set(self._silent_static)
+
+    def unproven_peers(self) -> list[str]:
+        """Names announced with this cluster's fingerprint that did not (yet) answer an authenticated ping: anyone on
+        the LAN can copy the fingerprint, so these are never planned."""
+        return self.discovery.unproven() if self.discovery is not None else []
 
     def call(self, coroutine, timeout: float | None = None):
         """Run a coroutine on the node's loop from another thread and wait for its result."""

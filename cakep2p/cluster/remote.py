@@ -1,5 +1,6 @@
 """A model spread over the cluster: its stages run over the mesh (this node's share in-process), one RemotePipeline
-per session, and a re-plan over the remaining peers when one is lost mid-chat.
+per session, and a re-plan over the remaining peers when one is lost mid-chat or refuses for want of room. What the
+stages keep for the model is held under one Lease, renewed by a keeper connection per stage while the model is open.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from cakep2p.engine.model import ModelPart
 from cakep2p.engine.tokenizer import Tokenizer
 from cakep2p.errors import MeshError, PlanError
 from cakep2p.mesh import PipelineStage, RemotePipeline, RemoteStage, StageClient, StageRefused, stages_for_plan
+from cakep2p.mesh.client import REPLAN_CODES
+from cakep2p.mesh.lease import Lease
 from cakep2p.mesh.transfer import PartOffer
 from cakep2p.node import Node
 from cakep2p.planner import LayerRange
@@ -48,8 +51,10 @@ class ClusterModel:
         self.notices: list[str] = []
         self._planning = planning
         self._lock = threading.RLock()
+        self._lease = Lease()
+        self._keepers: dict[tuple[str, int], StageClient] = {}   # one kept-alive connection per stage endpoint
         self._local_parts: dict[LayerRange, ModelPart] = {}
-        self._lost: set[str] = set()
+        self._lost: set[str] = set()   # nodes left out of later plans: lost, or refusing for want of room
         self._peers: dict[str, PeerInfo] = {}
         self._loaded: set[tuple[str, int, LayerRange]] = set()  # remote parts to unload on close
         self._use_plan(planned.plan)
@@ -73,30 +78,50 @@ class ClusterModel:
         with self._lock:
             endpoints = {node_id: (peer.address, peer.port) for node_id, peer in self._peers.items()}
             stages = stages_for_plan(self.plan, endpoints, self.node.node_id, self._local_part)
-            self._loaded.update((stage.address, stage.port, stage.layers) for stage in stages
-                                if isinstance(stage, RemoteStage))
+            remote = [stage for stage in stages if isinstance(stage, RemoteStage)]
+            self._loaded.update((stage.address, stage.port, stage.layers) for stage in remote)
+            for stage in remote:
+                if (stage.address, stage.port) not in self._keepers:
+                    keeper = StageClient(stage.address, stage.port, self.node.keys, name=stage.name,
+                                         heartbeat_s=HEARTBEAT_S, timeout_s=PROBE_TIMEOUT_S * 3, lease=self._lease)
+                    self._keepers[stage.address, stage.port] = keeper
+                    self._lease.keep(keeper)
         return stages
 
     def new_pipeline(self) -> RemotePipeline:
         """A fresh session over the current plan's stages (loading, or sending, their parts on first use)."""
         stages = self._stages()
-        for attempt in range(2):
+        for attempt in range(3):
             try:
                 return RemotePipeline(stages, self.checkpoint, self.max_seq_len, self.node.keys, weights=self.weights,
                                       dtype=self.dtype, heartbeat_s=HEARTBEAT_S, on_progress=self.on_progress,
-                                      on_lost=self._on_lost)
-            except StageRefused:
-                raise
-            except MeshError as error:  # a peer died between planning and loading: re-plan once
-                replacement = self._on_lost(error, stages) if attempt == 0 else None
+                                      on_lost=self._on_lost, lease=self._lease)
+            except StageRefused as refusal:   # no room on a peer now: plan over the others
+                replacement = self._on_lost(refusal, stages) if refusal.code in REPLAN_CODES and attempt < 2 else None
+                if not replacement:
+                    raise
+                stages = list(replacement)
+            except MeshError as error:  # a peer died between planning and loading: re-plan
+                replacement = self._on_lost(error, stages) if attempt < 2 else None
                 if not replacement:
                     raise
                 stages = list(replacement)
         raise AssertionError("unreachable")
 
+    def _troubled(self, error: MeshError, stages: list[PipelineStage]) -> tuple[list[RemoteStage], str]:
+        """The stages to plan without after `error`, and what happened to them: the one that refused for want of
+        room, or the ones that no longer answer."""
+        if isinstance(error, StageRefused) and error.code in REPLAN_CODES and error.endpoint is not None:
+            refusing = [stage for stage in stages
+                        if isinstance(stage, RemoteStage) and (stage.address, stage.port) == error.endpoint]
+            return refusing, f"refused ({_reason(error)})"
+        return [stage for stage in stages if isinstance(stage, RemoteStage) and not _answers(stage, self.node.keys)], \
+            "lost"
+
     def _on_lost(self, error: MeshError, stages: list[PipelineStage]) -> list[PipelineStage] | None:
-        """RemotePipeline's on_lost: find the silent stages, re-plan without their nodes, return the new stages."""
-        dead = [stage for stage in stages if isinstance(stage, RemoteStage) and not _answers(stage, self.node.keys)]
+        """RemotePipeline's on_lost: find the silent (or refusing) stages, re-plan without their nodes, return the
+        new stages."""
+        dead, what = self._troubled(error, stages)
         if not dead:
             return None
         with self._lock:
@@ -109,7 +134,7 @@ class ClusterModel:
                     planning = self._planning
                     self._use_plan(planning.plan(planning.budgets(planning.peers(self._lost))).plan)
                 except PlanError as failure:
-                    raise MeshError(f"peer {names} lost and the rest of the cluster cannot hold the model: "
+                    raise MeshError(f"peer {names} {what} and the rest of the cluster cannot hold the model: "
                                     f"{failure}") from None
             before = set(self._loaded)
             stages = self._stages()
@@ -117,9 +142,16 @@ class ClusterModel:
             stale = before - wanted - {entry for entry in before if (entry[0], entry[1]) in self._lost_endpoints()}
             self._loaded -= stale
             remaining = ", ".join(dict.fromkeys(stage.name for stage in self.plan.stages))
+        self._drop_keepers(self._lost_endpoints())
         self._unload(stale)  # the survivors' old parts make room for the layers they take over
-        self._notice(f"peer {names} lost; continuing on {remaining}")
+        self._notice(f"peer {names} {what}; continuing on {remaining}")
         return stages
+
+    def _drop_keepers(self, endpoints) -> None:
+        with self._lock:
+            dropped = [self._keepers.pop(endpoint) for endpoint in list(endpoints) if endpoint in self._keepers]
+        for keeper in dropped:
+            keeper.close()
 
     def _lost_endpoints(self) -> set[tuple[str, int]]:
         return {(peer.address, peer.port) for node_id, peer in self._peers.items() if node_id in self._lost}
@@ -153,6 +185,8 @@ class ClusterModel:
         try:
             self._unload(loaded)
         finally:
+            self._drop_keepers(list(self._keepers))
+            self._lease.close()
             if self.owns_node:
                 self.node.stop()
 
@@ -161,7 +195,7 @@ class ClusterModel:
         for address, port, layers in sorted(parts, key=lambda item: (item[0], item[1], item[2].start)):
             if (address, port) in lost:
                 continue
-            client = StageClient(address, port, self.node.keys, heartbeat_s=0.5, timeout_s=5.0)
+            client = StageClient(address, port, self.node.keys, heartbeat_s=0.5, timeout_s=5.0, lease=self._lease)
             try:
                 client.request(wire.Unload(part=PartOffer.of(self.checkpoint, layers, self.weights).ref),
                                timeout_s=5.0)
@@ -169,6 +203,11 @@ class ClusterModel:
                 log.info("could not unload %s on %s:%d: %s", layers.describe(), address, port, error)
             finally:
                 client.close()
+
+
+def _reason(refusal: StageRefused) -> str:
+    return {"over_budget": "no memory to spare", "too_many_sessions": "too many sessions",
+            "disk_full": "disk full"}.get(refusal.code, refusal.code)
 
 
 def _answers(stage: RemoteStage, keys) -> bool:

@@ -3,6 +3,11 @@
 Records carry a short TTL (120 s; tests lower it with env CAKEP2P_MDNS_TTL=<seconds>). A clean stop sends
 goodbye packets; a node that vanishes is dropped when its SRV record expires: we re-query each peer's SRV/TXT
 at 75% of its TTL (python-zeroconf's browser only refreshes PTR records, whose TTL it raises to 1125 s).
+
+The cluster fingerprint in TXT is public, so anyone on the LAN can announce a "member". Given a `verify` callback
+(the node pings over CURVE, which only a holder of the cluster key can answer), an announcement of our cluster is
+listed only once it has proven itself at its address and port; until then it waits, unlisted, among at most
+MAX_UNVERIFIED others, and it can never make this node change its identity.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 import secrets
 import socket
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 from zeroconf import (DNSOutgoing, DNSQuestion, InterfaceChoice, IPVersion, ServiceInfo, ServiceStateChange,
                       current_time_millis)
@@ -30,6 +35,9 @@ SERVICE_TYPE = "_cakep2p._tcp.local."
 TTL_ENV = "CAKEP2P_MDNS_TTL"
 DEFAULT_TTL = 120
 ADDRESS_CHECK_INTERVAL_S = 3.0
+MAX_UNVERIFIED = 32          # announcements of our cluster waiting to prove themselves
+VERIFY_RETRY_S = (1.0, 30.0)  # the first retry of an unproven announcement, doubling up to the second
+Verify = Callable[[PeerInfo], Awaitable[bool]]
 
 
 def mdns_ttl() -> int:
@@ -45,8 +53,9 @@ class Discovery:
 
     def __init__(self, directory: PeerDirectory, cluster_fingerprint: str, interfaces: list[str] | None = None,
                  on_duplicate_id: Callable[[PeerInfo], None] | None = None,
-                 on_addresses_changed: Callable[[list[str]], None] | None = None) -> None:
+                 on_addresses_changed: Callable[[list[str]], None] | None = None, verify: Verify | None = None) -> None:
         self.directory = directory
+        self.verify = verify
         self.cluster_fingerprint = cluster_fingerprint
         self.interfaces = list(interfaces) if interfaces else None
         self.on_duplicate_id = on_duplicate_id
@@ -64,6 +73,9 @@ class Discovery:
         self._last_query_ms: dict[str, float] = {}
         self._ignored: dict[str, str] = {}
         self._duplicate_reported: set[str] = set()
+        self._proven: dict[str, tuple[str, str, int]] = {}        # name -> (node id, address, port) it answered as
+        self._unproven: dict[str, tuple[int, float]] = {}         # name -> (failed checks, when to check again)
+        self._checking: set[str] = set()
         self._lock = asyncio.Lock()
         self._stopping = False
 
@@ -152,6 +164,8 @@ class Discovery:
     def _forget(self, name: str, why: str) -> None:
         self._last_query_ms.pop(name, None)
         self._ignored.pop(name, None)
+        self._proven.pop(name, None)
+        self._unproven.pop(name, None)
         if self.directory.remove(name) is not None:
             log.debug("%r %s", name, why)
 
@@ -180,12 +194,66 @@ class Discovery:
             self.directory.remove(name)
             return True
         self._ignored.pop(name, None)
-        self._check_duplicate(peer, started_at_ms)
+        if self.verify is not None and peer.status == "ok" and self._proven.get(name) != _claim(peer):
+            self._prove_later(name, peer)
+            return True
+        if peer.status == "ok":
+            self._check_duplicate(peer, started_at_ms)
         self.directory.put(name, peer)
         return True
 
+    def unproven(self) -> list[str]:
+        """Instance names of the announcements of our cluster that have not proven it (yet): never planned."""
+        return sorted(name[:-len(SERVICE_TYPE) - 1] if name.endswith("." + SERVICE_TYPE) else name
+                      for name in list(self._unproven))
+
+    def _prove_later(self, name: str, peer: PeerInfo) -> None:
+        """Keep an announcement of our cluster unlisted until it answers as who it claims to be."""
+        self._proven.pop(name, None)
+        self.directory.remove(name)
+        if name not in self._unproven and not self._room_for_unproven():
+            log.debug("ignoring %r for now: %d announcements already wait to prove themselves", name, MAX_UNVERIFIED)
+            return
+        failures, due = self._unproven.setdefault(name, (0, 0.0))
+        if name not in self._checking and time.monotonic() >= due:
+            self._checking.add(name)
+            self._spawn(self._prove(name, peer, failures))
+
+    def _room_for_unproven(self) -> bool:
+        """Room for one more waiting announcement; full, the one that failed most often (not being checked) goes."""
+        if len(self._unproven) < MAX_UNVERIFIED:
+            return True
+        failed = [(failures, name) for name, (failures, _) in self._unproven.items()
+                  if failures and name not in self._checking]
+        if not failed:
+            return False
+        del self._unproven[max(failed)[1]]
+        return True
+
+    async def _prove(self, name: str, peer: PeerInfo, failures: int) -> None:
+        try:
+            proven = await self.verify(peer)
+        except Exception as error:  # noqa: BLE001  (a failed check is a "no"; the next one may succeed)
+            log.debug("checking %r failed: %s", name, error)
+            proven = False
+        finally:
+            self._checking.discard(name)
+        if self._stopping or name not in self._unproven:
+            return
+        if proven:
+            del self._unproven[name]
+            self._proven[name] = _claim(peer)
+            self._reconcile(name)
+            return
+        if not failures:
+            log.info("%r at %s:%d announces this cluster but did not answer an authenticated ping; not used",
+                     peer.name, peer.address, peer.port)
+        self._unproven[name] = (failures + 1, time.monotonic() + min(VERIFY_RETRY_S[1],
+                                                                     VERIFY_RETRY_S[0] * 2 ** failures))
+
     def _check_duplicate(self, peer: PeerInfo, started_at_ms: int) -> None:
-        """Two live nodes with one id (a copied config folder): the later-started one regenerates its id."""
+        """Two live nodes with one id (a copied config folder): the later-started one regenerates its id. Only for a
+        peer of our cluster that has proven itself (when we verify): nobody else can make us rotate our id."""
         own = self._announced
         if own is None or peer.node_id != own.node_id or peer.name in self._duplicate_reported:
             return
@@ -253,6 +321,10 @@ class Discovery:
         await self._zeroconf.async_update_interfaces()
         if self.on_addresses_changed is not None:
             self.on_addresses_changed(addresses)
+
+
+def _claim(peer: PeerInfo) -> tuple[str, str, int]:
+    return peer.node_id, peer.address, peer.port
 
 
 def _newest(records, now: float):
