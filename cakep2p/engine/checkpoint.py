@@ -18,7 +18,7 @@ from cakep2p.engine.generation_config import GenerationDefaults, read_generation
 from cakep2p.engine.gguf_file import GGUFFile, open_gguf
 from cakep2p.engine.gguf_quants import dequantize
 from cakep2p.engine.gguf_tokenizer import special_token_ids
-from cakep2p.engine.safetensors import TensorInfo, load_tensor, mapped_tensor, read_tensor_index
+from cakep2p.engine.safetensors import MappedRows, TensorInfo, load_tensor, mapped_tensor, read_tensor_index
 from cakep2p.errors import ModelError
 
 CONFIG_FILE = "config.json"
@@ -88,6 +88,11 @@ class Checkpoint:
         if self.gguf is None:
             return mapped_tensor(info)
         return dequantize(self.gguf, name, keep_float=True)
+
+    def rows(self, name: str) -> torch.Tensor | MappedRows:
+        """The named matrix for quantizing a slice of rows at a time: mapped slice by slice from a safetensors
+        file, or (GGUF) the stored tensor."""
+        return self.stored(name) if self.gguf is not None else MappedRows(self.info(name))
 
     def weight_bytes(self) -> int:
         """Bytes of every tensor as stored."""

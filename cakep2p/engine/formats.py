@@ -78,7 +78,7 @@ def convert(checkpoint: Checkpoint, name: str, format_name: str) -> Weight:
         head = name in (EMBEDDING, LM_HEAD)
         if not matrix or (head and format_name == "int8"):
             return checkpoint.stored(name)
-        values = checkpoint.stored(name).float()
+        values = checkpoint.rows(name)   # read and quantized a slice of rows at a time
         return quantize_int8(values) if format_name == "int8" or head else quantize_int4(values)
     if format_name != "gguf" or checkpoint.gguf is None:
         raise ModelError(f"format {format_name!r} needs a GGUF checkpoint; {checkpoint.path} is not one")
@@ -87,7 +87,7 @@ def convert(checkpoint: Checkpoint, name: str, format_name: str) -> Weight:
     if info.dtype in (kind.name for kind in BLOCK_TYPES):
         blocks = quantized_blocks(checkpoint.gguf, name)
         return from_blocks(info.dtype, blocks.codes, blocks.scales, blocks.mins)
-    values = checkpoint.stored(name).float()
+    values = checkpoint.stored(name)
     return quantize_int8(values) if info.dtype in EIGHT_BIT_BLOCKS else quantize_int4(values)
 
 

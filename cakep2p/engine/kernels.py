@@ -30,6 +30,9 @@ PACK_MIN_ELEMENTS = {torch.float32: 2**20, torch.bfloat16: 2**16}  # oneDNN pack
 WEIGHT_ONLY_MAX_ROWS = {8: 16, 4: 64}   # input rows up to which the weight-only kernel beats dequantize + GEMM
                                         # (both capabilities, 2 threads, TinyLlama's matrices)
 DEQUANT_CHUNK_ROWS = 1024      # weight rows dequantized at a time on the many-rows path (cache-sized)
+FP16_PACK_ELEMENTS = 2**24     # fbgemm packs fp16 from a float32 copy: a matrix bigger than this (a vocabulary
+                               # head) is packed in row blocks, so that copy never costs more than 64 MiB
+REFINED_LOGITS = 64            # largest logits per position recomputed in float32 (see logits)
 
 
 @lru_cache(maxsize=1)
@@ -52,7 +55,7 @@ class PreparedLinear:
     """One weight [out, in] in the layout its kernel wants on this machine (never stored: it is device-specific)."""
 
     kind: Kind
-    weight: object                       # dense/mkldnn tensor, fbgemm packed fp16, int8 codes, int4pack bytes, or
+    weight: object                       # dense/mkldnn tensor, fbgemm packed fp16 row blocks, int8 codes, int4pack, or
                                          # None: a shape the weight-only kernels cannot take (always dequantized)
     out_features: int
     in_features: int
@@ -97,11 +100,13 @@ def prepare(weight: torch.Tensor | QuantizedWeight, compute: torch.dtype,
         return _prepare_quantized(weight)
     if device.type != "cpu" or os.environ.get("CAKEP2P_PACK", "1") == "0":
         return weight.to(device=device, dtype=compute)
-    if weight.dtype in (torch.bfloat16, torch.float16) and compute == torch.float32 and not has_bf16_hardware():
-        if float(weight.abs().max()) <= 65504:  # bf16 -> fp16 is exact for every normal fp16 value
-            packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
-            return PreparedLinear("fp16", packed, weight.shape[0], weight.shape[1])
-        weight = weight.float()
+    if weight.dtype in (torch.bfloat16, torch.float16) and compute == torch.float32:
+        # 16 bits stay 16 bits (what the planner counts), fp32 in and out (bf16 -> fp16 is exact in fp16's range)
+        if float(weight.abs().max()) <= 65504:
+            step = max(1, FP16_PACK_ELEMENTS // weight.shape[1])
+            blocks = tuple(torch.ops.quantized.linear_prepack_fp16(weight[first:first + step].float(), None)
+                           for first in range(0, weight.shape[0], step))
+            return PreparedLinear("fp16", blocks, weight.shape[0], weight.shape[1])
     return _pack_dense(weight.to(compute))
 
 
@@ -127,28 +132,61 @@ def _prepare_quantized(weight: QuantizedWeight) -> PreparedLinear:
         return PreparedLinear(f"int{weight.bits}", None, rows, cols, group=weight.group, source=weight)
     if weight.bits == 8:
         return PreparedLinear("int8", weight.codes, rows, cols, weight.scales.to(torch.bfloat16), source=weight)
-    codes = weight.unpacked_codes().to(torch.int32)
-    packed = aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    packed = _int4pack(weight)
     scales, mins = weight.scales.float(), weight.mins.float()
     zeros = mins + 8.0 * scales  # the kernel computes (q - 8) * scale + zero
     scales_and_zeros = torch.stack((scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous()
     return PreparedLinear("int4", packed, rows, cols, scales_and_zeros, weight.group)
 
 
+def _int4pack(weight: QuantizedWeight, step: int = 1024) -> torch.Tensor:
+    """The kernel's layout, packed `step` rows at a time (whole 64-row blocks: the same bytes as at once), so the
+    int32 codes the packer takes exist for `step` rows only, not for the whole matrix."""
+    def packed(first: int) -> torch.Tensor:
+        rows = QuantizedWeight(4, weight.codes[first:first + step], weight.scales, weight.mins, weight.group)
+        return aten._convert_weight_to_int4pack_for_cpu(rows.unpacked_codes().to(torch.int32), 1)
+
+    return torch.cat([packed(first) for first in range(0, weight.shape[0], step)])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor | PreparedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, in] @ weight^T (+ bias) -> [M, out] in x's dtype, by the weight's kernel."""
     if isinstance(weight, torch.Tensor):
+        if weight.dtype != x.dtype:  # a 16-bit weight under float32 compute (quantized formats' head, a tied head)
+            return linear(x.to(weight.dtype), weight).to(x.dtype) + (0 if bias is None else bias)
         if weight.is_mkldnn:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)
     if weight.kind == "fp16":
-        out = torch.ops.quantized.linear_dynamic_fp16(x.float(), weight.weight).to(x.dtype)
+        x32 = x.float()
+        parts = [torch.ops.quantized.linear_dynamic_fp16(x32, block) for block in weight.weight]
+        out = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).to(x.dtype)
     elif weight.weight is None or (weight.kind == "int8" and x.shape[0] > WEIGHT_ONLY_MAX_ROWS[8]):
         out = _dequantized_gemm(x, weight)
     else:
         step = WEIGHT_ONLY_MAX_ROWS[4] if weight.kind == "int4" else x.shape[0]
         out = torch.cat([_weight_only(x[first:first + step], weight) for first in range(0, x.shape[0], step)])
     return out if bias is None else out + bias
+
+
+def logits(x: torch.Tensor, head: torch.Tensor | PreparedLinear) -> torch.Tensor:
+    """float32 logits [M, vocab]. Kernels that round their output to bf16 (the int8 kernel, a bf16 table) step by
+    0.125 near 25, which ties greedy choices: each row's REFINED_LOGITS largest are recomputed in float32 from the
+    exact weight rows wherever these are at hand (an int8 head, a plain 16-bit table)."""
+    out = linear(x, head).float()
+    if isinstance(head, PreparedLinear) and head.kind == "int8" and head.source is not None:
+        codes, scales = head.source.codes, head.source.scales
+    elif isinstance(head, torch.Tensor) and not head.is_mkldnn and head.dtype != torch.float32:
+        codes, scales = head, None
+    else:
+        return out
+    x32 = x.float()
+    for first in range(0, out.shape[0], 32):   # rows of x at a time: the gathered weights stay a few MiB
+        rows = slice(first, first + 32)
+        top = out[rows].topk(min(REFINED_LOGITS, out.shape[1]), dim=-1).indices
+        exact = torch.einsum("mkh,mh->mk", codes[top].float(), x32[rows])
+        out[rows] = out[rows].scatter(1, top, exact if scales is None else exact * scales[top])
+    return out
 
 
 def _weight_only(x: torch.Tensor, weight: PreparedLinear) -> torch.Tensor:

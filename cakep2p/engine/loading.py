@@ -3,6 +3,9 @@ putting exactly those, in the weight format, into the part's fused matrices in t
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import sys
 from typing import Callable, Mapping
 
 import torch
@@ -143,7 +146,16 @@ def build_part(args: ModelArgs, layers: LayerRange, format_name: str, weight_of:
                               torch_device)
     with torch.no_grad():
         _fill_part(part, weight_of)
+    return_freed_memory()
     return part
+
+
+def return_freed_memory() -> None:
+    """Give the allocator's free pages back to the system: glibc keeps a load's freed temporaries otherwise, and a
+    part would look (and be, to the other programs on the machine) a fifth larger than its weights."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to do
+            ctypes.CDLL(None).malloc_trim(0)
 
 
 def compute_dtype(format_name: str, dtype: str | torch.dtype, args: ModelArgs, device: torch.device) -> torch.dtype:
@@ -166,10 +178,11 @@ def _fill_part(part: ModelPart, weight_of: WeightOf) -> None:
     needs_embedding = part.layers.has_embedding or (part.layers.has_head and part.args.tie_word_embeddings)
     if needs_embedding:
         embedding = weight_of(EMBEDDING)
-        part.embedding = embedding if isinstance(embedding, QuantizedWeight) and device.type == "cpu" \
-            else _dense(embedding, compute, device)
+        keep = device.type == "cpu" and (isinstance(embedding, QuantizedWeight) or embedding.element_size() == 2)
+        part.embedding = embedding if keep else _dense(embedding, compute, device)  # lookups convert their rows
     for offset, block in enumerate(part.blocks):
         _fill_layer(block, f"model.layers.{part.layers.start + offset}.", weight_of, vector, compute, device)
+        return_freed_memory()   # each layer's temporaries, before the next one's
     if part.layers.has_head:
         part.final_norm = vector(FINAL_NORM)
         tied_dense = part.args.tie_word_embeddings and isinstance(part.embedding, torch.Tensor)

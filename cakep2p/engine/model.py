@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cakep2p.engine.config import ModelArgs
-from cakep2p.engine.kernels import PreparedLinear, linear
+from cakep2p.engine.kernels import PreparedLinear, linear, logits
 from cakep2p.engine.kvcache import KVCache
 from cakep2p.engine.quant import QuantizedWeight
 from cakep2p.engine.rope import apply_rope, rope_tables
@@ -119,7 +119,11 @@ class ModelPart(torch.nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        return sum(_tensor_bytes(tensor) for tensor in self.weight_tensors())
+        """Bytes of its weights in memory: the tensors, and kernels' opaque packed weights (fbgemm fp16)."""
+        opaque = {id(value): value.nbytes for holder in [self, *self.blocks] for value in vars(holder).values()
+                  if isinstance(value, PreparedLinear) and value.weight is not None
+                  and not isinstance(value.weight, torch.Tensor)}
+        return sum(_tensor_bytes(tensor) for tensor in self.weight_tensors()) + sum(opaque.values())
 
     def new_cache(self, max_seq_len: int) -> KVCache:
         """A preallocated cache for this part's layers, and rope tables long enough for it."""
@@ -159,12 +163,12 @@ class ModelPart(torch.nn.Module):
             return x
         if last_only:
             x = x[-1:]
-        return linear(rms_norm(x, self.final_norm, self.args.rms_norm_eps), self.lm_head).float()
+        return logits(rms_norm(x, self.final_norm, self.args.rms_norm_eps), self.lm_head)
 
     def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.embedding, QuantizedWeight):
             return self.embedding.rows(token_ids).to(self.dtype)
-        return F.embedding(token_ids, self.embedding)
+        return F.embedding(token_ids, self.embedding).to(self.dtype)   # a 16-bit table under float32 compute
 
     def _attention_mask(self, start_pos: int, length: int) -> torch.Tensor | None:
         """Causal (and sliding-window) mask [T, start_pos + T]; None for a single token (it sees everything)."""

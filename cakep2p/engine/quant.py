@@ -10,14 +10,25 @@ int4: value = scale[n, g] * q[n, k] + min[n, g] over groups of 32 along k, q in 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
 from cakep2p.errors import ModelError
 
 Bits = Literal[8, 4]
+
+
+class Rows(Protocol):
+    """A matrix that gives float rows by slice (a tensor, or engine/safetensors.MappedRows over a file)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, rows: slice) -> torch.Tensor: ...
+
 INT4_GROUP = 32
+QUANTIZE_CHUNK_ELEMENTS = 1 << 20   # values quantized at a time (4 MiB of float32)
 
 
 @dataclass(frozen=True)
@@ -71,13 +82,27 @@ class QuantizedWeight:
                                torch.cat([part.scales for part in parts]), mins, first.group)
 
 
-def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
+def _by_rows(weight: torch.Tensor | Rows, quantize_rows, *outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Fill `outputs` (each [rows, ...]) from `quantize_rows(float32 rows)` over slices of QUANTIZE_CHUNK_ELEMENTS:
+    every row is quantized on its own, so the result is the whole matrix's, and a load's float32 copy stays a few
+    MiB, whatever the matrix."""
+    step = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    for first in range(0, weight.shape[0], step):
+        for output, piece in zip(outputs, quantize_rows(weight[first:first + step].float())):
+            output[first:first + step] = piece
+    return outputs
+
+
+def quantize_int8(weight: torch.Tensor | Rows) -> QuantizedWeight:
     """Symmetric per-row int8: scale = max|w| / 127, q = round-half-even(w / scale). Deterministic."""
-    w = weight.detach().float()
-    amax = w.abs().amax(dim=1)
-    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    codes = torch.round(w / scales.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
-    return QuantizedWeight(8, codes.contiguous(), scales.contiguous(), None, w.shape[1])
+    def rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amax = w.abs().amax(dim=1)
+        scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        return torch.round(w / scales.unsqueeze(1)).clamp_(-127, 127).to(torch.int8), scales
+
+    count, cols = weight.shape
+    codes, scales = _by_rows(weight, rows, torch.empty(count, cols, dtype=torch.int8), torch.empty(count))
+    return QuantizedWeight(8, codes, scales, None, cols)
 
 
 def int4_group(cols: int) -> int:
@@ -88,20 +113,25 @@ def int4_group(cols: int) -> int:
     return next(size for size in range(min(target, cols), 0, -1) if cols % size == 0)
 
 
-def quantize_int4(weight: torch.Tensor, group: int | None = None) -> QuantizedWeight:
+def quantize_int4(weight: torch.Tensor | Rows, group: int | None = None) -> QuantizedWeight:
     """Asymmetric 4-bit by groups of columns (GGUF Q4_1's form): min and scale = (max - min) / 15 are rounded to
     float16 first, so the stored scales are the exact ones the codes were chosen with. Deterministic."""
-    w = weight.detach().float()
-    rows, cols = w.shape
+    rows, cols = weight.shape
     group = group or int4_group(cols)
     if cols % group or cols % 2:
         raise ModelError(f"a {rows}x{cols} weight cannot be quantized to 4 bits in groups of {group} columns")
-    grouped = w.view(rows, cols // group, group)
-    low = grouped.amin(dim=-1).half()
-    spread = ((grouped.amax(dim=-1) - low.float()) / 15.0).half()
-    scales = torch.where(spread > 0, spread, torch.ones_like(spread))
-    codes = torch.round((grouped - low.float().unsqueeze(-1)) / scales.float().unsqueeze(-1)).clamp_(0, 15)
-    return QuantizedWeight(4, pack_int4(codes.reshape(rows, cols)), scales.contiguous(), low.contiguous(), group)
+
+    def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grouped = w.view(w.shape[0], cols // group, group)
+        low = grouped.amin(dim=-1).half()
+        spread = ((grouped.amax(dim=-1) - low.float()) / 15.0).half()
+        scales = torch.where(spread > 0, spread, torch.ones_like(spread))
+        codes = torch.round((grouped - low.float().unsqueeze(-1)) / scales.float().unsqueeze(-1)).clamp_(0, 15)
+        return pack_int4(codes.reshape(w.shape)), scales, low
+
+    codes, scales, mins = _by_rows(weight, quantize_rows, torch.empty(rows, cols // 2, dtype=torch.uint8),
+                                   *(torch.empty(rows, cols // group, dtype=torch.float16) for _ in range(2)))
+    return QuantizedWeight(4, codes, scales, mins, group)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -113,9 +143,17 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 def from_blocks(kind: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> QuantizedWeight:
     """GGUF blocks in Hugging Face row order (engine/gguf_quants.QuantBlocks' fields) as our canonical weight:
     Q4_1 and Q4_0 exactly; Q8_0 (a scale per 32 codes) re-quantized per row, as the int8 kernel needs."""
-    if kind == "Q8_0":
-        grouped = codes.float().view(codes.shape[0], -1, 32) * scales.float().unsqueeze(-1)
-        return quantize_int8(grouped.reshape(codes.shape))
+    if kind == "Q8_0":   # dequantized and re-quantized a slice of rows at a time, like quantize_int8 itself
+        rows, cols = codes.shape
+        step = max(1, QUANTIZE_CHUNK_ELEMENTS // cols)
+
+        def requantized(first: int) -> QuantizedWeight:
+            blocks = codes[first:first + step].float().view(-1, cols // 32, 32)
+            return quantize_int8((blocks * scales[first:first + step].float().unsqueeze(-1)).reshape(-1, cols))
+
+        parts = [requantized(first) for first in range(0, rows, step)]
+        return QuantizedWeight(8, torch.cat([part.codes for part in parts]), torch.cat([part.scales for part in parts]),
+                               None, cols)
     if kind == "Q4_0":
         return QuantizedWeight(4, pack_int4(codes), scales.half(), (scales.float() * -8.0).half(), 32)
     if kind == "Q4_1":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
@@ -131,6 +131,24 @@ def mapped_tensor(info: TensorInfo) -> torch.Tensor:
         mapped = mmap.mmap(handle.fileno(), info.offset + info.nbytes - start, offset=start, access=mmap.ACCESS_COPY)
     return torch.frombuffer(mapped, dtype=dtype, count=info.nbytes // dtype.itemsize,
                             offset=info.offset - start).view(info.shape)
+
+
+@dataclass(frozen=True)
+class MappedRows:
+    """A stored matrix read a slice of rows at a time, each slice its own short-lived memory map: quantizing a
+    large matrix never holds more of its file in memory than the slice being quantized."""
+
+    info: TensorInfo
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.info.shape[0])
+        row_bytes = self.info.nbytes // max(1, self.info.shape[0])
+        return mapped_tensor(replace(self.info, shape=(stop - start, *self.info.shape[1:]),
+                                     offset=self.info.offset + start * row_bytes, nbytes=(stop - start) * row_bytes))
 
 
 def load_tensor(info: TensorInfo, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
