@@ -309,6 +309,10 @@ class Node:
         the LAN can copy the fingerprint, so these are never planned."""
         return self.discovery.unproven() if self.discovery is not None else []
 
+    def proving_peers(self) -> bool:
+        """Whether an announcement of this cluster is still on its first authenticated ping (planning waits)."""
+        return self.discovery is not None and self.discovery.proving()
+
     def call(self, coroutine, timeout: float | None = None):
         """Run a coroutine on the node's loop from another thread and wait for its result."""
         if self.loop is None:

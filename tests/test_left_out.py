@@ -1,6 +1,6 @@
 """Nothing silent: every machine heard but left out of a plan is named with its reason (other cluster, another
-protocol, not serving, no memory, not answering, too small, not needed, too late), in the core and on the command
-line."""
+protocol, an announcement nobody proved, not serving, no memory, not answering, too small, not needed, too late), in
+the core and on the command line."""
 
 from __future__ import annotations
 
@@ -73,6 +73,10 @@ def test_a_peer_heard_after_planning_arrived_late():
 
 def test_a_static_peer_that_does_not_answer_is_named_by_its_address():
     assert reasons(left_out(None, [], OWN, {("192.0.2.7", 5770)})) == {"192.0.2.7:5770": "no_answer"}
+
+
+def test_an_announcement_that_never_proved_itself_is_named():
+    assert reasons(left_out(None, [], OWN, unproven=["ghost"])) == {"ghost": "unproven"}
 
 
 def test_a_machine_seen_over_mdns_and_as_a_static_peer_counts_once():
@@ -149,7 +153,8 @@ def test_an_unpaired_initiator_names_two_serving_peers_of_another_cluster(tmp_pa
 
 @pytest.mark.slow
 def test_plan_names_the_machines_it_leaves_out(tmp_path, monkeypatch, capsys):
-    """`cakep2p plan` prints the same notes after its table (here: a serving peer too small for one layer)."""
+    """`cakep2p plan` prints the same notes after its table: here a real serving peer too small for one layer, and
+    an announcement of this cluster that nobody stands behind (it never answers the encrypted ping)."""
     from cakep2p.cli import main
     from cakep2p.node import cluster_fingerprint
     from tests.kit import Browser
@@ -160,10 +165,13 @@ def test_plan_names_the_machines_it_leaves_out(tmp_path, monkeypatch, capsys):
     code = new_code()
     monkeypatch.setenv("CAKEP2P_CLUSTER_CODE", code)
     fingerprint = cluster_fingerprint(code)
-    tiny = replace(peer(f"aa-tiny-{secrets.token_hex(2)}", offered_memory=1024), node_id=secrets.token_hex(8),
-                   cluster_fingerprint=fingerprint, port=free_port())
-    with Browser(fingerprint) as browser:   # a serving peer of this cluster, announced on loopback
-        browser.announce(tiny)
+    suffix = secrets.token_hex(2)
+    ghost = replace(peer(f"aa-ghost-{suffix}"), node_id=secrets.token_hex(8), cluster_fingerprint=fingerprint,
+                    port=free_port())
+    with serve_nodes(tmp_path, code, [f"aa-tiny-{suffix}"], args=("--max-memory", "1KiB")) as (tiny,), \
+            Browser(fingerprint) as browser:
+        browser.announce(ghost)
         assert main(["plan", "--wait", "3", "--interface", "127.0.0.1"]) == 0
     err = capsys.readouterr().err
     assert f"{tiny.name} left out by the planner: it offers 1 KiB, less than one layer needs" in err, err
+    assert f"{ghost.name} announces this cluster but did not answer an encrypted ping, left out" in err, err

@@ -17,7 +17,6 @@ from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.sizes import model_spec, spec_from_args
 from cakep2p.planner import (ACTIVATION_BYTES, DoesNotFit, ModelSpec, NodeBudget, Plan, initiator_memory,
                              layer_memory, plan)
-from tests.kit import Browser, loopback_multicast_on
 
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SAFETENSORS_CODES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2)}
@@ -432,32 +431,25 @@ def test_plan_command_json_says_what_is_missing_when_it_does_not_fit(stories_dir
 
 
 @pytest.fixture
-def announced_peer(seeded_home, stories_dir):
-    """A real mDNS announcement on loopback of a serving peer in this cluster offering 3 stories260K layers."""
-    from cakep2p import PROTOCOL_VERSION, __version__, discovery, security
+def serving_peer(seeded_home, stories_dir, tmp_path):
+    """A real `cakep2p --serve` on loopback, in a cluster of its own, offering 3 stories260K layers."""
+    from cakep2p import security
+    from tests.kit.cluster import serve_nodes
 
-    loopback_multicast_on()
     code = security.new_code()
-    fingerprint = security.derive_keys(code).fingerprint
-    peer = discovery.PeerInfo(  # a name of this run's own: other test runs may share loopback
-        name=f"peer-one-{os.getpid()}", node_id="f" * 32, address="127.0.0.1", port=49_999, version=__version__,
-        protocol_version=PROTOCOL_VERSION, cluster_fingerprint=fingerprint, accelerator="cpu", device_name="test",
-        ram_total=2 * 10**9, ram_available=10**9, vram_total=0, vram_free=0,
-        offered_memory=3 * layer_memory(model_spec(Checkpoint.open(stories_dir)), 512)[0] + 1000, gflops=1.0,
-        bandwidth=1e9, serving=True)
-    with Browser(fingerprint) as announcer:
-        announcer.announce(peer)
+    offer = 3 * layer_memory(model_spec(Checkpoint.open(stories_dir)), 512)[0] + 1000
+    with serve_nodes(tmp_path, code, [f"peer-one-{os.getpid()}"], args=("--max-memory", str(offer))) as (peer,):
         yield code, peer
 
 
 @pytest.mark.slow
-def test_plan_command_spreads_layers_onto_a_discovered_peer(stories_dir, announced_peer, capsys):
-    code, peer = announced_peer
+def test_plan_command_spreads_layers_onto_a_discovered_peer(stories_dir, serving_peer, capsys):
+    code, peer = serving_peer
     spec = model_spec(Checkpoint.open(stories_dir))
     offer = initiator_memory(spec) + 2 * layer_memory(spec, 512)[0]  # 2.17 of 5 layers by offer; the peer 2.83
-    argv = ["plan", "--model", str(stories_dir), "--json", "--interface", "127.0.0.1", "--wait", "2",
+    argv = ["plan", "--model", str(stories_dir), "--json", "--interface", "127.0.0.1", "--wait", "3",
             "--cluster", code, "--max-memory", str(offer)]
     assert cli.main(argv) == 0
     stages = json.loads(capsys.readouterr().out)["stages"]
     assert [(stage["start"], stage["end"]) for stage in stages] == [(0, 2), (2, 5)]
-    assert stages[1]["node"] == peer.node_id and stages[1]["name"] == peer.name
+    assert stages[1]["name"] == peer.name

@@ -16,10 +16,10 @@ from cakep2p.engine.config import ModelArgs
 from cakep2p.node import Node
 from cakep2p.units import format_size
 
-Reason = Literal["other_cluster", "incompatible", "not_serving", "offers_nothing", "no_answer", "too_small",
-                 "not_needed", "arrived_late"]
-REASONS: tuple[Reason, ...] = ("other_cluster", "incompatible", "not_serving", "offers_nothing", "no_answer",
-                               "too_small", "not_needed", "arrived_late")
+Reason = Literal["other_cluster", "incompatible", "unproven", "not_serving", "offers_nothing", "no_answer",
+                 "too_small", "not_needed", "arrived_late"]
+REASONS: tuple[Reason, ...] = ("other_cluster", "incompatible", "unproven", "not_serving", "offers_nothing",
+                               "no_answer", "too_small", "not_needed", "arrived_late")
 NAMES_SHOWN = 4
 
 
@@ -33,9 +33,10 @@ class LeftOut:
 
 
 def left_out(planned: PlannedModel | None, peers: Iterable[PeerInfo], own_node_id: str,
-             silent_static_peers: Iterable[tuple[str, int]] = ()) -> list[LeftOut]:
+             silent_static_peers: Iterable[tuple[str, int]] = (), unproven: Iterable[str] = ()) -> list[LeftOut]:
     """Every machine in `peers` (a node's directory) that holds no layers of `planned`, with the reason; without a
-    plan, the machines that no plan could use. One entry per machine (mDNS and --peers sightings count once)."""
+    plan, the machines that no plan could use. One entry per machine (mDNS and --peers sightings count once).
+    `unproven` names announcements of this cluster that never answered an authenticated ping (never planned)."""
     in_plan = {stage.node_id for stage in planned.plan.stages} if planned is not None else set()
     considered = {budget.node_id: budget for budget in planned.nodes} if planned is not None else {}
     seen: dict[str, PeerInfo] = {}
@@ -45,6 +46,7 @@ def left_out(planned: PlannedModel | None, peers: Iterable[PeerInfo], own_node_i
     found = [entry for peer in seen.values() if peer.node_id not in in_plan
              for entry in [_why(peer, planned, considered)] if entry is not None]
     found += [LeftOut(f"{host}:{port}", "no_answer") for host, port in sorted(silent_static_peers)]
+    found += [LeftOut(name, "unproven") for name in sorted(set(unproven))]
     return sorted(found, key=lambda entry: (REASONS.index(entry.reason), entry.name.lower()))
 
 
@@ -89,6 +91,10 @@ def _sentence(reason: Reason, group: list[LeftOut], planned: PlannedModel | None
         return (f"heard {names} running another cakep2p protocol ({', '.join(entry.detail for entry in group)}; "
                 f"this one is cakep2p {__version__}, protocol {PROTOCOL_VERSION}), left out: install the same "
                 "cakep2p version on every machine")
+    if reason == "unproven":
+        return (f"{names} {'announces' if one else 'announce'} this cluster but did not answer an encrypted ping, "
+                "left out: not reachable from here (a firewall?), or not a member at all (anyone on the network "
+                "can copy an announcement); run `cakep2p doctor` there")
     if reason == "not_serving":
         return (f"{names} {'is' if one else 'are'} not serving (running a command, or serving is off in the "
                 "window), left out: run `cakep2p --serve` there to lend its memory")
@@ -127,7 +133,8 @@ def _names(group: list[LeftOut]) -> str:
 def left_out_notes(node: Node, planned: PlannedModel | None = None) -> list[str]:
     """The notes for this node now: who its directory heard but `planned` (or, without one, any plan) leaves out,
     and why, one line per reason. The window and every command show these same lines."""
-    entries = left_out(planned, node.directory.peers(), node.node_id, node.silent_static_peers())
+    entries = left_out(planned, node.directory.peers(), node.node_id, node.silent_static_peers(),
+                       node.unproven_peers())
     return describe_left_out(entries, planned)
 
 

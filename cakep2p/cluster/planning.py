@@ -80,7 +80,8 @@ class Planning:
         return PlannedModel(plan, self.spec, self.context, budgets)
 
     def wait_for_plan(self, wait_s: float) -> PlannedModel:
-        """Plan once the model fits and no peer came or changed for QUIET_S (or at the deadline: the last error)."""
+        """Plan once the model fits, no peer came or changed for QUIET_S and no announcement is on its first check
+        (or at the deadline: the last plan, or the last error)."""
         changed = threading.Event()
         listener = lambda event, peer: changed.set()  # noqa: E731
         self.node.directory.add_listener(listener)
@@ -98,7 +99,7 @@ class Planning:
                         raise error
                     return planned
                 quiet = not changed.wait(min(left, QUIET_S))
-                if quiet and planned is not None:
+                if quiet and planned is not None and not self.node.proving_peers():
                     return planned
         finally:
             self.node.directory.remove_listener(listener)

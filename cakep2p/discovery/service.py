@@ -183,7 +183,7 @@ class Discovery:
                      if not record.is_expired(now) and len(record.address) == 4]
         if text is None or not addresses:
             return False
-        short_name = name[:-len(SERVICE_TYPE) - 1] if name.endswith("." + SERVICE_TYPE) else name
+        short_name = _short(name)
         try:
             peer, started_at_ms = peer_from_txt(short_name, parse_txt(text.text), sorted(set(addresses)),
                                                 service.port, self.cluster_fingerprint)
@@ -204,15 +204,22 @@ class Discovery:
 
     def unproven(self) -> list[str]:
         """Instance names of the announcements of our cluster that have not proven it (yet): never planned."""
-        return sorted(name[:-len(SERVICE_TYPE) - 1] if name.endswith("." + SERVICE_TYPE) else name
-                      for name in list(self._unproven))
+        listed = set(self.directory.keys())
+        return sorted(_short(name) for name in list(self._unproven) if name not in listed)
+
+    def proving(self) -> bool:
+        """Whether an announcement of our cluster is still being checked for the first time: a plan made now
+        could leave out a member that is about to prove itself."""
+        return any(not failures for failures, _ in list(self._unproven.values()))
 
     def _prove_later(self, name: str, peer: PeerInfo) -> None:
-        """Keep an announcement of our cluster unlisted until it answers as who it claims to be."""
+        """Keep a new claim of our cluster unlisted until it answers as who it claims to be. A member listed under
+        its last proven claim stays listed while the new one (a new address or port) is checked: it is updated
+        when that proves, dropped when it fails."""
         self._proven.pop(name, None)
-        self.directory.remove(name)
         if name not in self._unproven and not self._room_for_unproven():
             log.debug("ignoring %r for now: %d announcements already wait to prove themselves", name, MAX_UNVERIFIED)
+            self.directory.remove(name)
             return
         failures, due = self._unproven.setdefault(name, (0, 0.0))
         if name not in self._checking and time.monotonic() >= due:
@@ -245,6 +252,7 @@ class Discovery:
             self._proven[name] = _claim(peer)
             self._reconcile(name)
             return
+        self.directory.remove(name)
         if not failures:
             log.info("%r at %s:%d announces this cluster but did not answer an authenticated ping; not used",
                      peer.name, peer.address, peer.port)
@@ -347,3 +355,7 @@ def snapshot_peers(interfaces: list[str] | None, wait_s: float, cluster_fingerpr
 
     return asyncio.run(browse())
 
+
+def _short(name: str) -> str:
+    """An instance name without the service type: what the peer calls itself."""
+    return name[:-len(SERVICE_TYPE) - 1] if name.endswith("." + SERVICE_TYPE) else name

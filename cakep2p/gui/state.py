@@ -135,7 +135,8 @@ def left_out_notes(node: Any, planned: Any) -> tuple[str, list[str]]:
     (empty when there are none) and the other reasons' sentences."""
     from cakep2p import cluster
 
-    entries = cluster.left_out(planned, node.directory.peers(), node.node_id, node.silent_static_peers())
+    entries = cluster.left_out(planned, node.directory.peers(), node.node_id, node.silent_static_peers(),
+                               node.unproven_peers())
     foreign = [entry for entry in entries if entry.reason == "other_cluster"]
     others = [entry for entry in entries if entry.reason != "other_cluster"]
     return " ".join(cluster.describe_left_out(foreign, planned)), cluster.describe_left_out(others, planned)
