@@ -65,6 +65,7 @@ class MainWindow(QMainWindow):
         self.chat_list_model = ChatListModel(self.history, self)
         self.library = LibraryController(self.bridge, self)
         self._loading_path: str | None = None
+        self._load_failure = ""     # what the last failed load said (its preview, arriving later, does not repeat it)
         self._chat_list_timer = QTimer(self)
         self._chat_list_timer.setSingleShot(True)
         self._chat_list_timer.setInterval(300)
@@ -314,10 +315,11 @@ class MainWindow(QMainWindow):
             self.model_panel.show_preview(preview, loaded=self.model_info is not None)
 
     def _on_inspect_failed(self, message: str) -> None:
-        if self._loading_path is None:    # while loading, the load's failure says it (once)
+        if self._loading_path is None and message != self._load_failure:   # a load's failure says it (once)
             self.model_panel.show_not_previewed(message)
 
     def _on_model_loading(self, what: str) -> None:
+        self._load_failure = ""
         self.chat.model_loading()
         self.cluster.model_loading()
         self.model_panel.show_loading(what)
@@ -340,7 +342,7 @@ class MainWindow(QMainWindow):
         self.cluster.model_loaded(info.name)
 
     def _on_model_failed(self, message: str) -> None:
-        self._loading_path = None
+        self._loading_path, self._load_failure = None, message
         queued = self.chat.model_failed()
         if queued:  # give the unsent message back
             self.input.setPlainText(queued)
