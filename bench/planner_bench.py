@@ -29,7 +29,7 @@ def main() -> None:
     context = 4096
     spec = ModelSpec("bench", (200_000_000,) * options.layers, 500_000_000, 500_000_000, 131_072, 8192)
     nodes = cluster(options.peers, spec, context, seed=0)
-    for strategy in ("proportional", "fewest", "compute"):
+    for strategy in ("proportional", "fewest", "compute", "fastest"):
         timings = []
         for _ in range(options.repeats):
             started = time.perf_counter()

@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import struct
+from dataclasses import replace
 from math import prod
 
 import pytest
@@ -15,8 +16,8 @@ from hypothesis import strategies as st
 from cakep2p import cli, testing
 from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.sizes import model_spec, spec_from_args
-from cakep2p.planner import (ACTIVATION_BYTES, DoesNotFit, ModelSpec, NodeBudget, Plan, initiator_memory,
-                             layer_memory, plan)
+from cakep2p.planner import (ACTIVATION_BYTES, DoesNotFit, ModelSpec, NodeBudget, Plan, best_single_node,
+                             fastest_with, initiator_memory, layer_memory, plan, predict_seconds_per_token)
 
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SAFETENSORS_CODES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2)}
@@ -108,7 +109,7 @@ def uneven_cases(draw):
     return spec, nodes, draw(st.sampled_from([node.node_id for node in nodes]))
 
 
-strategies = st.sampled_from(["proportional", "fewest", "compute"])
+strategies = st.sampled_from(["proportional", "fewest", "compute", "fastest"])
 
 
 # ---------------------------------------------------------------- properties
@@ -308,7 +309,7 @@ def test_table_lists_each_stage_with_layers_and_memory():
 @pytest.mark.parametrize("bad", [
     dict(initiator_id="nobody"),
     dict(context_length=0),
-    dict(strategy="fastest"),
+    dict(strategy="quickest"),
     dict(nodes=nodes_of(10, 10) + nodes_of(10)),
 ])
 def test_invalid_input_is_a_value_error(bad):
@@ -316,6 +317,131 @@ def test_invalid_input_is_a_value_error(bad):
                      strategy="proportional") | bad
     with pytest.raises(ValueError):
         plan(**arguments)
+
+
+# ---------------------------------------------------------------- predicted speed
+
+
+GB = 1e9
+
+
+@st.composite
+def speed_cases(draw):
+    """A uniform case whose nodes also report memory bandwidth (sometimes none) and an RTT (sometimes unmeasured)."""
+    spec, nodes, initiator_id, context = draw(uniform_cases())
+    nodes = [replace(node, bandwidth=draw(st.sampled_from([0.0, 1 * GB, 5 * GB, 20 * GB])),
+                     rtt_s=draw(st.sampled_from([None, 0.0, 0.0005, 0.005, 0.05])))
+             for node in nodes]
+    return spec, nodes, initiator_id, context
+
+
+def speed(result: Plan | None) -> float:
+    return result.predicted_tokens_per_s or float("inf") if result is not None else 0.0
+
+
+def fitting_plans(spec, nodes, initiator_id, context) -> dict[str, Plan]:
+    found = {}
+    for strategy in ("proportional", "fewest", "compute", "fastest"):
+        try:
+            found[strategy] = plan(spec, nodes, initiator_id, context, strategy)
+        except DoesNotFit:
+            pass
+    return found
+
+
+def laptops(*figures: tuple[int, float, float | None]) -> list[NodeBudget]:
+    """Nodes n0 (the initiator), n1, ... from (offered bytes, bandwidth in GB/s, rtt_s)."""
+    return [NodeBudget(f"n{index}", f"node{index}", offer, bandwidth=bandwidth * GB, rtt_s=rtt)
+            for index, (offer, bandwidth, rtt) in enumerate(figures)]
+
+
+@PROPERTY_SETTINGS
+@given(speed_cases())
+def test_fastest_is_never_predicted_slower_than_another_strategy_or_the_best_single_node(case):
+    spec, nodes, initiator_id, context = case
+    found = fitting_plans(spec, nodes, initiator_id, context)
+    if not found:
+        return
+    fastest = found.pop("fastest")
+    check_valid(fastest, spec, nodes, initiator_id, context)
+    for other in [*found.values(), best_single_node(spec, nodes, initiator_id, context)]:
+        assert speed(fastest) >= speed(other)
+
+
+@PROPERTY_SETTINGS
+@given(speed_cases(), st.data())
+def test_prediction_is_monotone_in_bandwidth_and_rtt(case, data):
+    spec, nodes, initiator_id, context = case
+    try:
+        result = plan(spec, nodes, initiator_id, context, "proportional")
+    except DoesNotFit:
+        return
+    index = data.draw(st.integers(0, len(nodes) - 1))
+    node = nodes[index]
+    faster = [*nodes[:index], replace(node, bandwidth=node.bandwidth * 2), *nodes[index + 1:]]  # 0 stays unknown
+    closer = [*nodes[:index], replace(node, rtt_s=(node.rtt_s or 0.0) / 2), *nodes[index + 1:]]
+    farther = [*nodes[:index], replace(node, rtt_s=(node.rtt_s or 0.001) * 3), *nodes[index + 1:]]
+    base = predict_seconds_per_token(spec, result, [replace(item, gflops=0.0) for item in nodes])
+    assert predict_seconds_per_token(spec, result, [replace(item, gflops=0.0) for item in faster]) <= base
+    measured = predict_seconds_per_token(spec, result, nodes)
+    assert predict_seconds_per_token(spec, result, closer) <= measured <= predict_seconds_per_token(
+        spec, result, farther)
+
+
+def test_prediction_adds_weight_reads_and_two_hops_per_remote_stage():
+    spec = ModelSpec("m", (1000,) * 4, 100, 100, 0, hidden_size=10)
+    nodes = [NodeBudget("n0", "a", 10_000, bandwidth=1e6), NodeBudget("n1", "b", 10_000, bandwidth=2e6, rtt_s=0.01)]
+    result = plan(spec, nodes, "n0", 1, "proportional")
+    reads = 2000 / 1e6 + 100 / 1e6 + 2000 / 2e6        # n0: layers 0-1 and the head; n1: layers 2-3
+    hop = 0.01 / 2 + 10 * 4 / 25e6                      # half the RTT and a float32 hidden state at 200 Mb/s
+    assert predict_seconds_per_token(spec, result, nodes) == pytest.approx(reads + 2 * hop)
+    assert predict_seconds_per_token(spec, result, nodes, hops=3) == pytest.approx(reads + 3 * hop)  # a chain
+    assert result.predicted_tokens_per_s == pytest.approx(1 / (reads + 2 * hop))
+
+
+def test_a_slow_laptop_is_left_out_when_it_costs_more_than_it_gives():
+    spec = uniform_spec(10, 1000)
+    nodes = laptops((8000, 20, None), (8000, 20, 0.001), (8000, 1, 0.001))  # n2 reads 20 times slower
+    assert counts(plan(spec, nodes, "n0", 1, "proportional"))["n2"] > 0
+    fastest = plan(spec, nodes, "n0", 1, "fastest")
+    assert "n2" not in counts(fastest) and sum(counts(fastest).values()) == 10
+    with_it = fastest_with(spec, nodes, "n0", 1, "n2")
+    assert with_it is not None and speed(with_it) < speed(fastest)
+
+
+def test_a_far_peer_is_left_out_when_this_node_holds_the_model_alone():
+    spec = uniform_spec(10, 1_000_000)
+    nodes = laptops((20_000_000, 10, None), (20_000_000, 40, 0.5))   # 4x the bandwidth, half a second away
+    assert [stage.node_id for stage in plan(spec, nodes, "n0", 1, "fastest").stages] == ["n0"]
+    near = laptops((20_000_000, 10, None), (20_000_000, 40, 0.0001))
+    assert counts(plan(spec, near, "n0", 1, "fastest")) == {"n0": 0, "n1": 10}  # the best single node: the peer
+
+
+def test_fastest_fills_the_faster_node_first_within_budgets():
+    spec = uniform_spec(10, 1000)
+    nodes = laptops((4000, 5, None), (7000, 20, 0.0001))
+    assert counts(plan(spec, nodes, "n0", 1, "fastest")) == {"n0": 3, "n1": 7}
+
+
+def test_fastest_ties_go_to_fewer_stages_then_node_ids():
+    spec = uniform_spec(4, 1000)
+    nodes = laptops((8000, 10, None), (8000, 10, 0.0), (8000, 10, 0.0))
+    assert [stage.node_id for stage in plan(spec, nodes, "n0", 1, "fastest").stages] == ["n0"]
+
+
+def test_best_single_node_is_none_when_no_machine_holds_the_model():
+    assert best_single_node(uniform_spec(10, 1000), laptops((6000, 10, None), (6000, 10, None)), "n0", 1) is None
+
+
+def test_a_plan_with_its_prediction_round_trips_through_json_and_old_json_has_none():
+    result = plan(uniform_spec(4, 100), laptops((250, 1, None), (250, 2, 0.001)), "n0", 1, "fastest")
+    data = json.loads(json.dumps(result.to_json()))
+    assert data["predicted_tokens_per_s"] == result.predicted_tokens_per_s > 0
+    assert Plan.from_json(data) == result
+    del data["predicted_tokens_per_s"]
+    assert Plan.from_json(data).predicted_tokens_per_s is None
+    with pytest.raises(ValueError):
+        Plan.from_json(data | {"predicted_tokens_per_s": -1})
 
 
 # ---------------------------------------------------------------- real size tables
