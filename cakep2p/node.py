@@ -21,7 +21,7 @@ from cakep2p import PROTOCOL_VERSION, __version__, paths
 from cakep2p.discovery import STATIC_KEY, Discovery, PeerDirectory, PeerInfo, identity
 from cakep2p.discovery.capacity import Capacity, offered_memory, probe
 from cakep2p.errors import CakeError
-from cakep2p.mesh import StageLimits, StageServer, ping
+from cakep2p.mesh import StageLimits, StageServer, timed_ping
 from cakep2p.mesh.parts_cache import default_parts_dir
 from cakep2p.network import announce_addresses, choose_port, listen_host, resolve_interfaces
 from cakep2p.security import ClusterKeys, cluster_keys, derive_keys, load_or_create_code
@@ -88,6 +88,7 @@ class Node:
         self._static_task: asyncio.Task | None = None
         self._silent_static: frozenset[tuple[str, int]] = frozenset()   # static --peers whose last ping went unanswered
         self._mesh_context: zmq.asyncio.Context | None = None   # for pings: static peers and proving announcements
+        self._rtts: dict[str, float] = {}   # node id -> the latest round trip its authenticated pings measured, s
 
     # ---- life cycle -------------------------------------------------------------------------------------------
 
@@ -195,8 +196,11 @@ class Node:
     async def _proves_membership(self, peer: PeerInfo) -> bool:
         """Whether an announced peer answers an authenticated ping as the node it claims to be: CURVE lets only a
         holder of the cluster key finish the handshake, so an announcement copied from the LAN proves nothing."""
-        pong = await ping(self._mesh_context, peer.address, peer.port, self.keys, VERIFY_TIMEOUT_S)
-        return pong is not None and pong.node_id == peer.node_id
+        pong, rtt = await timed_ping(self._mesh_context, peer.address, peer.port, self.keys, VERIFY_TIMEOUT_S)
+        proven = pong is not None and pong.node_id == peer.node_id
+        if proven and rtt is not None:
+            self._rtts[peer.node_id] = rtt
+        return proven
 
     async def _poll_static_peers(self) -> None:
         """Ping each --peers host:port over the mesh, each on its own: one that answers is usable at once, however
@@ -207,8 +211,10 @@ class Node:
         """Answers become a directory entry, silence (STATIC_PEER_MISSES pings in a row) removes it."""
         key, misses = f"{STATIC_KEY}{host}:{port}", 0
         while True:
-            pong = await ping(self._mesh_context, host, port, self.keys, STATIC_PEER_TIMEOUT_S)
+            pong, rtt = await timed_ping(self._mesh_context, host, port, self.keys, STATIC_PEER_TIMEOUT_S)
             misses = 0 if pong is not None else misses + 1
+            if pong is not None and rtt is not None:
+                self._rtts[pong.node_id] = rtt
             if pong is not None and pong.node_id != self.node_id:
                 self.directory.put(key, self._static_peer_info(host, port, pong))
             elif pong is not None or misses >= STATIC_PEER_MISSES:
@@ -298,6 +304,11 @@ class Node:
 
     def peers(self) -> list[PeerInfo]:
         return self.directory.peers()
+
+    def rtt_s(self, node_id: str) -> float | None:
+        """The round trip to a peer, in seconds, from its latest authenticated ping (proof of an announcement, or a
+        static peer's poll); None when none measured it. The planner predicts each hop's latency from it."""
+        return self._rtts.get(node_id)
 
     def silent_static_peers(self) -> set[tuple[str, int]]:
         """Static --peers (host, port) whose last ping went unanswered: down, unreachable, or of another cluster

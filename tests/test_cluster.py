@@ -194,6 +194,7 @@ def test_static_peer_is_listed_from_its_pong_and_dropped_when_it_stops_answering
     try:
         peer = wait_until(lambda: asker.directory.get(lender.node_id), 10, message="the static peer")
         assert (peer.name, peer.port, peer.serving, peer.offered_memory) == (lender.name, lender.port, True, 8 << 20)
+        assert 0 < asker.rtt_s(lender.node_id) < 0.5  # timed on the connection after the CURVE handshake
         lender.stop()
         wait_until(lambda: asker.directory.get(lender.node_id) is None, 10, message="the static peer to be dropped")
     finally:

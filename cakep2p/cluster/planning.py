@@ -60,13 +60,15 @@ class Planning:
         return peers
 
     def budgets(self, peers: dict[str, PeerInfo]) -> tuple[planner.NodeBudget, ...]:
-        """This node (its offer capped by max_memory) first, then the peers as the directory announces them."""
+        """This node (its offer capped by max_memory) first, then the peers as the directory announces them, each
+        with the RTT this node's pings measured (for the planner's speed prediction)."""
         own = self.node.offered_bytes
         if self.options.max_memory is not None:
             own = min(own, self.options.max_memory)
         capacity = self.node.capacity
         budgets = [planner.NodeBudget(self.node.node_id, self.node.name, own, capacity.gflops, capacity.bandwidth)]
-        budgets += [planner.NodeBudget(peer.node_id, peer.name, peer.offered_memory, peer.gflops, peer.bandwidth)
+        budgets += [planner.NodeBudget(peer.node_id, peer.name, peer.offered_memory, peer.gflops, peer.bandwidth,
+                                       self.node.rtt_s(peer.node_id))
                     for peer in peers.values()]
         return tuple(budgets)
 

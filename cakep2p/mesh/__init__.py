@@ -14,10 +14,10 @@
 Messages are cakep2p/wire.py's; docs/protocol.md describes the exchange.
 """
 
-from cakep2p.mesh.client import StageClient, StageRefused, layer_range, part_ref, ping
+from cakep2p.mesh.client import StageClient, StageRefused, layer_range, part_ref, ping, timed_ping
 from cakep2p.mesh.pipeline import PipelineStage, RemotePipeline, RemoteStage, stages_for_plan
 from cakep2p.mesh.server import StageLimits, StageServer
 from cakep2p.mesh.threaded import ServerThread
 
 __all__ = ["PipelineStage", "RemotePipeline", "RemoteStage", "ServerThread", "StageClient", "StageLimits",
-           "StageRefused", "StageServer", "layer_range", "part_ref", "ping", "stages_for_plan"]
+           "StageRefused", "StageServer", "layer_range", "part_ref", "ping", "stages_for_plan", "timed_ping"]

@@ -231,26 +231,51 @@ class StageClient:
 async def ping(context, address: str, port: int, keys: ClusterKeys | None, timeout_s: float) -> wire.Pong | None:
     """Ask a stage server for its capabilities from an asyncio loop (`context` is a zmq.asyncio.Context); None when it
     does not answer in time, answers garbage, or refuses our keys (a failed CURVE handshake simply never answers)."""
+    pong, _ = await timed_ping(context, address, port, keys, timeout_s, rounds=1)
+    return pong
+
+
+async def timed_ping(context, address: str, port: int, keys: ClusterKeys | None, timeout_s: float,
+                     rounds: int = 3) -> tuple[wire.Pong | None, float | None]:
+    """`ping`, then `rounds - 1` more pings on the same connection: (the first Pong, the fastest later round trip in
+    seconds). The first round also pays for the TCP connection and the CURVE handshake, so it is not an RTT; the
+    RTT is None when only one round answered."""
     socket = context.socket(zmq.DEALER)
     socket.linger = 0
     socket.maxmsgsize = 1 << 20
+    first, fastest = None, None
     try:
         configure_client(socket, keys)
         socket.connect(endpoint(address, port))
-        await socket.send_multipart(wire.encode(wire.Ping(request_id=1)))
         deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            if not await socket.poll(int(left * 1000) + 1):
+        for request_id in range(1, rounds + 1):
+            started = time.perf_counter()
+            pong = await _pong(socket, request_id, deadline)
+            if pong is None:
                 break
-            try:
-                reply = wire.decode(await socket.recv_multipart())
-            except wire.WireError:
-                return None
-            if isinstance(reply, wire.Pong):
-                return reply
-        return None
+            if first is None:
+                first = pong
+            else:
+                elapsed = time.perf_counter() - started
+                fastest = elapsed if fastest is None else min(fastest, elapsed)
+        return first, fastest
     except zmq.ZMQError as error:
         log.debug("ping %s:%d failed: %s", address, port, error)
-        return None
+        return first, fastest
     finally:
         socket.close(linger=0)
+
+
+async def _pong(socket, request_id: int, deadline: float) -> wire.Pong | None:
+    """Send a Ping and wait until `deadline` for its Pong; None on silence or garbage."""
+    await socket.send_multipart(wire.encode(wire.Ping(request_id=request_id)))
+    while (left := deadline - time.monotonic()) > 0:
+        if not await socket.poll(int(left * 1000) + 1):
+            return None
+        try:
+            reply = wire.decode(await socket.recv_multipart())
+        except wire.WireError:
+            return None
+        if isinstance(reply, wire.Pong) and reply.request_id == request_id:
+            return reply
+    return None
