@@ -1,6 +1,6 @@
 """Nothing silent: every machine heard but left out of a plan is named with its reason (other cluster, another
-protocol, an announcement nobody proved, not serving, no memory, not answering, too small, not needed, too late), in
-the core and on the command line."""
+protocol, an announcement nobody proved, not serving, no memory, not answering, too small, slower, not needed, too
+late), in the core and on the command line."""
 
 from __future__ import annotations
 
@@ -64,6 +64,23 @@ def test_a_peer_too_small_for_one_layer_is_left_out_by_the_planner_with_its_offe
 def test_a_peer_the_fewest_strategy_does_not_need_is_not_needed():
     spare = peer("spare", offered_memory=100_000)
     assert reasons(left_out(planned_over([spare], strategy="fewest"), [spare], OWN)) == {"spare": "not_needed"}
+
+
+def test_a_peer_the_fastest_plan_leaves_out_as_slower_is_named_with_both_predictions():
+    spec = planner.ModelSpec("tiny", (1_000_000,) * 4, 100, 100, 1, 1)
+    near, slow = peer("near"), peer("slow")
+    budgets = (planner.NodeBudget(OWN, "laptop", 2_100_000, bandwidth=10e9),
+               planner.NodeBudget(near.node_id, near.name, 5_000_000, bandwidth=10e9, rtt_s=0.0001),
+               planner.NodeBudget(slow.node_id, slow.name, 5_000_000, bandwidth=0.1e9, rtt_s=0.0001))
+    planned = PlannedModel(planner.plan(spec, budgets, OWN, 1, "fastest"), spec, 1, budgets)
+    entries = left_out(planned, [near, slow], OWN)
+    assert reasons(entries) == {"slow": "slower"}
+    with_it = planner.fastest_with(spec, budgets, OWN, 1, slow.node_id).predicted_tokens_per_s
+    without = planned.plan.predicted_tokens_per_s
+    assert with_it < without
+    assert describe_left_out(entries, planned) == [
+        f"slow would slow this model down (predicted {planner.format_rate(with_it)} tok/s with it, "
+        f"{planner.format_rate(without)} without): left out by the planner"]
 
 
 def test_a_peer_heard_after_planning_arrived_late():

@@ -540,6 +540,23 @@ def test_plan_command_offers_the_compute_strategy(stories_dir, seeded_home, caps
     assert json.loads(capsys.readouterr().out)["strategy"] == "compute"
 
 
+def test_plan_command_prints_the_predicted_speed_of_its_plan_and_of_the_alternatives(stories_dir, seeded_home,
+                                                                                      capsys):
+    assert cli.main(["plan", "--model", str(stories_dir), "--wait", "0", "--strategy", "fastest"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("predicted "))
+    assert " tok/s decode (one stream); compared: proportional " in line
+    assert all(f"{label} " in line for label in ("compute", "fewest", "single node")) and "e+" not in line
+
+
+def test_plan_command_json_gives_the_predicted_speed_of_its_plan_and_of_the_alternatives(stories_dir, seeded_home,
+                                                                                         capsys):
+    assert cli.main(["plan", "--model", str(stories_dir), "--wait", "0", "--json", "--strategy", "fastest"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["strategy"] == "fastest" and data["predicted_tokens_per_s"] > 0
+    assert set(data["alternatives"]) == {"proportional", "compute", "fewest", "fastest", "single node"}
+    assert data["alternatives"]["single node"] == data["predicted_tokens_per_s"]  # alone, this machine is the plan
+
+
 def test_plan_command_reports_missing_memory_on_one_line(stories_dir, seeded_home, capsys):
     assert cli.main(["plan", "--model", str(stories_dir), "--wait", "0", "--max-memory", "1MB"]) == 2
     error = capsys.readouterr().err

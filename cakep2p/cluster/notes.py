@@ -1,6 +1,7 @@
 """What a user should be told about a plan, so that nothing happens silently: machines that were heard but left
-out (and why), and a context longer than the model allows. The command line prints these lines, the window shows
-them; open_model reports the left-out machines through its on_notice as soon as it has planned.
+out (and why: "slower" gives the predicted speeds), and a context longer than the model allows. The command line
+prints these lines, the window shows them; open_model reports the left-out machines through its on_notice as soon
+as it has planned.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from cakep2p.node import Node
 from cakep2p.units import format_size
 
 Reason = Literal["other_cluster", "incompatible", "unproven", "not_serving", "offers_nothing", "no_answer",
-                 "too_small", "not_needed", "arrived_late"]
+                 "too_small", "slower", "not_needed", "arrived_late"]
 REASONS: tuple[Reason, ...] = ("other_cluster", "incompatible", "unproven", "not_serving", "offers_nothing",
-                               "no_answer", "too_small", "not_needed", "arrived_late")
+                               "no_answer", "too_small", "slower", "not_needed", "arrived_late")
 NAMES_SHOWN = 4
 
 
@@ -67,7 +68,20 @@ def _why(peer: PeerInfo, planned: PlannedModel | None, considered: dict[str, pla
     smallest_layer = min(planner.layer_memory(planned.spec, planned.context), default=0)
     if budget.offered_bytes < smallest_layer:
         return LeftOut(peer.name, "too_small", f"offers {format_size(budget.offered_bytes)}")
-    return LeftOut(peer.name, "not_needed")
+    return _slower(peer, planned) or LeftOut(peer.name, "not_needed")
+
+
+def _slower(peer: PeerInfo, planned: PlannedModel) -> LeftOut | None:
+    """"slower" when the fastest strategy left the peer out because every plan with it is predicted slower."""
+    without = planned.plan.predicted_tokens_per_s
+    if planned.plan.strategy != "fastest" or without is None:
+        return None
+    with_it = planner.fastest_with(planned.spec, planned.nodes, planned.plan.stages[0].node_id, planned.context,
+                                   peer.node_id)
+    if with_it is None or with_it.predicted_tokens_per_s is None or with_it.predicted_tokens_per_s >= without:
+        return None
+    return LeftOut(peer.name, "slower", f"predicted {planner.format_rate(with_it.predicted_tokens_per_s)} tok/s "
+                                        f"with it, {planner.format_rate(without)} without")
 
 
 def describe_left_out(entries: Sequence[LeftOut], planned: PlannedModel | None = None) -> list[str]:
@@ -114,6 +128,11 @@ def _sentence(reason: Reason, group: list[LeftOut], planned: PlannedModel | None
             each = ", ".join(f"{entry.name} {entry.detail}" for entry in group)
             offers = f"each offers less than one layer needs{need} ({each})"
         return f"{names} left out by the planner: {offers}; offer more memory there, or use a shorter context"
+    if reason == "slower":
+        if one:
+            return f"{names} would slow this model down ({group[0].detail}): left out by the planner"
+        each = ", ".join(f"{entry.name} ({entry.detail})" for entry in group[:NAMES_SHOWN])
+        return f"{names} would each slow this model down, left out by the planner: {each}"
     if reason == "not_needed":
         if planned is not None and planned.plan.strategy == "fewest":
             why = "the model fits on fewer machines (strategy fewest)"

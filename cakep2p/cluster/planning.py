@@ -40,6 +40,19 @@ class PlannedModel:
     def offered_bytes(self) -> int:
         return sum(node.offered_bytes for node in self.nodes)
 
+    def alternatives(self) -> dict[str, planner.Plan | None]:
+        """What the other strategies, and the best single machine, would plan from the same budgets (None: it does
+        not fit): the plans `cakep2p plan` compares the chosen one's predicted speed with."""
+        initiator_id = self.plan.stages[0].node_id
+        found: dict[str, planner.Plan | None] = {}
+        for strategy in ("proportional", "compute", "fewest", "fastest"):
+            try:
+                found[strategy] = planner.plan(self.spec, self.nodes, initiator_id, self.context, strategy)
+            except ValueError:  # DoesNotFit in that strategy's order
+                found[strategy] = None
+        found["single node"] = planner.best_single_node(self.spec, self.nodes, initiator_id, self.context)
+        return found
+
 
 class Planning:
     """Budgets from the node and its directory, and planner.plan over them (PlanError when it does not fit)."""

@@ -106,9 +106,11 @@ def add_network_options(parser: argparse.ArgumentParser, cluster_help: str = "pa
 def add_cluster_options(parser: argparse.ArgumentParser, **network: str) -> None:
     """Network options (`cluster_help` rewords --cluster) plus how to split a model across the peers."""
     add_network_options(parser, **network)
-    parser.add_argument("--strategy", choices=("proportional", "fewest", "compute"), default="proportional",
+    parser.add_argument("--strategy", choices=("proportional", "fewest", "compute", "fastest"),
+                        default="proportional",
                         help="proportional: spread layers by offered memory; fewest: as few nodes as possible; "
-                             "compute: by measured GFLOP/s (never over anyone's memory budget)")
+                             "compute: by measured GFLOP/s; fastest: the best predicted decode tok/s from measured "
+                             "memory bandwidth and RTTs (never over anyone's memory budget)")
     parser.add_argument("--max-memory", type=size_value, default=None, metavar="SIZE",
                         help="cap on the memory this machine offers for model parts (e.g. 8GB, 512MiB)")
 

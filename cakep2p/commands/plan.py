@@ -8,6 +8,7 @@ import json
 from cakep2p.commands.options import (DEFAULT_WAIT_S, add_cluster_options, add_model_argument, add_weights_option,
                                       open_checkpoint, positive_int, print_notice, wait_seconds)
 from cakep2p.errors import PlanError
+from cakep2p.planner import Plan, format_rate
 from cakep2p.units import format_size
 
 
@@ -56,13 +57,24 @@ def run(args: argparse.Namespace) -> int:
         notes = cluster.left_out_notes(node, planned)
     finally:
         node.stop()
+    alternatives = planned.alternatives()
     if args.json:
-        print(json.dumps(planned.plan.to_json(), indent=2))
+        print(json.dumps(planned.plan.to_json() | {"alternatives": {
+            label: other.predicted_tokens_per_s if other is not None else None
+            for label, other in alternatives.items()}}, indent=2))
     else:
         spec, offered, count = planned.spec, planned.offered_bytes, len(planned.nodes)
         print(f"model {spec.name}: {spec.num_layers} layers, context {planned.context} tokens, "
               f"{count} node{'' if count == 1 else 's'} offering {format_size(offered)}")
         print(planned.plan.table())
+        print(predictions(planned.plan, alternatives))
     for note in notes:
         print_notice(note)
     return 0
+
+
+def predictions(chosen: Plan, alternatives: dict[str, Plan | None]) -> str:
+    """`predicted 6.3 tok/s (one stream); proportional 4.1, compute 4.8, fewest 6.3, single node 6.3`."""
+    compared = ", ".join(f"{label} {'does not fit' if other is None else format_rate(other.predicted_tokens_per_s)}"
+                         for label, other in alternatives.items() if label != chosen.strategy)
+    return f"predicted {format_rate(chosen.predicted_tokens_per_s)} tok/s decode (one stream); compared: {compared}"

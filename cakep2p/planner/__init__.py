@@ -23,8 +23,9 @@ from cakep2p.planner.memory import ACTIVATION_BYTES, initiator_memory, layer_mem
 from cakep2p.planner.speed import DEFAULT_LINK_BYTES_PER_S, DEFAULT_RTT_S, predict_seconds_per_token
 from cakep2p.planner.strategies import best_single_node, fastest_with, plan
 from cakep2p.planner.types import (STRATEGIES, DoesNotFit, LayerRange, ModelSpec, NodeBudget, Plan, Stage, Strategy,
-                                   describe_layers, format_bytes)
+                                   describe_layers, format_bytes, format_rate)
 
 __all__ = ["ACTIVATION_BYTES", "DEFAULT_LINK_BYTES_PER_S", "DEFAULT_RTT_S", "STRATEGIES", "DoesNotFit", "LayerRange",
            "ModelSpec", "NodeBudget", "Plan", "Stage", "Strategy", "best_single_node", "describe_layers",
-           "fastest_with", "format_bytes", "initiator_memory", "layer_memory", "plan", "predict_seconds_per_token"]
+           "fastest_with", "format_bytes", "format_rate", "initiator_memory", "layer_memory", "plan",
+           "predict_seconds_per_token"]

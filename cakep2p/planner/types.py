@@ -150,3 +150,10 @@ def format_bytes(num_bytes: int) -> str:
             return f"{value:.3g} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def format_rate(tokens_per_s: float | None) -> str:
+    """`4.1`, `63.0`, `1235`: a predicted speed in tok/s, never in scientific notation; `?` when unknown."""
+    if tokens_per_s is None:
+        return "?"
+    return f"{tokens_per_s:.1f}" if tokens_per_s < 100 else f"{tokens_per_s:.0f}"
