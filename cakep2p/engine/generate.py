@@ -6,6 +6,8 @@ from typing import Iterator, Protocol
 
 import torch
 
+from cakep2p.engine import speculative
+from cakep2p.engine.kvcache import KVCache
 from cakep2p.engine.model import ModelPart
 from cakep2p.engine.sampling import Sampler, SamplingParams
 from cakep2p.errors import ModelError
@@ -18,6 +20,12 @@ class Pipeline(Protocol):
 
     def forward(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
         """Run tokens at positions start_pos.. and return float32 logits [vocab] of the last one."""
+
+    def forward_all(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
+        """As forward, but float32 logits [T, vocab] of every one, row t (and the caches) bit-identical to forwarding
+        the tokens one at a time: what speculative decoding verifies drafts with, so greedy tokens do not change.
+
+        Optional: generation decodes token by token over a pipeline without it (a wrapper, a test fake)."""
 
     def close(self) -> None:
         """Release the caches (and, remotely, the session)."""
@@ -40,6 +48,18 @@ class LocalPipeline:
         self.stage_seconds: list[float] = []
 
     def forward(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
+        x = torch.tensor(self._checked(token_ids, start_pos), dtype=torch.long)
+        for part, cache in zip(self.parts, self.caches):
+            x = part(x, start_pos, cache, last_only=True)
+        return x[-1].float()
+
+    def forward_all(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
+        x = torch.tensor(self._checked(token_ids, start_pos), dtype=torch.long)
+        for part, cache in zip(self.parts, self.caches):
+            x = decode_each(part, x, start_pos, cache)
+        return x.float()
+
+    def _checked(self, token_ids: list[int], start_pos: int) -> list[int]:
         if not token_ids:
             raise ValueError("forward needs at least one token")
         if not self.caches:
@@ -47,13 +67,18 @@ class LocalPipeline:
         if start_pos < 0 or start_pos + len(token_ids) > self.max_seq_len:
             raise ValueError(f"positions {start_pos}..{start_pos + len(token_ids)} exceed the context "
                              f"of {self.max_seq_len} tokens")
-        x = torch.tensor(token_ids, dtype=torch.long)
-        for part, cache in zip(self.parts, self.caches):
-            x = part(x, start_pos, cache, last_only=True)
-        return x[-1].float()
+        return token_ids
+
 
     def close(self) -> None:
         self.caches = []
+
+
+def decode_each(part: ModelPart, inputs: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
+    """`part` on T consecutive positions of one cache, each with the bits of a one-token forward of it alone (the
+    batched decode path: one weight read for all rows, attention row by row, so row t sees rows before it)."""
+    positions = list(range(start_pos, start_pos + inputs.shape[0]))
+    return part.decode_batch(inputs, positions, [cache] * len(positions))
 
 
 def _check_chain(parts: list[ModelPart]) -> None:
@@ -70,10 +95,12 @@ def _check_chain(parts: list[ModelPart]) -> None:
 
 
 def generate(pipeline: Pipeline, prompt_ids: list[int], params: SamplingParams,
-             start_pos: int = 0) -> Iterator[int]:
+             start_pos: int = 0, *, speculate: bool | None = None) -> Iterator[int]:
     """Yield new token ids as they come; a stop token is yielded, then generation ends.
 
-    `prompt_ids[:start_pos]` must already be in the pipeline's caches (a reused prefix).
+    `prompt_ids[:start_pos]` must already be in the pipeline's caches (a reused prefix). Greedy generation drafts
+    by prompt lookup and verifies the drafts in one pass (engine/speculative.py; the same tokens, fewer passes);
+    `speculate` False turns that off, None leaves it to CAKEP2P_SPECULATE (on unless "0").
     """
     prompt_ids = list(prompt_ids)
     if not prompt_ids:
@@ -89,6 +116,9 @@ def generate(pipeline: Pipeline, prompt_ids: list[int], params: SamplingParams,
     sampler = Sampler(params)
     history = prompt_ids
     logits = pipeline.forward(prompt_ids[start_pos:], start_pos)
+    if speculative.applies(pipeline, params, speculate):
+        yield from speculative.decode(pipeline, history, logits, sampler)
+        return
     for produced in range(params.max_new_tokens):
         token = sampler.next_token(logits, history)
         yield token

@@ -17,6 +17,7 @@ import zmq
 
 from cakep2p import planner, wire
 from cakep2p.engine.checkpoint import Checkpoint
+from cakep2p.engine.generate import decode_each
 from cakep2p.engine.model import ModelPart
 from cakep2p.errors import MeshError
 from cakep2p.mesh.client import REPLAN_CODES, StageClient, StageRefused
@@ -72,7 +73,7 @@ class RemotePipeline:
         self.session_id = uuid.uuid4().hex
         self.load_sources: list[str] = []
         self.stage_seconds: list[float] = []
-        self._chunks: list[tuple[int, list[int]]] = []  # (start_pos, token ids) of each forward, in order
+        self._chunks: list[tuple[int, list[int], bool]] = []  # (start_pos, token ids, every_position), in order
         self._history: list[int] = []
         self._step = 0
         self._stages: list[PipelineStage] = []
@@ -128,6 +129,20 @@ class RemotePipeline:
         self.stage_seconds = [0.0] * len(self._stages)
 
     def forward(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
+        return self._forward(token_ids, start_pos, every_position=False)[-1]
+
+    def forward_all(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
+        """Float32 logits [T, vocab] of every position, each with the bits of forwarding it alone: in-process stages
+        run all positions at once (engine decode_each); a remote stage, whose wire forward has no such mode, gets
+        one position per request."""
+        return self._forward(token_ids, start_pos, every_position=True)
+
+    @property
+    def verifies_in_one_pass(self) -> bool:
+        """Whether forward_all costs one pass (one request per stage): only when every stage is in-process."""
+        return all(client is None for client in self._clients)
+
+    def _forward(self, token_ids: list[int], start_pos: int, every_position: bool) -> torch.Tensor:
         if not token_ids:
             raise ValueError("forward needs at least one token")
         if start_pos < 0 or start_pos + len(token_ids) > self.max_seq_len:
@@ -141,7 +156,7 @@ class RemotePipeline:
             try:
                 if move_to is not None:
                     self.rebuild(move_to)
-                logits = self._run(list(token_ids), start_pos)
+                logits = self._run(list(token_ids), start_pos, every_position)
                 break
             except StageRefused as refusal:
                 if refusal.code in REPLAN_CODES:   # no room there now: another plan may have some
@@ -153,7 +168,7 @@ class RemotePipeline:
                 move_to = self.stages  # the stage restarted or expired the session: refill its cache
             except MeshError as error:
                 move_to = self._recover(error, attempt)
-        self._chunks.append((start_pos, list(token_ids)))
+        self._chunks.append((start_pos, list(token_ids), every_position))
         self._history.extend(token_ids)
         return logits
 
@@ -172,23 +187,33 @@ class RemotePipeline:
         `position` is kept whole: replayed as it ran, it writes the same bits below `position` (a shorter chunk
         might not), and the next forward overwrites what it writes from `position` on."""
         del self._history[position:]
-        self._chunks = [(start_pos, token_ids) for start_pos, token_ids in self._chunks if start_pos < position]
+        self._chunks = [chunk for chunk in self._chunks if chunk[0] < position]
 
-    def _run(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
+    def _run(self, token_ids: list[int], start_pos: int, every_position: bool = False) -> torch.Tensor:
+        """Logits [T, vocab] of every position with `every_position`, else [1, vocab] of the last."""
         x = torch.tensor(token_ids, dtype=torch.int64)
         self._step += 1
         for index, (stage, client) in enumerate(zip(self._stages, self._clients)):
             began = time.perf_counter()
-            if client is None:
+            if client is None and every_position:
+                x = decode_each(stage, x, start_pos, self._caches[index])
+            elif client is None:
                 x = stage(x, start_pos, self._caches[index], last_only=stage.layers.has_head)
             else:
                 if not stage.layers.has_embedding and x.dtype != self._dtypes[index]:
                     x = x.to(self._dtypes[index])  # stages may hold different dtypes (e.g. a GPU in bf16)
                 width = self.args.vocab_size if stage.layers.has_head else self.args.hidden_size
-                x = client.forward(self.session_id, self._refs[index], self._step, start_pos, x, width=width,
-                                   dtype=self._dtypes[index])
+                if every_position:
+                    x = torch.cat([self._remote_forward(index, start_pos + offset, x[offset:offset + 1], width)
+                                   for offset in range(x.shape[0])])
+                else:
+                    x = self._remote_forward(index, start_pos, x, width)
             self.stage_seconds[index] += time.perf_counter() - began
-        return x[-1].float()
+        return x.float()
+
+    def _remote_forward(self, index: int, start_pos: int, x: torch.Tensor, width: int) -> torch.Tensor:
+        return self._clients[index].forward(self.session_id, self._refs[index], self._step, start_pos, x,
+                                            width=width, dtype=self._dtypes[index])
 
     def rebuild(self, new_stages: Sequence[PipelineStage], exact: bool = True) -> None:
         """Move the session to `new_stages` (e.g. after a peer was lost): load the parts, then refill the caches.
@@ -200,9 +225,9 @@ class RemotePipeline:
         self.session_id = uuid.uuid4().hex
         self._attach(new_stages)
         if not exact and self._history:
-            self._chunks = [(0, list(self._history))]
-        for start_pos, token_ids in self._chunks:
-            self._run(token_ids, start_pos)
+            self._chunks = [(0, list(self._history), False)]
+        for start_pos, token_ids, every_position in self._chunks:
+            self._run(token_ids, start_pos, every_position)
 
     def close(self) -> None:
         self._close_clients(end_session=True)
