@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from cakep2p import cli, testing
 from cakep2p.engine.checkpoint import Checkpoint
+from cakep2p.planner.speed import HOP_OVERHEAD_S, LAYER_OVERHEAD_S
 from cakep2p.engine.sizes import model_spec, spec_from_args
 from cakep2p.planner import (ACTIVATION_BYTES, DoesNotFit, ModelSpec, NodeBudget, Plan, best_single_node,
                              fastest_with, initiator_memory, layer_memory, plan, predict_seconds_per_token)
@@ -392,8 +393,8 @@ def test_prediction_adds_weight_reads_and_two_hops_per_remote_stage():
     spec = ModelSpec("m", (1000,) * 4, 100, 100, 0, hidden_size=10)
     nodes = [NodeBudget("n0", "a", 10_000, bandwidth=1e6), NodeBudget("n1", "b", 10_000, bandwidth=2e6, rtt_s=0.01)]
     result = plan(spec, nodes, "n0", 1, "proportional")
-    reads = 2000 / 1e6 + 100 / 1e6 + 2000 / 2e6        # n0: layers 0-1 and the head; n1: layers 2-3
-    hop = 0.01 / 2 + 10 * 4 / 25e6                      # half the RTT and a float32 hidden state at 200 Mb/s
+    reads = 2000 / 1e6 + 100 / 1e6 + 2000 / 2e6 + 4 * LAYER_OVERHEAD_S  # n0: layers 0-1 and the head; n1: 2-3
+    hop = 0.01 / 2 + HOP_OVERHEAD_S + 10 * 4 / 25e6     # half the RTT, a message, a float32 hidden state at 200 Mb/s
     assert predict_seconds_per_token(spec, result, nodes) == pytest.approx(reads + 2 * hop)
     assert predict_seconds_per_token(spec, result, nodes, hops=3) == pytest.approx(reads + 3 * hop)  # a chain
     assert result.predicted_tokens_per_s == pytest.approx(1 / (reads + 2 * hop))
@@ -410,10 +411,10 @@ def test_a_slow_laptop_is_left_out_when_it_costs_more_than_it_gives():
 
 
 def test_a_far_peer_is_left_out_when_this_node_holds_the_model_alone():
-    spec = uniform_spec(10, 1_000_000)
-    nodes = laptops((20_000_000, 10, None), (20_000_000, 40, 0.5))   # 4x the bandwidth, half a second away
+    spec = uniform_spec(10, 100_000_000)   # 1 GB: 100 ms a token at 10 GB/s
+    nodes = laptops((2 << 30, 10, None), (2 << 30, 40, 0.5))   # 4x the bandwidth, half a second away
     assert [stage.node_id for stage in plan(spec, nodes, "n0", 1, "fastest").stages] == ["n0"]
-    near = laptops((20_000_000, 10, None), (20_000_000, 40, 0.0001))
+    near = laptops((2 << 30, 10, None), (2 << 30, 40, 0.0001))
     assert counts(plan(spec, near, "n0", 1, "fastest")) == {"n0": 0, "n1": 10}  # the best single node: the peer
 
 

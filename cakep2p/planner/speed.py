@@ -12,13 +12,16 @@ UNKNOWN_BANDWIDTH = 10e9  # bytes/s assumed when no node reports a speed (a lapt
 DEFAULT_RTT_S = 0.002  # assumed round trip to a peer whose RTT was never measured: a Wi-Fi hop
 DEFAULT_LINK_BYTES_PER_S = 25e6  # assumed network rate for hidden states: 200 Mb/s Wi-Fi
 WIRE_BYTES_PER_HIDDEN = 4  # a hidden state travels as float32
+LAYER_OVERHEAD_S = 0.0004  # per layer per token besides the weight reads: op dispatch (CPU, bench/heterogeneous_bench)
+HOP_OVERHEAD_S = 0.0005  # per message besides the RTT: encoding, the server's dispatch to its compute thread
 
 
 def predict_seconds_per_token(spec: ModelSpec, result: Plan, nodes: Sequence[NodeBudget], hops: int | None = None,
                               link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S) -> float:
     """Predicted decode seconds per token of one stream: every stage's weight reads, then `hops` network hops
     (default: today's star, 2 per stage off the initiator; chain forwarding passes `len(result.stages)`), each a
-    one-way latency (the mean RTT / 2 of the stages off the initiator) plus a hidden state over the link."""
+    one-way latency (the mean RTT / 2 of the stages off the initiator), HOP_OVERHEAD_S and a hidden state over the
+    link. Every layer adds LAYER_OVERHEAD_S: what a small model's speed is made of."""
     return Speeds.of(nodes).seconds_per_token(spec, result, hops, link_bytes_per_s)
 
 
@@ -36,12 +39,13 @@ class Speeds:
     def seconds_per_token(self, spec: ModelSpec, result: Plan, hops: int | None = None,
                           link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S) -> float:
         compute = sum(self.per_byte[stage.node_id] * _weight_bytes(spec, stage.layers) for stage in result.stages)
+        compute += spec.num_layers * LAYER_OVERHEAD_S
         remote = result.stages[1:]
         if not remote:
             return compute
         one_way = sum(self.rtt_s[stage.node_id] for stage in remote) / (2 * len(remote))
         hops = 2 * len(remote) if hops is None else hops
-        return compute + hops * (one_way + spec.hidden_size * WIRE_BYTES_PER_HIDDEN / link_bytes_per_s)
+        return compute + hops * (one_way + HOP_OVERHEAD_S + spec.hidden_size * WIRE_BYTES_PER_HIDDEN / link_bytes_per_s)
 
 
 def _seconds_per_byte(nodes: Sequence[NodeBudget]) -> dict[str, float]:
