@@ -82,6 +82,22 @@ def stories_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smol_transformers():
+    """transformers' own float32 SmolLM2 read from the GGUF (the oracle), loaded once for the session: it takes
+    half a minute to dequantize."""
+    import torch
+
+    from tests.test_gguf_format import SMOL_DIR, SMOL_NAME
+
+    if not (SMOL_DIR / SMOL_NAME).is_file():
+        pytest.skip(f"the SmolLM2 GGUF is not at {SMOL_DIR} (set CAKEP2P_TEST_GGUF)")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    model = transformers.AutoModelForCausalLM.from_pretrained(SMOL_DIR, gguf_file=SMOL_NAME, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
 def stories_model(stories_dir):
     """stories260K loaded once in this process (float32, CPU), for tests that only run pipelines on it."""
     from cakep2p.cluster import LocalModel, ModelOptions

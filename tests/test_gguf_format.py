@@ -47,10 +47,8 @@ def stories():
 
 
 @pytest.fixture(scope="module")
-def hf_state():
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(SMOL_DIR, gguf_file=SMOL_NAME, dtype=torch.float32)
-    return model.state_dict()
+def hf_state(smol_transformers):
+    return smol_transformers.state_dict()
 
 
 @pytest.fixture(scope="module")

@@ -35,11 +35,8 @@ def ours():
 
 
 @pytest.fixture(scope="module")
-def theirs():
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    model = transformers.AutoModelForCausalLM.from_pretrained(SMOL_DIR, gguf_file=SMOL_NAME, dtype=torch.float32)
-    return model.eval()
+def theirs(smol_transformers):
+    return smol_transformers
 
 
 def chat_ids(model: LocalModel, messages: list[dict]) -> list[int]:
