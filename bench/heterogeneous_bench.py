@@ -1,6 +1,7 @@
 """Each strategy's plan measured on a heterogeneous loopback cluster, side by side in one run, with the prediction.
 
 Usage: python bench/heterogeneous_bench.py [--preset tinyllama] [--dtype bfloat16] [--new-tokens 8] [--quota 0.25]
+                                          [--offer-layers N]  (each node offers room for N layers: 0 = 8 GiB)
 This process is the initiator; 3 stage servers run in subprocesses on 127.0.0.1 (bench/mesh_bench.py's), and the
 last is throttled to --quota of a core with cgroup v1 (cpu.cfs_quota_us; needs root). Each node's speed is measured
 sustained (bytes or FLOPs over wall time for a second, in its cgroup): the capacity benchmark's best-of-bursts
@@ -157,14 +158,19 @@ def bench(options: argparse.Namespace) -> None:
                   f"{fast[0]:.1f} GFLOP/s {fast[1] / 1e9:.2f} GB/s, throttled to {options.quota:.0%} of a core "
                   f"({slow.node_id}): {throttled[0]:.1f} GFLOP/s {throttled[1] / 1e9:.2f} GB/s; RTTs "
                   + ", ".join(f"{name} {rtt * 1e6:.0f} us" for name, rtt in rtts.items()), flush=True)
-            budgets = [planner.NodeBudget("initiator", "initiator", OFFER_BYTES, *fast, rtt_s=0.0)]
-            budgets += [planner.NodeBudget(process.node_id, process.node_id, OFFER_BYTES,
+            context = len(prompt) + options.new_tokens + 2
+            offer = (planner.layer_memory(spec, context)[0] * options.offer_layers if options.offer_layers
+                     else OFFER_BYTES)
+            budgets = [planner.NodeBudget("initiator", "initiator", offer + planner.initiator_memory(spec), *fast,
+                                          rtt_s=0.0)]
+            budgets += [planner.NodeBudget(process.node_id, process.node_id, offer,
                                            *(throttled if process is slow else fast), rtt_s=rtts[process.node_id])
                         for process in processes]
-            context = len(prompt) + options.new_tokens + 2
             plans = {strategy: planner.plan(spec, budgets, "initiator", context, strategy)
                      for strategy in ("proportional", "compute", "fewest", "fastest")}
-            plans["single node"] = planner.best_single_node(spec, budgets, "initiator", context)
+            single = planner.best_single_node(spec, budgets, "initiator", context)
+            if single is not None:
+                plans["single node"] = single
             measured: dict[tuple, float] = {}
             results = {}
             for label, plan in plans.items():
@@ -192,6 +198,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process")
     parser.add_argument("--quota", type=float, default=0.25, help="CPU share of the throttled stage, of one core")
+    parser.add_argument("--offer-layers", type=int, default=0, help="room each node offers, in layers (0: 8 GiB)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.measure:
