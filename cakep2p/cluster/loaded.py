@@ -6,9 +6,11 @@ has the same shape, so the terminal chat, the window and the API use either unch
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
+from cakep2p.engine.batching import Batcher
 from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.config import ModelArgs
 from cakep2p.engine.dtypes import name_of
@@ -67,7 +69,10 @@ def context_length(args: ModelArgs, requested: int | None) -> int:
 
 
 class LocalModel:
-    """The whole model in this process: no plan (nothing runs elsewhere), no notices."""
+    """The whole model in this process: no plan (nothing runs elsewhere), no notices.
+
+    Its sessions share one Batcher: concurrent chats decode in one batched forward per step (CAKEP2P_BATCH=0: each
+    session alone, as before; benchmarks compare the two)."""
 
     def __init__(self, checkpoint: Checkpoint, options: ModelOptions, *, node: Node | None = None,
                  owns_node: bool = False) -> None:
@@ -80,9 +85,12 @@ class LocalModel:
         self.max_seq_len = context_length(self.args, options.context)
         self.part = load_part(checkpoint, whole_model(self.args), dtype=options.dtype, device=options.device,
                               weights=options.weights)
+        self.batcher = Batcher([self.part])
 
     def new_pipeline(self) -> Pipeline:
-        return LocalPipeline([self.part], self.max_seq_len)
+        if os.environ.get("CAKEP2P_BATCH", "1") == "0":
+            return LocalPipeline([self.part], self.max_seq_len)
+        return self.batcher.pipeline(self.max_seq_len)
 
     def describe(self) -> dict:
         return {"name": self.name, "layers": self.args.num_layers, "dtype": name_of(self.part.dtype),

@@ -33,6 +33,8 @@ DEQUANT_CHUNK_ROWS = 1024      # weight rows dequantized at a time on the many-r
 FP16_PACK_ELEMENTS = 2**24     # fbgemm packs fp16 from a float32 copy: a matrix bigger than this (a vocabulary
                                # head) is packed in row blocks, so that copy never costs more than 64 MiB
 REFINED_LOGITS = 64            # largest logits per position recomputed in float32 (see logits)
+BATCH_ROWS = WEIGHT_ONLY_MAX_ROWS[8]   # rows of different sessions one batched_linear call runs at once
+BATCH_ROWS_16BIT = 8                   # the same through oneDNN's 16-bit GEMM (see shared_rows)
 
 
 @lru_cache(maxsize=1)
@@ -169,11 +171,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PreparedLinear, bias: torch.T
     return out if bias is None else out + bias
 
 
-def logits(x: torch.Tensor, head: torch.Tensor | PreparedLinear) -> torch.Tensor:
+def shared_rows(weight: torch.Tensor | PreparedLinear) -> int:
+    """How many input rows one call may take with each row's bits still those it gets alone (tests/test_batching.py
+    checks every kind). The weight-only int8/int4 and fbgemm fp16 kernels compute rows apart: BATCH_ROWS. oneDNN's
+    16-bit GEMM keeps them apart for few rows only (its blocking over K changes past 11 rows at K=5632): 8. A float32
+    GEMM's summation order depends on the rows from 2 on: 1, row by row."""
+    if isinstance(weight, PreparedLinear):
+        return BATCH_ROWS if weight.weight is not None and weight.kind in ("int8", "int4", "fp16") else 1
+    return BATCH_ROWS_16BIT if weight.dtype in (torch.bfloat16, torch.float16) else 1
+
+
+def batched_linear(x: torch.Tensor, weight: torch.Tensor | PreparedLinear,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear() of rows from different sessions, each row bit-identical to linear() of that row alone: one weight
+    read per shared_rows(weight) rows."""
+    step = shared_rows(weight)
+    if x.shape[0] <= step:
+        return linear(x, weight, bias)
+    return torch.cat([linear(x[first:first + step], weight, bias) for first in range(0, x.shape[0], step)])
+
+
+def logits(x: torch.Tensor, head: torch.Tensor | PreparedLinear, batched: bool = False) -> torch.Tensor:
     """float32 logits [M, vocab]. Kernels that round their output to bf16 (the int8 kernel, a bf16 table) step by
     0.125 near 25, which ties greedy choices: each row's REFINED_LOGITS largest are recomputed in float32 from the
-    exact weight rows wherever these are at hand (an int8 head, a plain 16-bit table)."""
-    out = linear(x, head).float()
+    exact weight rows wherever these are at hand (an int8 head, a plain 16-bit table). `batched`: the rows are
+    different sessions' (batched_linear)."""
+    out = (batched_linear if batched else linear)(x, head).float()
     if isinstance(head, PreparedLinear) and head.kind == "int8" and head.source is not None:
         codes, scales = head.source.codes, head.source.scales
     elif isinstance(head, torch.Tensor) and not head.is_mkldnn and head.dtype != torch.float32:
@@ -181,8 +204,9 @@ def logits(x: torch.Tensor, head: torch.Tensor | PreparedLinear) -> torch.Tensor
     else:
         return out
     x32 = x.float()
-    for first in range(0, out.shape[0], 32):   # rows of x at a time: the gathered weights stay a few MiB
-        rows = slice(first, first + 32)
+    step = 1 if batched else 32   # rows of x at a time: the gathered weights stay a few MiB (a session's row alone)
+    for first in range(0, out.shape[0], step):
+        rows = slice(first, first + step)
         top = out[rows].topk(min(REFINED_LOGITS, out.shape[1]), dim=-1).indices
         exact = torch.einsum("mkh,mh->mk", codes[top].float(), x32[rows])
         out[rows] = out[rows].scatter(1, top, exact if scales is None else exact * scales[top])

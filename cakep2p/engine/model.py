@@ -7,11 +7,13 @@ filled in by cakep2p/engine/loading.py; this file only computes.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 from cakep2p.engine.config import ModelArgs
-from cakep2p.engine.kernels import PreparedLinear, linear, logits
+from cakep2p.engine.kernels import PreparedLinear, batched_linear, linear, logits
 from cakep2p.engine.kvcache import KVCache
 from cakep2p.engine.quant import QuantizedWeight
 from cakep2p.engine.rope import apply_rope, rope_tables
@@ -68,29 +70,58 @@ class DecoderLayer(torch.nn.Module):
         args = self.args
         length = x.shape[0]
         end = start_pos + length
-        qkv = linear(rms_norm(x, self.input_norm, args.rms_norm_eps), self.qkv, self.qkv_bias)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(length, args.num_heads, args.head_dim)
-        k = k.view(length, args.num_kv_heads, args.head_dim)
-        if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, args.rms_norm_eps)
-            k = rms_norm(k, self.k_norm, args.rms_norm_eps)
-        q = apply_rope(q, cos, sin).transpose(0, 1)
-        keys[:, start_pos:end] = apply_rope(k, cos, sin).transpose(0, 1)
-        values[:, start_pos:end] = v.view(length, args.num_kv_heads, args.head_dim).transpose(0, 1)
+        q, k, v = self._project(x, cos, sin, linear)
+        keys[:, start_pos:end] = k.transpose(0, 1)
+        values[:, start_pos:end] = v.transpose(0, 1)
         if length == 1:
-            first = max(0, end - args.sliding_window) if args.sliding_window else 0
-            attended = decode_attention(q, keys[:, first:end], values[:, first:end], args.head_dim ** -0.5)
+            attended = self._attend_one(q, keys, values, end)
         else:  # the mask is causal (and windowed) over all cached positions
             attended = F.scaled_dot_product_attention(
                 q.unsqueeze(0), keys[None, :, :end], values[None, :, :end],
                 attn_mask=mask, is_causal=False, scale=args.head_dim ** -0.5,
                 enable_gqa=args.num_heads != args.num_kv_heads,
             ).squeeze(0)
-        attended = attended.transpose(0, 1).reshape(length, self.q_size)
-        h = x + linear(attended, self.o_proj, self.o_bias)
-        gate, up = linear(rms_norm(h, self.post_norm, args.rms_norm_eps), self.gate_up).chunk(2, dim=-1)
-        return h + linear(F.silu(gate) * up, self.down)
+        return self._finish(x, attended.transpose(0, 1).reshape(length, self.q_size), linear)
+
+    def decode_batch(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache],
+                     index: int, positions: list[int]) -> torch.Tensor:
+        """One token of each of B sessions, x [B, hidden]: the matrices run on all rows at once, attention on each
+        session's own cache (layer `index`) at its own position; row b has the bits `forward` gives it alone."""
+        q, k, v = self._project(x, cos, sin, batched_linear)
+        rows = []
+        for row, (cache, position) in enumerate(zip(caches, positions)):
+            keys, values = cache.keys[index], cache.values[index]
+            keys[:, position:position + 1] = k[row:row + 1].transpose(0, 1)
+            values[:, position:position + 1] = v[row:row + 1].transpose(0, 1)
+            rows.append(self._attend_one(q[:, row:row + 1], keys, values, position + 1))
+        attended = torch.cat(rows, dim=1).transpose(0, 1).reshape(x.shape[0], self.q_size)
+        return self._finish(x, attended, batched_linear)
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 matmul: Callable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [heads, T, head_dim], k [T, kv_heads, head_dim] (both rotated) and v [T, kv_heads, head_dim]."""
+        args = self.args
+        length = x.shape[0]
+        qkv = matmul(rms_norm(x, self.input_norm, args.rms_norm_eps), self.qkv, self.qkv_bias)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(length, args.num_heads, args.head_dim)
+        k = k.view(length, args.num_kv_heads, args.head_dim)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, args.rms_norm_eps)
+            k = rms_norm(k, self.k_norm, args.rms_norm_eps)
+        v = v.view(length, args.num_kv_heads, args.head_dim)
+        return apply_rope(q, cos, sin).transpose(0, 1), apply_rope(k, cos, sin), v
+
+    def _attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, end: int) -> torch.Tensor:
+        """The last position's query [heads, 1, head_dim] over the cached keys/values up to `end` (and its window)."""
+        first = max(0, end - self.args.sliding_window) if self.args.sliding_window else 0
+        return decode_attention(q, keys[:, first:end], values[:, first:end], self.args.head_dim ** -0.5)
+
+    def _finish(self, x: torch.Tensor, attended: torch.Tensor, matmul: Callable) -> torch.Tensor:
+        """The output projection, the residuals and the MLP."""
+        h = x + matmul(attended, self.o_proj, self.o_bias)
+        gate, up = matmul(rms_norm(h, self.post_norm, self.args.rms_norm_eps), self.gate_up).chunk(2, dim=-1)
+        return h + matmul(F.silu(gate) * up, self.down)
 
 
 class ModelPart(torch.nn.Module):
@@ -164,6 +195,27 @@ class ModelPart(torch.nn.Module):
         if last_only:
             x = x[-1:]
         return logits(rms_norm(x, self.final_norm, self.args.rms_norm_eps), self.lm_head)
+
+    @torch.no_grad()
+    def decode_batch(self, inputs: torch.Tensor, positions: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """One token of each of B sessions: token ids [B] (with embedding) or hidden [B, hidden] in, session b at
+        positions[b] over caches[b]; float32 logits [B, vocab] or hidden out, row b bit-identical to
+        `forward(inputs[b:b + 1], positions[b], caches[b], last_only=True)` (tests/test_batching.py)."""
+        for position, cache in zip(positions, caches):
+            if position >= cache.max_seq_len:
+                raise ValueError(f"position {position} exceeds the cache's max_seq_len {cache.max_seq_len}")
+        if self.layers.has_embedding:
+            x = self._embed(inputs.to(self.device))
+        else:
+            x = inputs.to(device=self.device, dtype=self.dtype)
+        if self.blocks:
+            at = torch.tensor(positions, device=self.device)
+            cos, sin = self._cos[at].unsqueeze(1), self._sin[at].unsqueeze(1)
+            for index, block in enumerate(self.blocks):
+                x = block.decode_batch(x, cos, sin, caches, index, positions)
+        if not self.layers.has_head:
+            return x
+        return logits(rms_norm(x, self.final_norm, self.args.rms_norm_eps), self.lm_head, batched=True)
 
     def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.embedding, QuantizedWeight):
