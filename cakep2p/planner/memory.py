@@ -25,7 +25,7 @@ def initiator_memory(spec: ModelSpec) -> int:
 
 
 def check_fits(spec: ModelSpec, order: Sequence[NodeBudget], prefix: Sequence[int], fixed: int,
-                context_length: int) -> list[int]:
+               context_length: int) -> list[int]:
     """What each node in `order` has for layers (the initiator, first, less the embedding and head); DoesNotFit
     when they cannot hold the model in that order."""
     available = [max(0, node.offered_bytes) for node in order]
@@ -86,6 +86,7 @@ def _min_starts(prefix: Sequence[int], available: Sequence[int]) -> list[int]:
 
 
 def fits(prefix: Sequence[int], available: Sequence[int]) -> bool:
+    """Whether the nodes, in this order, can each take one contiguous range (maybe empty) that covers all layers."""
     return bool(available) and available[0] >= 0 and _min_starts(prefix, available)[0] == 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import replace
 from itertools import accumulate
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from cakep2p.planner.memory import (check_fits, fits, initiator_memory, layer_memory, layers_that_fit, place,
                                     proportional_counts)
@@ -63,7 +63,7 @@ def plan(
         order, available = order[:count], available[:count]
 
     targets = proportional_counts(len(costs), _weights(order, strategy),
-                                   [layers_that_fit(available[index], costs) for index in range(len(order))])
+                                  [layers_that_fit(available[index], costs) for index in range(len(order))])
     return _split(spec, Speeds.of(nodes), order, prefix, fixed, targets, strategy)
 
 
@@ -74,7 +74,7 @@ def _weights(order: Sequence[NodeBudget], strategy: str) -> list[int]:
     return [max(0, node.offered_bytes) for node in order]
 
 
-def _split(spec: ModelSpec, speeds: "Speeds", order: Sequence[NodeBudget], prefix: Sequence[int],
+def _split(spec: ModelSpec, speeds: Speeds, order: Sequence[NodeBudget], prefix: Sequence[int],
            fixed: int, targets: Sequence[int], strategy: str) -> Plan:
     """The plan that gives each node in `order` its target layer count, moved just enough to fit the budgets."""
     available = [max(0, node.offered_bytes) for node in order]
@@ -173,7 +173,8 @@ def _fastest_first(num_layers: int, order: Sequence[NodeBudget], caps: Sequence[
     return counts
 
 
-def _single_node_splits(nodes: Sequence[NodeBudget], initiator: NodeBudget, prefix: Sequence[int], fixed: int):
+def _single_node_splits(nodes: Sequence[NodeBudget], initiator: NodeBudget, prefix: Sequence[int],
+                        fixed: int) -> Iterator[tuple[list[NodeBudget], list[int]]]:
     """(order, targets) for every machine that holds all layers alone: the initiator, or a peer beside it."""
     num_layers = len(prefix) - 1
     if initiator.offered_bytes - fixed >= prefix[-1]:
