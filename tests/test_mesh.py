@@ -409,7 +409,8 @@ def test_rebuild_after_prefix_reuse_replays_only_what_the_caches_hold(stories_di
         second_turn = second_prompt + list(generate(pipeline, second_prompt, params, start_pos=7))
         replayed: list[tuple[int, int]] = []
         run = pipeline._run
-        monkeypatch.setattr(pipeline, "_run", lambda ids, start: replayed.append((start, len(ids))) or run(ids, start))
+        monkeypatch.setattr(pipeline, "_run", lambda ids, start, *rest: replayed.append((start, len(ids)))
+                            or run(ids, start, *rest))
         pipeline.rebuild(pipeline.stages)
         monkeypatch.undo()
         assert pipeline.history == second_turn[:-1]
