@@ -99,6 +99,7 @@ class LocalModel:
                             "end": self.args.num_layers, "bytes": self.part.weight_bytes}]}
 
     def close(self) -> None:
+        self.batcher.close()
         self.part = None
         if self.owns_node and self.node is not None:
             self.node.stop()
