@@ -1,6 +1,7 @@
 """Decode speed of one process vs 2 and 3 loopback nodes on a random TinyLlama-shaped model, and each stage's memory.
 
-Usage: python bench/mesh_bench.py [--dtype bfloat16|float32] [--new-tokens 32] [--prompt-tokens 16] [--nodes 1,2,3]
+Usage: python bench/mesh_bench.py [--dtype bfloat16|float32] [--weights auto|int8|int4|...] [--new-tokens 32]
+                                  [--prompt-tokens 16] [--nodes 1,2,3]
                                   [--threads 2] [--rounds 2] [--load disk|transfer] [--gomp-spincount N]
 The initiator (this process) holds stage 0 with the embedding and the head; the other stages are stage servers in
 their own subprocesses on 127.0.0.1 (own CAKEP2P_HOME, CURVE on), split as planner.plan does with equal budgets.
@@ -135,19 +136,19 @@ class Config:
     tokens: list[list[int]] = field(default_factory=list)
 
 
-def build_single(model_dir: Path, dtype: str, max_seq_len: int) -> Config:
+def build_single(model_dir: Path, dtype: str, weights: str, max_seq_len: int) -> Config:
     from cakep2p.engine.checkpoint import Checkpoint
     from cakep2p.engine.generate import LocalPipeline
     from cakep2p.engine.loading import load_part, whole_model
 
     checkpoint = Checkpoint.open(model_dir)
     layers = checkpoint.args.num_layers
-    part = load_part(checkpoint, whole_model(checkpoint.args), dtype=dtype, device="cpu")
+    part = load_part(checkpoint, whole_model(checkpoint.args), dtype=dtype, device="cpu", weights=weights)
     return Config(1, LocalPipeline([part], max_seq_len), f"[0-{layers} emb head]")
 
 
-def build_mesh(nodes: int, model_dir: Path, dtype: str, max_seq_len: int, processes: list[StageProcess],
-               keys, load: str) -> Config:
+def build_mesh(nodes: int, model_dir: Path, dtype: str, weights: str, max_seq_len: int,
+               processes: list[StageProcess], keys, load: str) -> Config:
     from cakep2p import planner
     from cakep2p.engine.checkpoint import Checkpoint
     from cakep2p.engine.formats import resolve_format
@@ -159,13 +160,13 @@ def build_mesh(nodes: int, model_dir: Path, dtype: str, max_seq_len: int, proces
     checkpoint = Checkpoint.open(model_dir)
     budgets = [planner.NodeBudget("node-0", "initiator", BUDGET_BYTES)]
     budgets += [planner.NodeBudget(process.node_id, process.node_id, BUDGET_BYTES) for process in processes]
-    plan = planner.plan(model_spec(checkpoint, dtype), budgets, "node-0", max_seq_len)
+    plan = planner.plan(model_spec(checkpoint, dtype, weights), budgets, "node-0", max_seq_len)
     if len(plan.stages) != nodes:
         raise RuntimeError(f"the plan uses {len(plan.stages)} of {nodes} nodes:\n{plan.table()}")
     endpoints = {process.node_id: ("127.0.0.1", process.port) for process in processes}
     stages = stages_for_plan(plan, endpoints, "node-0",
-                             lambda layers: load_part(checkpoint, layers, dtype=dtype, device="cpu"))
-    pipeline = RemotePipeline(stages, checkpoint, max_seq_len, keys, weights=resolve_format(checkpoint, "auto", dtype),
+                             lambda layers: load_part(checkpoint, layers, dtype=dtype, device="cpu", weights=weights))
+    pipeline = RemotePipeline(stages, checkpoint, max_seq_len, keys, weights=resolve_format(checkpoint, weights, dtype),
                               dtype=dtype, allow_transfer=load == "transfer")
     by_port = {process.port: process for process in processes}
     remote = [(by_port[stage.port], stage.layers) for stage in stages if isinstance(stage, RemoteStage)]
@@ -289,6 +290,7 @@ def report(configs: list[Config], prompt: list[int], options: argparse.Namespace
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--weights", default="auto", help="weight format (engine/formats.py): auto, int8, int4...")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--nodes", default="1,2,3", help="comma-separated node counts to compare")
@@ -315,6 +317,7 @@ def bench(options: argparse.Namespace) -> bool:
 
     from cakep2p import security
     from cakep2p.engine.checkpoint import Checkpoint
+    from cakep2p.engine.formats import resolve_format
     from cakep2p.engine.sizes import model_spec
     from cakep2p.testing import cached_random_model
 
@@ -324,10 +327,11 @@ def bench(options: argparse.Namespace) -> bool:
     model_dir = cached_random_model("llama", options.preset, dtype=options.dtype)
     checkpoint = Checkpoint.open(model_dir)
     args = checkpoint.args
-    spec = model_spec(checkpoint, options.dtype)
+    spec = model_spec(checkpoint, options.dtype, options.weights)
     prompt = prompt_ids(options.prompt_tokens, args.vocab_size)
     max_seq_len = options.prompt_tokens + options.new_tokens
-    print(f"model {model_dir.name} ({time.perf_counter() - started:.1f} s); {options.dtype}, {options.threads} threads "
+    print(f"model {model_dir.name} ({time.perf_counter() - started:.1f} s); {options.dtype} compute, "
+          f"{resolve_format(checkpoint, options.weights, options.dtype)} weights, {options.threads} threads "
           f"per process, prompt {len(prompt)} tokens, {options.new_tokens} new tokens greedy, {options.rounds} rounds, "
           f"stages load from {options.load}; GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')} "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; load average {os.getloadavg()[0]:.2f} "
@@ -351,10 +355,10 @@ def bench(options: argparse.Namespace) -> bool:
                     process.wait_listening()
                 began = time.perf_counter()
                 if count == 1:
-                    configs.append(build_single(model_dir, options.dtype, max_seq_len))
+                    configs.append(build_single(model_dir, options.dtype, options.weights, max_seq_len))
                 else:
-                    configs.append(build_mesh(count, model_dir, options.dtype, max_seq_len, group, keys,
-                                              options.load))
+                    configs.append(build_mesh(count, model_dir, options.dtype, options.weights, max_seq_len, group,
+                                              keys, options.load))
                 print(f"{count} node(s) loaded in {time.perf_counter() - began:.1f} s: {configs[-1].layout}",
                       flush=True)
             if processes:

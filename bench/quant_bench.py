@@ -1,6 +1,6 @@
 """Quantized weights against llama.cpp on the same shape: decode and prefill tok/s, side by side, in alternation.
 
-    .venv/bin/python bench/quant_bench.py [--formats bf16,int8,int4] [--threads 2] [--rounds 3]
+    .venv/bin/python bench/quant_bench.py [--formats bf16,f32,int8,int4] [--threads 2] [--rounds 3]
                                           [--llama-python ~/.cache/cakep2p/bench-venv/bin/python] [--emulate-avx2]
 
 A random TinyLlama-shaped model (hidden 2048, 22 layers, 32/4 heads, FFN 5632, vocab 32000) is made once and
@@ -222,11 +222,16 @@ def report(options: argparse.Namespace, ours_runs: dict, llama_runs: dict) -> No
               f"{rss / 2**20:7.0f} / {runs[0]['weight_bytes'] / 2**20:5.0f} MiB = {rss / runs[0]['weight_bytes']:4.2f}x")
     if llama_runs:
         print("(ours / llama.cpp " + ", ".join(f"{weights} vs {NEAREST[weights]}" for weights in ours_runs) + ")")
+    for sixteen in ("bf16", "f16"):
+        if sixteen in ours_runs and "f32" in ours_runs:   # the 16-bit path must not lose to float32
+            ratios = [statistics.median(run[key] for run in ours_runs[sixteen])
+                      / statistics.median(run[key] for run in ours_runs["f32"]) for key in ("decode_tok_s", "prefill_tok_s")]
+            print(f"{sixteen} / f32: decode {ratios[0]:.2f}x, prefill {ratios[1]:.2f}x ({ours_runs[sixteen][0]['kernel']})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--formats", default="bf16,int8,int4")
+    parser.add_argument("--formats", default="bf16,f32,int8,int4")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=32)
