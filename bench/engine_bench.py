@@ -59,7 +59,7 @@ class OursSide:
         pipeline = LocalPipeline([self.part], len(prompt) + new_tokens)
         times, tokens = [], []
         started = time.perf_counter()
-        for token in generate(pipeline, prompt, SamplingParams(max_new_tokens=new_tokens)):
+        for token in generate(pipeline, prompt, SamplingParams(max_new_tokens=new_tokens), speculate=False):
             times.append(time.perf_counter())
             tokens.append(token)
         return dict(tokens=tokens, first_s=times[0] - started, steps=[b - a for a, b in zip(times, times[1:])])

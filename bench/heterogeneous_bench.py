@@ -115,9 +115,9 @@ def decode_speed(plan, model_dir: Path, processes: list[StageProcess], keys, opt
                               weights=resolve_format(checkpoint, "auto", options.dtype), dtype=options.dtype,
                               allow_transfer=False)
     try:
-        list(generate(pipeline, prompt[:4], SamplingParams(max_new_tokens=2)))  # warm-up
+        list(generate(pipeline, prompt[:4], SamplingParams(max_new_tokens=2), speculate=False))  # warm-up
         steps, began = [], time.perf_counter()
-        for _ in generate(pipeline, prompt, SamplingParams(max_new_tokens=options.new_tokens + 1)):
+        for _ in generate(pipeline, prompt, SamplingParams(max_new_tokens=options.new_tokens + 1), speculate=False):
             steps.append(time.perf_counter() - began)
             began = time.perf_counter()
         return options.new_tokens / sum(steps[1:])

@@ -193,8 +193,8 @@ def run_round(configs: list[Config], prompt: list[int], new_tokens: int) -> list
         pipeline = config.pipeline
         if hasattr(pipeline, "stage_seconds"):
             pipeline.stage_seconds = [0.0] * len(pipeline.stage_seconds)
-        runs.append(dict(generator=generate(pipeline, prompt, SamplingParams(max_new_tokens=new_tokens)),
-                         pipeline=pipeline, durations=[], tokens=[], after_prefill=[]))
+        tokens = generate(pipeline, prompt, SamplingParams(max_new_tokens=new_tokens), speculate=False)  # step by step
+        runs.append(dict(generator=tokens, pipeline=pipeline, durations=[], tokens=[], after_prefill=[]))
     for step in range(new_tokens):
         for run in runs:
             began = time.perf_counter()
