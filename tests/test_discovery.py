@@ -271,6 +271,7 @@ def test_cloned_identity_is_regenerated_by_the_later_node(tmp_path, start_node, 
                message="the new id on the network")
 
 
+@pytest.mark.slow
 def test_serve_without_flags_picks_host_name_and_default_port(tmp_path, code):
     with start_serve(tmp_path, None, None, interface="", code=code, args=("--no-discovery",)) as node:
         wait_until(node.started, 90, message="the node with no flags to start")

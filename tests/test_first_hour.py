@@ -229,6 +229,7 @@ def run_code_set_on_a_terminal(home: Path, typed: str) -> tuple[int, str]:
     return process.returncode, err
 
 
+@pytest.mark.slow
 def test_code_set_from_a_terminal_asks_for_the_code(home):
     from cakep2p import security
 

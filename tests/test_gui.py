@@ -847,6 +847,7 @@ def test_a_lost_peer_is_shown_lost_at_once_and_the_next_answer_still_comes(clust
     assert states(chat_window.peers_model)[lost.name] == "lost"         # …and shown lost now, not in a minute
 
 
+@pytest.mark.slow
 def test_changing_the_pairing_code_moves_this_node_to_the_other_cluster(window, qtbot):
     old_fingerprint = window.bridge.node.fingerprint
     other_code = new_code()

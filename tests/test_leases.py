@@ -86,6 +86,7 @@ def test_a_reload_with_a_huge_context_does_not_cap_other_members_sessions(storie
             greedy.close()
 
 
+@pytest.mark.slow
 def test_a_kept_lease_outlives_silence_and_an_unkept_one_lapses(stories_dir, tmp_path, keys, code):
     with StageProcess(tmp_path / "stage", code, "--lease-s", "1") as stage:
         kept_lease = Lease(keep_alive_s=0.2)
@@ -159,6 +160,7 @@ def test_eight_sigkilled_initiators_leave_nothing_behind_ten_seconds_later(stori
             observer.close()
 
 
+@pytest.mark.slow
 def test_a_stranger_without_the_code_is_told_to_check_the_pairing_code(tmp_path, code):
     with StageProcess(tmp_path / "stage", code) as stage:
         stranger = member(stage, security.derive_keys(security.new_code()))

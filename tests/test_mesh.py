@@ -597,6 +597,7 @@ def test_traffic_between_two_nodes_of_a_cluster_is_encrypted(stories_dir, start_
 # -- liveness ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_heartbeat_detects_a_killed_stage_process(tmp_path, code, keys):
     with StageProcess(tmp_path / "home", code) as stage:
         client = StageClient("127.0.0.1", stage.port, keys, heartbeat_s=0.2, timeout_s=3600)

@@ -171,6 +171,7 @@ def test_the_parts_cache_keeps_to_its_cap_least_recently_used_out_first(stories_
     assert sum(path.stat().st_size for path in parts_dir.glob("*.safetensors")) <= cap
 
 
+@pytest.mark.slow
 def test_doctor_shows_the_parts_cache_and_its_cap(tmp_path):
     home = tmp_path / "home"
     (home / "cache" / "parts").mkdir(parents=True)
