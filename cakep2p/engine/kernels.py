@@ -79,8 +79,10 @@ class PreparedLinear:
         return size + (self.scales.numel() * self.scales.element_size() if self.scales is not None else 0)
 
 
-def kernel_name(compute: torch.dtype, quantized: int | None, device: torch.device) -> str:
-    """What runs the matrices, for --json and the window: e.g. 'int8pack+dequant-bf16 (AVX512)'."""
+def kernel_name(compute: torch.dtype, quantized: int | None, device: torch.device,
+                matrix: torch.Tensor | PreparedLinear | None = None) -> str:
+    """What runs the matrices, for --json and the window: e.g. 'int8pack+dequant-bf16 (AVX512)'. `matrix`, one of
+    the part's prepared matrices, tells the 16-bit kernels apart (fbgemm fp16 under float32 compute)."""
     if device.type != "cpu":
         return f"dense {str(compute).removeprefix('torch.')} ({device.type})"
     big = "bf16" if has_bf16_hardware() else "fp32"
@@ -88,6 +90,8 @@ def kernel_name(compute: torch.dtype, quantized: int | None, device: torch.devic
         return f"int8pack+dequant-{big} ({cpu_capability()})"
     if quantized == 4:
         return f"int4pack ({cpu_capability()})"
+    if isinstance(matrix, PreparedLinear) and matrix.kind == "fp16":
+        return f"fbgemm-fp16 ({cpu_capability()})"
     if compute == torch.float32:
         return f"onednn-fp32 ({cpu_capability()})"
     return f"{'onednn-bf16' if has_bf16_hardware() else 'fbgemm-fp16'} ({cpu_capability()})"

@@ -14,7 +14,7 @@ from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.config import ModelArgs
 from cakep2p.engine.dtypes import float_dtype
 from cakep2p.engine.formats import FLOAT_FORMATS, Weight, assemble, convert, quantized_bits, resolve_format
-from cakep2p.engine.kernels import has_bf16_hardware, kernel_name, prepare
+from cakep2p.engine.kernels import PreparedLinear, has_bf16_hardware, kernel_name, prepare
 from cakep2p.engine.model import DecoderLayer, ModelPart, has_o_bias
 from cakep2p.engine.quant import QuantizedWeight
 from cakep2p.errors import ModelError
@@ -133,6 +133,13 @@ def part_from_tensors(args: ModelArgs, layers: LayerRange, format_name: str, ten
     return build_part(args, layers, format_name, weights.__getitem__, dtype, device)
 
 
+def _held_bits(matrix: object) -> int | None:
+    """8 or 4 when a part's matrices are held quantized (a GGUF's own Q8_0 or Q4 blocks), else None."""
+    if isinstance(matrix, PreparedLinear) and matrix.kind in ("int8", "int4"):
+        return int(matrix.kind.removeprefix("int"))
+    return None
+
+
 def build_part(args: ModelArgs, layers: LayerRange, format_name: str, weight_of: WeightOf,
                dtype: str | torch.dtype = "auto", device: str | torch.device = "auto") -> ModelPart:
     """Fill a part from `weight_of(checkpoint name)`, a float tensor or a QuantizedWeight, into its kernels'
@@ -142,10 +149,10 @@ def build_part(args: ModelArgs, layers: LayerRange, format_name: str, weight_of:
     compute = compute_dtype(format_name, dtype, args, torch_device)
     part = ModelPart(args, layers, compute, torch_device)
     part.weight_format = format_name
-    part.kernel = kernel_name(compute, quantized_bits(format_name) or (4 if format_name == "gguf" else None),
-                              torch_device)
     with torch.no_grad():
         _fill_part(part, weight_of)
+    matrix = part.blocks[0].gate_up if len(part.blocks) else None
+    part.kernel = kernel_name(compute, quantized_bits(format_name) or _held_bits(matrix), torch_device, matrix)
     return_freed_memory()
     return part
 
