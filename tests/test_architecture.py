@@ -97,12 +97,20 @@ def test_no_file_imports_another_in_a_loop():
 
 
 PURE_PACKAGES = ("cakep2p.planner", "cakep2p.wire")
+PURE_HELPERS = ("cakep2p.units",)   # imports only the standard library: pure packages may share it
 
 
 @pytest.mark.parametrize("path", in_package(PURE_PACKAGES), ids=label)
 def test_pure_modules_import_nothing_from_cakep2p(path):
     own = next(package for package in PURE_PACKAGES if module_name(path).startswith(package))
-    assert [name for name in imports_any(path, ("cakep2p",)) if not name.startswith(own)] == []
+    assert [name for name in imports_any(path, ("cakep2p",))
+            if not name.startswith((own, *PURE_HELPERS))] == []
+
+
+def test_the_pure_helpers_import_nothing_from_cakep2p():
+    for name in PURE_HELPERS:
+        path = PACKAGE.parent / (name.replace(".", "/") + ".py")
+        assert imports_any(path, ("cakep2p",)) == [], name
 
 
 @pytest.mark.parametrize("path", in_package(("cakep2p.engine",)), ids=label)

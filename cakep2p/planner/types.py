@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from cakep2p.units import format_size as format_bytes   # pure, like the planner
+
 Strategy = Literal["proportional", "fewest", "compute", "fastest"]
 STRATEGIES: tuple[str, ...] = ("proportional", "fewest", "compute", "fastest")
 
@@ -138,18 +140,6 @@ class DoesNotFit(ValueError):
         self.missing_bytes = missing_bytes
         self.offered_bytes = offered_bytes
         self.needed_bytes = needed_bytes
-
-
-def format_bytes(num_bytes: int) -> str:
-    """`1.5 GiB`, `640 KiB`, `1023 KiB`, `12 B` (as cakep2p.units.format_size, which the planner may not import)."""
-    value = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1023.5 or unit == "TiB":  # 1023.6 KiB would print as 1024 KiB: call it 1 MiB
-            if unit == "B" or abs(value) >= 100:
-                return f"{value:.0f} {unit}"
-            return f"{value:.3g} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def format_rate(tokens_per_s: float | None) -> str:
