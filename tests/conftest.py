@@ -81,6 +81,22 @@ def stories_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def code() -> str:
+    """A fresh pairing code for each test module (its nodes form a cluster of their own)."""
+    from cakep2p import security
+
+    return security.new_code()
+
+
+@pytest.fixture(scope="module")
+def keys(code):
+    """The cluster keys of the module's pairing code."""
+    from cakep2p import security
+
+    return security.derive_keys(code)
+
+
 @pytest.fixture(scope="session")
 def smol_transformers():
     """transformers' own float32 SmolLM2 read from the GGUF (the oracle), loaded once for the session: it takes

@@ -34,11 +34,6 @@ TRIO = [f"alpha{SUFFIX}", f"bravo{SUFFIX}", f"charlie{SUFFIX}"]
 
 
 @pytest.fixture(scope="module")
-def code() -> str:
-    return security.new_code()
-
-
-@pytest.fixture(scope="module")
 def trio(tmp_path_factory, code):
     loopback_multicast_on()
     with serve_nodes(tmp_path_factory.mktemp("trio"), code, TRIO) as nodes:

@@ -22,7 +22,7 @@ from cakep2p.discovery import identity
 from cakep2p.discovery import SERVICE_TYPE
 from cakep2p.discovery.records import REQUIRED_KEYS, PeerInfo, encode_txt, parse_txt, peer_from_txt
 from cakep2p.node import Node
-from cakep2p.security import cluster_keys, new_code
+from cakep2p.security import cluster_keys
 from tests.kit import (SEEDED_BANDWIDTH, SEEDED_GFLOPS, Browser, child_env, free_port, kill_all,
                        loopback_multicast_on, run_cakep2p, start_node as start_in_process, start_serve,
                        wait_until)
@@ -33,11 +33,6 @@ SUFFIX = f"-{os.getpid()}"        # node names unique to this run: other test ru
 FLEET_STARTED = [0.0]
 BETA_TTL_S = 3  # short enough to watch refreshes and expiry; long enough that a loaded CI box answers in time
 TRIO = {"alpha": 1_000_000_000, "beta": 2_000_000_000, "gamma": 3_000_000_000}   # name -> --max-memory
-
-
-@pytest.fixture(scope="module")
-def code() -> str:
-    return new_code()
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,6 @@ HIDDEN = torch.ones(3, 64)
 pytestmark = pytest.mark.usefixtures("no_leaked_threads")
 
 
-@pytest.fixture(scope="module")
-def code() -> str:
-    return security.new_code()
-
-
-@pytest.fixture(scope="module")
-def keys(code):
-    return security.derive_keys(code)
-
-
 def member(stage: StageProcess, keys, lease: Lease | None = None, **options) -> StageClient:
     """Another member with the code: its own lease (client id) unless given one."""
     options.setdefault("heartbeat_s", 0.3)

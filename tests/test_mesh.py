@@ -41,16 +41,6 @@ TWO_WAY = [LayerRange(0, 3, True, False), LayerRange(3, 5, False, True)]
 pytestmark = pytest.mark.usefixtures("no_leaked_threads")
 
 
-@pytest.fixture(scope="module")
-def code() -> str:
-    return security.new_code()
-
-
-@pytest.fixture(scope="module")
-def keys(code):
-    return security.derive_keys(code)
-
-
 @pytest.fixture
 def start_servers(tmp_path, keys):
     """start_servers(n, **StageServer/limits options) -> [ServerThread]; all are stopped after the test."""

@@ -29,11 +29,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def code() -> str:
-    return security.new_code()
-
-
-@pytest.fixture(scope="module")
 def reference(stories_dir) -> dict:
     return reference_greedy(stories_dir, "Once upon a time")
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from cakep2p import security, wire
+from cakep2p import wire
 from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.model import PREFILL_CHUNK
 from cakep2p.mesh import StageClient, StageRefused
@@ -23,16 +23,6 @@ MIDDLE = LayerRange(1, 3, False, False)    # hidden states in, hidden states out
 LONG = 8192
 
 pytestmark = pytest.mark.usefixtures("no_leaked_threads")
-
-
-@pytest.fixture(scope="module")
-def code() -> str:
-    return security.new_code()
-
-
-@pytest.fixture(scope="module")
-def keys(code):
-    return security.derive_keys(code)
 
 
 @pytest.fixture(scope="module")
