@@ -45,7 +45,7 @@ class Batcher:
     def __init__(self, parts: list[ModelPart], gather_s: float = GATHER_S) -> None:
         self.parts = list(parts)
         self.gather_s = gather_s
-        self.batch_sizes: list[int] = []     # every batch run so far, for tests and benchmarks
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # batches run so far, by size (tests)
         self.gathers_timed_out = 0           # batches that left without a session of the last one (it was late)
         self._condition = threading.Condition()
         self._prompts: collections.deque[_Job] = collections.deque()
@@ -124,7 +124,7 @@ class Batcher:
                 for job in batch:
                     job.done = True
                 if isinstance(work, list):
-                    self.batch_sizes.append(len(batch))
+                    self.batch_sizes[len(batch)] += 1
                     self._expected = {job.pipeline for job in batch if job.error is None and job.pipeline.caches}
                 self._condition.notify_all()
 
