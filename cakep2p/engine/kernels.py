@@ -175,21 +175,42 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PreparedLinear, bias: torch.T
     return out if bias is None else out + bias
 
 
-def shared_rows(weight: torch.Tensor | PreparedLinear) -> int:
-    """How many input rows one call may take with each row's bits still those it gets alone (tests/test_batching.py
-    checks every kind). The weight-only int8/int4 and fbgemm fp16 kernels compute rows apart: BATCH_ROWS. oneDNN's
-    16-bit GEMM keeps them apart for few rows only (its blocking over K changes past 11 rows at K=5632): 8. A float32
-    GEMM's summation order depends on the rows from 2 on: 1, row by row."""
+def shared_rows(weight: torch.Tensor | PreparedLinear, compute: torch.dtype) -> int:
+    """How many input rows of `compute` dtype one call may take with each row's bits still those it gets alone.
+    Whether a kernel keeps rows apart depends on the CPU as much as on the kernel (oneDNN's bf16 GEMM at K=5632 mixes
+    them past 11 rows on one Xeon, from 8 on one EPYC; fbgemm's fp16 from 2 rows without AVX-512), so each kind's most
+    (BATCH_ROWS for the int8/int4/fp16 kernels, BATCH_ROWS_16BIT for a 16-bit GEMM) is probed once per shape on this
+    machine. A float32 GEMM's summation order depends on the rows from 2 on: 1, row by row."""
     if isinstance(weight, PreparedLinear):
-        return BATCH_ROWS if weight.weight is not None and weight.kind in ("int8", "int4", "fp16") else 1
-    return BATCH_ROWS_16BIT if weight.dtype in (torch.bfloat16, torch.float16) else 1
+        most = BATCH_ROWS if weight.weight is not None else 1
+        key = (weight.kind, compute, weight.out_features, weight.in_features)
+    else:
+        most = BATCH_ROWS_16BIT if weight.dtype in (torch.bfloat16, torch.float16) else 1
+        key = (weight.dtype, compute, weight.is_mkldnn, *weight.shape)
+    if most > 1 and key not in _PROBED_ROWS:
+        _PROBED_ROWS[key] = _rows_kept_apart(weight, compute, most)
+    return _PROBED_ROWS.get(key, 1)
+
+
+_PROBED_ROWS: dict[tuple, int] = {}
+
+
+def _rows_kept_apart(weight: torch.Tensor | PreparedLinear, compute: torch.dtype, most: int) -> int:
+    """The largest m <= most such that every call of 2..m rows gives each row the bits it gets alone."""
+    width = weight.in_features if isinstance(weight, PreparedLinear) else weight.shape[1]
+    x = torch.randn(most, width, generator=torch.Generator().manual_seed(0)).to(compute)
+    alone = torch.cat([linear(x[row:row + 1], weight) for row in range(most)])
+    for rows in range(2, most + 1):
+        if not torch.equal(linear(x[:rows], weight), alone[:rows]):
+            return rows - 1
+    return most
 
 
 def batched_linear(x: torch.Tensor, weight: torch.Tensor | PreparedLinear,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """linear() of rows from different sessions, each row bit-identical to linear() of that row alone: one weight
     read per shared_rows(weight) rows."""
-    step = shared_rows(weight)
+    step = shared_rows(weight, x.dtype)
     if x.shape[0] <= step:
         return linear(x, weight, bias)
     return torch.cat([linear(x[first:first + step], weight, bias) for first in range(0, x.shape[0], step)])
