@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 from cakep2p.planner.memory import (check_fits, fits, initiator_memory, layer_memory, layers_that_fit, place,
                                     proportional_counts)
 from cakep2p.planner.speed import Speeds
-from cakep2p.planner.types import STRATEGIES, LayerRange, ModelSpec, NodeBudget, Plan, Stage, Strategy
+from cakep2p.planner.types import STRATEGIES, DoesNotFit, LayerRange, ModelSpec, NodeBudget, Plan, Stage, Strategy
 
 PATIENCE = 4  # `fastest` stops growing a candidate set after this many sizes in a row that beat nothing
 
@@ -135,8 +135,7 @@ def _candidates(spec: ModelSpec, nodes: Sequence[NodeBudget], initiator: NodeBud
                 lambda node: (rtts[node.node_id], per_byte[node.node_id], node.node_id))
     plans = [_split(spec, speeds, order, prefix, fixed, targets, "single node")
              for order, targets in _single_node_splits(nodes, initiator, prefix, fixed)]
-    plans += [replace(plan(spec, nodes, initiator.node_id, context_length, strategy), strategy="fastest")
-              for strategy in ("proportional", "compute", "fewest")]
+    plans += [replace(other, strategy="fastest") for other in _other_strategies(spec, nodes, initiator, context_length)]
     for ranking in rankings:
         ranked, best, stale = sorted(others, key=ranking), min(plans, key=_speed_order), 0
         budgets = [max(0, initiator.offered_bytes) - fixed, *(max(0, node.offered_bytes) for node in ranked)]
@@ -158,6 +157,17 @@ def _candidates(spec: ModelSpec, nodes: Sequence[NodeBudget], initiator: NodeBud
             if stale >= PATIENCE:
                 break
     return [replace(candidate, strategy="fastest") for candidate in plans]
+
+
+def _other_strategies(spec: ModelSpec, nodes: Sequence[NodeBudget], initiator: NodeBudget,
+                      context_length: int) -> Iterator[Plan]:
+    """The other strategies' plans, those that fit: their own node order may not (fewest's, largest offers first, can
+    leave a big layer with no room where the order by id fits)."""
+    for strategy in ("proportional", "compute", "fewest"):
+        try:
+            yield plan(spec, nodes, initiator.node_id, context_length, strategy)
+        except DoesNotFit:
+            continue
 
 
 def _fastest_first(num_layers: int, order: Sequence[NodeBudget], caps: Sequence[int], per_byte: dict[str, float],
