@@ -1,7 +1,7 @@
 """cakep2p: one language model across the ordinary machines you own."""
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 3  # the mesh protocol (cakep2p.wire.PROTOCOL_VERSION); nodes of another are never planned
+PROTOCOL_VERSION = 4  # the mesh protocol (cakep2p.wire.PROTOCOL_VERSION); nodes of another are never planned
 
 # OpenMP workers that finish a forward spin ~300000 times (libgomp; ~9 ms of a core) before sleeping. Pipeline
 # stages sharing a machine (or a busy laptop) then lose those cores to a neighbour that is idle. A short spin

@@ -5,13 +5,15 @@ records from maps. Imports nothing from cakep2p outside cakep2p.wire."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from dataclasses import field, fields
 from typing import Any, Callable, Sequence
 
 import torch
 
-PROTOCOL_VERSION = 3  # 2: parts named by their content, weight formats, quantized tensors; 3: leases, disk_full
+PROTOCOL_VERSION = 4  # 2: parts named by their content, weight formats, quantized tensors; 3: leases, disk_full;
+# 4: chained forwards (a route of next stages, grants), every-position forwards
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_CONFIG_BYTES = 48 * 1024
@@ -24,6 +26,7 @@ MAX_LAYER = 4096
 MAX_SEQ_LEN = 1 << 20
 MAX_DIM = 1 << 31
 MAX_PARTS_LISTED = 256
+MAX_ROUTE_HOPS = 64
 MAX_TENSORS_PER_PART = 100_000
 
 DTYPES: dict[str, torch.dtype] = {
@@ -49,6 +52,7 @@ ERROR_CODES = (
     "not_found",  # load with source=local, but the node has no copy of the model
     "transfer_failed",  # sha256 mismatch, out-of-order chunk, incomplete transfer
     "disk_full",  # the node cannot store the part and has no memory to keep it instead
+    "unreachable",  # a chained forward's next stage could not be reached from this node
     "internal",  # the node failed while serving a valid request
 )
 
@@ -119,6 +123,18 @@ def _json_text(value: Any, name: str) -> str:
     return value
 
 
+def _ip_address(value: Any, name: str) -> str:
+    """An IPv4 or IPv6 literal (never a host name: a route must not make a node resolve names)."""
+    try:
+        return str(ipaddress.ip_address(value)) if type(value) is str and len(value) <= 45 else _bad_address(name)
+    except ValueError:
+        return _bad_address(name)
+
+
+def _bad_address(name: str) -> str:
+    raise WireError(f"{name} must be an IPv4 or IPv6 address")
+
+
 def _shape(value: Any, name: str) -> tuple[int, ...]:
     if type(value) not in (tuple, list) or len(value) > 4:
         raise WireError(f"{name} must be a list of at most 4 dimensions")
@@ -155,6 +171,10 @@ COUNT = _integer(0, MAX_REQUEST_ID)
 SESSION_ID = _pattern(_ID_PATTERN, "1-64 characters of A-Z a-z 0-9 _ . : -")
 FINGERPRINT = _pattern(_FINGERPRINT_PATTERN, "16-64 lowercase hex digits")
 SHA256 = _pattern(_SHA256_PATTERN, "64 lowercase hex digits")
+OPTIONAL_SHA256 = _pattern(re.compile(r"(?:[0-9a-f]{64})?"), "empty or 64 lowercase hex digits")
+ADDRESS = _ip_address
+PORT = _integer(1, 65535)
+CONNECTION = _integer(0, (1 << 32) - 1)
 TENSOR_NAME = _pattern(_TENSOR_NAME_PATTERN, "1-200 characters of A-Z a-z 0-9 _ . -")
 DTYPE = _choice(tuple(DTYPES))
 

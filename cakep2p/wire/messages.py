@@ -9,11 +9,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from cakep2p.wire.fields import (COUNT, DTYPE, DTYPES, ERROR_CODES, FINGERPRINT, LAYER, MAX_CHUNK_BYTES,
-                                 MAX_FORWARD_BYTES, MAX_PARTS_LISTED, MAX_SEQ_LEN, MAX_TENSORS_PER_PART,
-                                 MAX_TENSOR_BYTES, PART_DTYPES, PROTOCOL_VERSION, REQUEST_ID, SESSION_ID, SHA256,
-                                 TENSOR_NAME, WEIGHT_FORMATS, WireError, _boolean, _choice, _field, _integer, _json_text, _payload,
-                                 _record, _records, _shape, _text, _version)
+from cakep2p.wire.fields import (ADDRESS, CONNECTION, COUNT, DTYPE, DTYPES, ERROR_CODES, FINGERPRINT, LAYER, MAX_CHUNK_BYTES,
+                                 MAX_FORWARD_BYTES, MAX_PARTS_LISTED, MAX_ROUTE_HOPS, MAX_SEQ_LEN,
+                                 MAX_TENSORS_PER_PART, MAX_TENSOR_BYTES, OPTIONAL_SHA256, PART_DTYPES, PORT,
+                                 PROTOCOL_VERSION, REQUEST_ID, SESSION_ID, SHA256, TENSOR_NAME, WEIGHT_FORMATS,
+                                 WireError, _boolean, _choice, _field, _integer, _json_text, _payload, _record,
+                                 _records, _shape, _text, _version)
 
 
 
@@ -39,6 +40,22 @@ class PartRef:
 def _part(value: Any, name: str) -> "PartRef":
     return _record(PartRef, value, name)
 
+
+@dataclass(frozen=True, kw_only=True)
+class Hop:
+    """The next stage of a chained forward: where it listens, the part it runs, the dtype its hidden states travel
+    in, the initiator's grant that lets the sender drive that one session there (mesh/lease.py), and which of the
+    initiator's connections to that stage (the number that ends its routing id) the stage answers on."""
+
+    address: str = _field(ADDRESS)
+    port: int = _field(PORT)
+    part: PartRef = _field(_part)
+    dtype: str = _field(_choice(PART_DTYPES[1:]))
+    grant: str = _field(SHA256)
+    answer_on: int = _field(CONNECTION)
+
+    def validate(self) -> None:
+        """Each field is checked by its own check."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,7 +159,12 @@ class Ack(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class Forward(Message):
-    """Run `positions` positions from `start_pos` through a loaded part, in the session's KV cache."""
+    """Run `positions` positions from `start_pos` through a loaded part, in the session's KV cache.
+
+    Chained: with a `route`, the stage sends its output on to route[0] as a relayed Forward (the rest of the route
+    with it) instead of answering; the last stage answers the initiator. A relayed Forward names its owner by
+    `owner_tag` and carries that hop's `grant` and `answer_on`. `every_position`: each position with the bits of forwarding it alone,
+    and a head answers the logits of all of them."""
 
     type: ClassVar[str] = "forward"
     session_id: str = _field(SESSION_ID)
@@ -150,6 +172,11 @@ class Forward(Message):
     step: int = _field(COUNT)
     start_pos: int = _field(_integer(0, MAX_SEQ_LEN))
     positions: int = _field(_integer(1, MAX_SEQ_LEN))
+    every_position: bool = _field(_boolean, default=False)
+    route: tuple[Hop, ...] = _field(_records(Hop, MAX_ROUTE_HOPS), default=())
+    owner_tag: str = _field(OPTIONAL_SHA256, default="")
+    grant: str = _field(OPTIONAL_SHA256, default="")
+    answer_on: int = _field(CONNECTION, default=0)
     tensor: torch.Tensor = _payload("tensor")
 
     def validate(self) -> None:
@@ -157,11 +184,16 @@ class Forward(Message):
             raise WireError(f"forward tensor must be [positions] or [positions, hidden], got {list(self.tensor.shape)}")
         if self.start_pos + self.positions > MAX_SEQ_LEN:
             raise WireError(f"forward start_pos + positions must not exceed {MAX_SEQ_LEN}")
+        if bool(self.owner_tag) != bool(self.grant):
+            raise WireError("a relayed forward carries both owner_tag and grant, a direct one neither")
+        if self.route and self.part.has_head:
+            raise WireError("a forward through the head is the last of its chain: it takes no route")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ForwardResult(Message):
-    """Hidden states [positions, hidden] of a middle stage, or float32 logits [1, vocab] of the last position."""
+    """Hidden states [positions, hidden] of a middle stage, or float32 logits from a head: [1, vocab] of the last
+    position, or [positions, vocab] for an every-position forward."""
 
     type: ClassVar[str] = "forward_result"
     session_id: str = _field(SESSION_ID)
