@@ -17,6 +17,7 @@ import torch
 
 from cakep2p import wire
 from cakep2p.engine.dtypes import name_of
+from cakep2p.engine.generate import decode_each
 from cakep2p.engine.model import PREFILL_CHUNK, ModelPart
 from cakep2p.mesh.part_store import Refusal
 from cakep2p.mesh.sessions import Owner, Session
@@ -94,21 +95,26 @@ class FairCompute:
 
 
 async def run_forward(compute: Compute, model: ModelPart, session: Session, inputs: torch.Tensor,
-                      start_pos: int) -> torch.Tensor:
+                      start_pos: int, every_position: bool = False) -> torch.Tensor:
     """The part's output for `inputs` at start_pos.., computed chunk by chunk as the engine itself cuts a prefill
     (so the bits are the same as one call), each chunk one turn: hidden states [T, hidden], or the head's logits
-    of the last position [1, vocab]."""
+    of the last position [1, vocab]. every_position: each position with the bits of forwarding it alone (engine
+    decode_each), and a head's logits of every position [T, vocab]."""
     if session.cache is None:
         session.cache = await compute(model.new_cache, session.max_seq_len)
-    head = model.layers.has_head
+    last_only = model.layers.has_head and not every_position
     outputs = []
     for offset in range(0, inputs.shape[0], PREFILL_CHUNK):
         piece = inputs[offset:offset + PREFILL_CHUNK]
-        outputs.append(await compute(_run_chunk, model, piece, start_pos + offset, session.cache, head))
-    return outputs[-1] if head or len(outputs) == 1 else torch.cat(outputs)
+        outputs.append(await compute(_run_chunk, model, piece, start_pos + offset, session.cache, last_only,
+                                     every_position))
+    return outputs[-1] if last_only or len(outputs) == 1 else torch.cat(outputs)
 
 
-def _run_chunk(model: ModelPart, inputs: torch.Tensor, start_pos: int, cache, last_only: bool) -> torch.Tensor:
+def _run_chunk(model: ModelPart, inputs: torch.Tensor, start_pos: int, cache, last_only: bool,
+               every_position: bool) -> torch.Tensor:
+    if every_position:
+        return decode_each(model, inputs, start_pos, cache)
     return model(inputs, start_pos, cache, last_only=last_only)
 
 

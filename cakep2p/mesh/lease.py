@@ -10,6 +10,8 @@ pipeline or a model is open, a keeper thread sends a heartbeat on each of its id
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
 import logging
 import secrets
@@ -44,6 +46,11 @@ class Lease:
 
     def __repr__(self) -> str:
         return f"Lease({len(self._kept)} kept)"   # never the token: it is what makes our state ours
+
+    @property
+    def owner(self) -> bytes:
+        """What a stage knows us by: our routing ids less their connection number (sessions.owner_of)."""
+        return LEASE_PREFIX + self.token
 
     def routing_id(self) -> bytes:
         """A fresh routing id for one connection under this lease."""
@@ -90,6 +97,19 @@ class Lease:
                     client.keep_alive(self.keep_alive_s)
                 except Exception:  # one broken connection must not end the others' lease
                     log.debug("keep-alive of %r failed", client, exc_info=True)
+
+
+def owner_tag(owner: bytes) -> str:
+    """How a relayed forward names its owner: a hash that a stage holding the owner's state can match, and from which
+    nobody learns the owner (so a relaying member cannot act as the owner anywhere)."""
+    return hashlib.sha256(b"cakep2p owner tag " + owner).hexdigest()
+
+
+def chain_grant(owner: bytes, session_id: str, part_digest: str, start: int, end: int) -> str:
+    """The owner's permission for whoever relays to drive one session on one part of one stage: an HMAC under the
+    owner that only the owner can make and any stage knowing the owner can check."""
+    message = f"chain {session_id} {part_digest} {start} {end}".encode()
+    return hmac.new(owner, message, hashlib.sha256).hexdigest()
 
 
 _process_lease: Lease | None = None

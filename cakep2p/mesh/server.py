@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hmac
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +26,10 @@ from cakep2p.errors import CakeError
 from cakep2p.mesh.client import layer_range
 from cakep2p.mesh.compute import FairCompute, checked_inputs, run_forward
 from cakep2p.mesh.curve import Authenticator, configure_server
+from cakep2p.mesh.lease import chain_grant, owner_tag
 from cakep2p.mesh.part_store import TRANSFER_STALL_S, LoadedPart, PartStore, Refusal
 from cakep2p.mesh.parts_cache import cache_cap, default_parts_dir
+from cakep2p.mesh.relay import Relays, Unreachable
 from cakep2p.mesh.sessions import Leases, Owner, Session, Sessions, owner_label, owner_of
 from cakep2p.network import endpoint
 from cakep2p.security import ClusterKeys, insecure_warning
@@ -76,6 +79,7 @@ class StageServer:
         self._owner_tasks: collections.Counter[Owner] = collections.Counter()
         self._context: zmq.asyncio.Context | None = None
         self._router: zmq.asyncio.Socket | None = None
+        self._relays: Relays | None = None
         self._authenticator: Authenticator | None = None
         self._log_budget = _LogLimiter()
 
@@ -106,6 +110,7 @@ class StageServer:
             self._shutdown_context()
             raise CakeError(f"cannot listen on {self.address}:{self.port} ({error}); pick another --port") from None
         self._router = router
+        self._relays = Relays(self._context, self.keys)
         self._spawn(self._receive_loop())
         self._spawn(self._expiry_loop())
         log.info("stage server %s listening on %s:%d (%s)", self.name, self.address, self.port,
@@ -117,6 +122,9 @@ class StageServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._compute.stop()
+        if self._relays is not None:
+            await self._relays.close()
+            self._relays = None
         if self._router is not None:
             self._router.close(linger=0)
             self._router = None
@@ -199,6 +207,8 @@ class StageServer:
             await self._send(peer, self._pong(owner, message.request_id))
         elif isinstance(message, (wire.LoadPart, wire.TensorChunk, wire.TransferEnd)) and not self.serving:
             await self._refuse(peer, message.request_id, "over_budget", NOT_SERVING.format(op=message.type))
+        elif isinstance(message, wire.Forward) and message.owner_tag:
+            await self._relayed(peer, message)
         elif isinstance(message, (wire.Forward, wire.LoadPart, wire.TransferEnd)):
             everyone = self.limits.max_sessions + MAX_EXTRA_TASKS
             if len(self._tasks) >= everyone or self._owner_tasks[owner] >= max(2, everyone // 2):
@@ -225,6 +235,25 @@ class StageServer:
             await self._send(peer, wire.Ack(request_id=message.request_id))
         else:
             await self._refuse(peer, message.request_id, "bad_request", f"{message.type} is not a request")
+
+    async def _relayed(self, relay: bytes, message: wire.Forward) -> None:
+        """A forward relayed by the previous stage of a chain: served as its owner's if the owner's grant for this
+        session and part is good, answered (results and refusals alike) on the owner's own connection."""
+        owner = self._granting_owner(message)
+        if owner is None:
+            await self._refuse(relay, message.request_id, "bad_request",
+                               "relayed forward: no owner here granted this session on this part")
+            return
+        reply_to = owner + message.answer_on.to_bytes(4, "big")   # the owner's connection it named (sessions.py)
+        await self._dispatch(reply_to, owner, dataclasses.replace(message, owner_tag="", grant="", answer_on=0))
+
+    def _granting_owner(self, message: wire.Forward) -> Owner | None:
+        part = message.part
+        for owner in self.store.owners() | self.sessions.owners():
+            if hmac.compare_digest(owner_tag(owner), message.owner_tag):
+                expected = chain_grant(owner, message.session_id, part.digest, part.start, part.end)
+                return owner if hmac.compare_digest(expected, message.grant) else None
+        return None
 
     async def _guarded(self, peer: bytes, request: wire.Message, work) -> None:
         try:
@@ -277,13 +306,26 @@ class StageServer:
         session.busy = True
         try:
             output = await run_forward(self._compute.for_owner(owner), loaded.model, session, inputs,
-                                       request.start_pos)
+                                       request.start_pos, request.every_position)
         finally:
             session.busy = False
             session.last_used = time.monotonic()
         session.position = request.start_pos + request.positions
+        if request.route:
+            await self._relay(owner, request, output)
+            return
         await self._send(peer, wire.ForwardResult(request_id=request.request_id, session_id=request.session_id,
                                                   step=request.step, tensor=output))
+
+    async def _relay(self, owner: Owner, request: wire.Forward, output) -> None:
+        """Send a chained forward's hidden states on to its next stage, in the dtype that stage takes."""
+        hop, rest = request.route[0], request.route[1:]
+        onward = dataclasses.replace(request, part=hop.part, route=rest, owner_tag=owner_tag(owner), grant=hop.grant,
+                                     answer_on=hop.answer_on, tensor=output.to(wire.DTYPES[hop.dtype]))
+        try:
+            await self._relays.send(hop.address, hop.port, onward)
+        except Unreachable as error:
+            raise Refusal("unreachable", f"forward: {error}") from None
 
     def _new_session(self, owner: Owner, session_id: str, ref: wire.PartRef, loaded: LoadedPart) -> Session:
         if not self.serving:
