@@ -24,7 +24,6 @@ class Counting:
 
     def __init__(self, inner) -> None:
         self.inner, self.max_seq_len, self.verifies = inner, inner.max_seq_len, 0
-        self.verifies_in_one_pass = True   # measured here even where the default would not speculate
 
     def forward(self, token_ids, start_pos):
         return self.inner.forward(token_ids, start_pos)

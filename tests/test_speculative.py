@@ -126,7 +126,7 @@ def test_never_runs_past_the_context(stories_part):
     assert drafted == plain and len(drafted) == params.max_new_tokens
 
 
-def test_remote_pipeline_of_local_stages_verifies_in_one_pass(stories_dir):
+def test_remote_pipeline_of_local_stages_speculates_to_the_same_tokens(stories_dir):
     checkpoint = Checkpoint.open(stories_dir)
     layers = checkpoint.args.num_layers
     stages = [load_part(checkpoint, LayerRange(0, 2, True, False), dtype="float32", device="cpu"),
@@ -136,7 +136,6 @@ def test_remote_pipeline_of_local_stages_verifies_in_one_pass(stories_dir):
     for speculate in (False, True):
         pipeline = RemotePipeline(stages, checkpoint, 128, None, weights="f32", dtype="float32")
         try:
-            assert pipeline.verifies_in_one_pass
             runs.append(list(generate(pipeline, REPEATED, params, speculate=speculate)))
             history = pipeline.history
         finally:

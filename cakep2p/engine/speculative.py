@@ -41,12 +41,11 @@ class Verifier(Protocol):
 
 
 def applies(pipeline: object, params: SamplingParams, speculate: bool | None = None) -> bool:
-    """Whether to speculate: greedy, a pipeline with forward_all that verifies in one pass (a pipeline may say it
-    does not with `verifies_in_one_pass` False), and not turned off (`speculate`, else the environment)."""
+    """Whether to speculate: greedy, a pipeline with forward_all (which verifies in one pass), and not turned off
+    (`speculate`, else the environment)."""
     if speculate is None:
         speculate = os.environ.get(ENV_SWITCH, "1").strip() != "0"
-    return (speculate and params.temperature < GREEDY_BELOW and callable(getattr(pipeline, "forward_all", None))
-            and getattr(pipeline, "verifies_in_one_pass", True))
+    return (speculate and params.temperature < GREEDY_BELOW and callable(getattr(pipeline, "forward_all", None)))
 
 
 def draft_tokens(history: list[int], max_draft: int = MAX_DRAFT, max_ngram: int = MAX_NGRAM,

@@ -67,6 +67,7 @@ class StageClient:
         self.lease = lease or process_lease()
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
+        self._routing_id = b""
         self._monitor: zmq.Socket | None = None
         self._handshake = {"connected": False, "authenticated": False}
         self._lock = threading.Lock()
@@ -91,7 +92,7 @@ class StageClient:
             socket.reconnect_ivl = 100
             socket.reconnect_ivl_max = 2000
             socket.maxmsgsize = wire.MAX_FRAME_BYTES
-            socket.routing_id = self.lease.routing_id()
+            socket.routing_id = self._routing_id = self.lease.routing_id()
             configure_client(socket, self.keys)
             self._monitor = socket.get_monitor_socket(HANDSHAKE_EVENTS)
             self._handshake = {"connected": False, "authenticated": False}
@@ -165,10 +166,7 @@ class StageClient:
             self._last_sent = time.monotonic()
             reply = self._await_reply(socket, request_id, timeout_s or self.timeout_s, message.type)
         if isinstance(reply, wire.Error):
-            text = f"stage {self.label} refused {message.type}: {reply.message}"
-            if reply.code in PROTOCOL_CODES:
-                raise ProtocolError(text)
-            raise StageRefused(text, reply.code, (self.address, self.port))
+            raise self.reply_error(message.type, reply)
         return reply
 
     def _await_reply(self, socket: zmq.Socket, request_id: int, timeout_s: float, op: str) -> wire.Message:
@@ -176,30 +174,56 @@ class StageClient:
         while True:
             now = time.monotonic()
             if now - started > timeout_s:
-                raise MeshError(f"stage {self.label} at {self.address}:{self.port} lost: no reply to {op} "
-                                f"within {timeout_s:.0f} s")
+                raise self.timed_out(op, timeout_s)
             if now - last_heard > self.liveness * self.heartbeat_s:
-                authenticated = self._authenticated()
-                self._drop()
-                if authenticated is False:
-                    raise MeshError(f"stage {self.label} at {self.address}:{self.port} {UNAUTHENTICATED} (it "
-                                    "accepts connections but the encrypted handshake never completed)")
-                raise MeshError(f"stage {self.label} at {self.address}:{self.port} lost: silent for "
-                                f"{now - last_heard:.1f} s")
+                raise self.declare_lost(now - last_heard)
             if not socket.poll(int(self.heartbeat_s * 1000)):
-                socket.send_multipart(wire.encode(wire.Heartbeat(request_id=0)))
-                self._last_sent = time.monotonic()
+                self.heartbeat(socket)
                 continue
-            frames = socket.recv_multipart(copy=False)
+            reply = self.receive(socket)
             last_heard = time.monotonic()
-            self._backoff_s, self.lost = 0.0, False
-            try:
-                reply = wire.decode(frames)
-            except wire.WireError as error:
-                raise ProtocolError(f"stage {self.label} sent a malformed reply ({error}); "
-                                    "run the same cakep2p version on every node") from None
             if reply.request_id == request_id and not isinstance(reply, wire.Heartbeat):
                 return reply
+
+    # -- the pieces of a wait, for requests answered on other connections too (chain.py) ---------------------
+
+    def exclusive(self) -> "_Exclusive":
+        """`with client.exclusive() as socket:` this connection, for one request at a time."""
+        return _Exclusive(self)
+
+    def connection_number(self) -> int:
+        """The number that ends this connection's routing id (a chain's stages answer us on it); 0 before any."""
+        return int.from_bytes(self._routing_id[-4:], "big") if self._routing_id else 0
+
+    def heartbeat(self, socket: zmq.Socket) -> None:
+        socket.send_multipart(wire.encode(wire.Heartbeat(request_id=0)))
+        self._last_sent = time.monotonic()
+
+    def sent(self) -> None:
+        self._last_sent = time.monotonic()
+
+    def receive(self, socket: zmq.Socket) -> wire.Message:
+        """The next message on `socket` (it has one waiting), which counts as hearing from the stage."""
+        frames = socket.recv_multipart(copy=False)
+        self._backoff_s, self.lost = 0.0, False
+        try:
+            return wire.decode(frames)
+        except wire.WireError as error:
+            raise ProtocolError(f"stage {self.label} sent a malformed reply ({error}); "
+                                "run the same cakep2p version on every node") from None
+
+    def timed_out(self, op: str, timeout_s: float) -> MeshError:
+        return MeshError(f"stage {self.label} at {self.address}:{self.port} lost: no reply to {op} "
+                         f"within {timeout_s:.0f} s")
+
+    def declare_lost(self, silent_s: float) -> MeshError:
+        """Drop the connection of a stage silent for `silent_s`; the error that says so."""
+        authenticated = self._authenticated()
+        self._drop()
+        if authenticated is False:
+            return MeshError(f"stage {self.label} at {self.address}:{self.port} {UNAUTHENTICATED} (it "
+                             "accepts connections but the encrypted handshake never completed)")
+        return MeshError(f"stage {self.label} at {self.address}:{self.port} lost: silent for {silent_s:.1f} s")
 
     def ping(self, timeout_s: float | None = None) -> wire.Pong:
         reply = self.request(wire.Ping(), timeout_s)
@@ -208,24 +232,57 @@ class StageClient:
         return reply
 
     def forward(self, session_id: str, part: wire.PartRef, step: int, start_pos: int, inputs: torch.Tensor,
-                *, width: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Run `inputs` through the stage's part. The reply must be float32 logits [1, width] from a head, else
-        hidden states [positions, width] in `dtype` (width and dtype checked when given); ProtocolError if not."""
-        reply = self.request(wire.Forward(session_id=session_id, part=part, step=step, start_pos=start_pos,
-                                          positions=inputs.shape[0], tensor=inputs))
-        if not isinstance(reply, wire.ForwardResult) or reply.session_id != session_id or reply.step != step:
-            raise ProtocolError(f"stage {self.label} answered forward with {reply.type} for another request")
-        rows, dtype = (1, torch.float32) if part.has_head else (inputs.shape[0], dtype)
-        tensor = reply.tensor
-        if (tensor.shape[0] != rows or (width is not None and tensor.shape[1] != width)
-                or (dtype is not None and tensor.dtype != dtype)):
-            expected = f"{wire.DTYPE_NAMES[dtype] if dtype is not None else ''}[{rows}, {width or 'width'}]"
-            raise ProtocolError(f"stage {self.label} answered forward with {wire.DTYPE_NAMES[tensor.dtype]}"
-                                f"{list(tensor.shape)}, expected {expected}; run the same model on every node")
-        return tensor
+                *, width: int | None = None, dtype: torch.dtype | None = None,
+                every_position: bool = False) -> torch.Tensor:
+        """Run `inputs` through the stage's part. The reply must be float32 logits [1, width] from a head ([positions,
+        width] with every_position), else hidden states [positions, width] in `dtype` (width and dtype checked when
+        given); ProtocolError if not."""
+        request = wire.Forward(session_id=session_id, part=part, step=step, start_pos=start_pos,
+                               positions=inputs.shape[0], every_position=every_position, tensor=inputs)
+        return checked_result(self, request, self.request(request), width, dtype)
+
+    def reply_error(self, op: str, reply: wire.Error) -> MeshError:
+        text = f"stage {self.label} refused {op}: {reply.message}"
+        if reply.code in PROTOCOL_CODES:
+            return ProtocolError(text)
+        return StageRefused(text, reply.code, (self.address, self.port))
 
     def end_session(self, session_id: str, timeout_s: float | None = None) -> None:
         self.request(wire.EndSession(session_id=session_id), timeout_s)
+
+
+class _Exclusive:
+    def __init__(self, client: StageClient) -> None:
+        self._client = client
+
+    def __enter__(self) -> zmq.Socket:
+        self._client._lock.acquire()
+        try:
+            return self._client._connect()
+        except BaseException:
+            self._client._lock.release()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self._client._lock.release()
+
+
+def checked_result(client: StageClient, request: wire.Forward, reply: wire.Message, width: int | None,
+                   dtype: torch.dtype | None) -> torch.Tensor:
+    """The tensor of `client`'s reply to `request` if it is what the request's part must answer; ProtocolError else."""
+    if (not isinstance(reply, wire.ForwardResult) or reply.session_id != request.session_id
+            or reply.step != request.step):
+        raise ProtocolError(f"stage {client.label} answered forward with {reply.type} for another request")
+    part, rows = request.part, request.positions
+    if part.has_head:
+        rows, dtype = (rows if request.every_position else 1), torch.float32
+    tensor = reply.tensor
+    if (tensor.shape[0] != rows or (width is not None and tensor.shape[1] != width)
+            or (dtype is not None and tensor.dtype != dtype)):
+        expected = f"{wire.DTYPE_NAMES[dtype] if dtype is not None else ''}[{rows}, {width or 'width'}]"
+        raise ProtocolError(f"stage {client.label} answered forward with {wire.DTYPE_NAMES[tensor.dtype]}"
+                            f"{list(tensor.shape)}, expected {expected}; run the same model on every node")
+    return tensor
 
 
 async def ping(context, address: str, port: int, keys: ClusterKeys | None, timeout_s: float) -> wire.Pong | None:

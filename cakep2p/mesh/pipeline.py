@@ -1,6 +1,7 @@
 """The engine's Pipeline over remote stages (and optionally this node's own parts): one session, its KV caches on
-the stages, token by token through them in order; on a lost stage, or one that refuses for want of room, it moves
-to new stages and replays exactly. What the stages keep for it is held under a Lease (lease.py).
+the stages, token by token through them in order, consecutive remote stages passing hidden states straight on to
+one another (chain.py); on a lost stage, or one that refuses for want of room, it moves to new stages and replays
+exactly. What the stages keep for it is held under a Lease (lease.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.generate import decode_each
 from cakep2p.engine.model import ModelPart
 from cakep2p.errors import MeshError
+from cakep2p.mesh.chain import chain_enabled, chainable, forward_chain, relay_address
 from cakep2p.mesh.client import REPLAN_CODES, StageClient, StageRefused
 from cakep2p.mesh.lease import Lease
 from cakep2p.mesh.transfer import PartOffer, load_part
@@ -50,6 +52,8 @@ class RemotePipeline:
     `history` is the token ids now in the caches; `rebuild(new_stages)` reloads the model on a new set of stages
     and replays that history (in the same chunks, so the caches are bit-identical) to continue a generation.
     Without a `lease` the pipeline has its own, renewed while it is open; with one (a model's), its holder renews it.
+    `chain` (default: unless CAKEP2P_CHAIN=0): consecutive remote stages relay to one another, and a run of them
+    counts as one in `stage_seconds` (its time is on its first stage); else every hidden state comes back here.
     """
 
     def __init__(self, stages: Sequence[PipelineStage], checkpoint: Checkpoint, max_seq_len: int,
@@ -57,8 +61,9 @@ class RemotePipeline:
                  timeout_s: float = 300.0,
                  allow_transfer: bool = True, on_progress: Callable[[str, int, int], None] | None = None,
                  on_lost: Replan | None = None, max_recoveries: int = 3, context: zmq.Context | None = None,
-                 lease: Lease | None = None) -> None:
+                 lease: Lease | None = None, chain: bool | None = None) -> None:
         self.checkpoint = checkpoint
+        self.chain = chain_enabled() if chain is None else chain
         self.fingerprint = checkpoint.fingerprint
         self.args = checkpoint.args  # the shapes stage replies are checked against
         self.max_seq_len = max_seq_len
@@ -81,6 +86,7 @@ class RemotePipeline:
         self._caches: list[object | None] = []
         self._dtypes: list[torch.dtype | None] = []  # each stage's compute dtype: hidden states are sent in it
         self._refs: list[wire.PartRef | None] = []   # each remote stage's part, by content
+        self._runs: list[tuple[int, int]] = []       # (first, last) stage indexes run by one request (or in-process)
         self._attach(stages)
 
     @property
@@ -127,20 +133,27 @@ class RemotePipeline:
             self._close_clients(end_session=False)
             raise
         self.stage_seconds = [0.0] * len(self._stages)
+        self._runs = self._plan_runs()
+
+    def _plan_runs(self) -> list[tuple[int, int]]:
+        """Each in-process stage alone; consecutive remote ones as one run when they can relay to one another."""
+        runs: list[tuple[int, int]] = []
+        for index, client in enumerate(self._clients):
+            if runs and client is not None and self.chain and self._clients[runs[-1][1]] is not None:
+                candidate = self._clients[runs[-1][0]:index + 1]
+                if chainable([relay_address(remote.address) for remote in candidate]):
+                    runs[-1] = (runs[-1][0], index)
+                    continue
+            runs.append((index, index))
+        return runs
 
     def forward(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
         return self._forward(token_ids, start_pos, every_position=False)[-1]
 
     def forward_all(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
-        """Float32 logits [T, vocab] of every position, each with the bits of forwarding it alone: in-process stages
-        run all positions at once (engine decode_each); a remote stage, whose wire forward has no such mode, gets
-        one position per request."""
+        """Float32 logits [T, vocab] of every position, each with the bits of forwarding it alone, in one pass:
+        every stage runs all positions at once (engine decode_each; a remote one in an every-position forward)."""
         return self._forward(token_ids, start_pos, every_position=True)
-
-    @property
-    def verifies_in_one_pass(self) -> bool:
-        """Whether forward_all costs one pass (one request per stage): only when every stage is in-process."""
-        return all(client is None for client in self._clients)
 
     def _forward(self, token_ids: list[int], start_pos: int, every_position: bool) -> torch.Tensor:
         if not token_ids:
@@ -193,27 +206,30 @@ class RemotePipeline:
         """Logits [T, vocab] of every position with `every_position`, else [1, vocab] of the last."""
         x = torch.tensor(token_ids, dtype=torch.int64)
         self._step += 1
-        for index, (stage, client) in enumerate(zip(self._stages, self._clients)):
+        for first, last in self._runs:
             began = time.perf_counter()
-            if client is None and every_position:
-                x = decode_each(stage, x, start_pos, self._caches[index])
-            elif client is None:
-                x = stage(x, start_pos, self._caches[index], last_only=stage.layers.has_head)
+            stage = self._stages[first]
+            if self._clients[first] is None and every_position:
+                x = decode_each(stage, x, start_pos, self._caches[first])
+            elif self._clients[first] is None:
+                x = stage(x, start_pos, self._caches[first], last_only=stage.layers.has_head)
             else:
-                if not stage.layers.has_embedding and x.dtype != self._dtypes[index]:
-                    x = x.to(self._dtypes[index])  # stages may hold different dtypes (e.g. a GPU in bf16)
-                width = self.args.vocab_size if stage.layers.has_head else self.args.hidden_size
-                if every_position:
-                    x = torch.cat([self._remote_forward(index, start_pos + offset, x[offset:offset + 1], width)
-                                   for offset in range(x.shape[0])])
-                else:
-                    x = self._remote_forward(index, start_pos, x, width)
-            self.stage_seconds[index] += time.perf_counter() - began
+                if not stage.layers.has_embedding and x.dtype != self._dtypes[first]:
+                    x = x.to(self._dtypes[first])  # stages may hold different dtypes (e.g. a GPU in bf16)
+                x = self._remote_forward(first, last, start_pos, x, every_position)
+            self.stage_seconds[first] += time.perf_counter() - began
         return x.float()
 
-    def _remote_forward(self, index: int, start_pos: int, x: torch.Tensor, width: int) -> torch.Tensor:
-        return self._clients[index].forward(self.session_id, self._refs[index], self._step, start_pos, x,
-                                            width=width, dtype=self._dtypes[index])
+    def _remote_forward(self, first: int, last: int, start_pos: int, x: torch.Tensor,
+                        every_position: bool) -> torch.Tensor:
+        width = self.args.vocab_size if self._stages[last].layers.has_head else self.args.hidden_size
+        if first == last:
+            return self._clients[first].forward(self.session_id, self._refs[first], self._step, start_pos, x,
+                                                width=width, dtype=self._dtypes[first], every_position=every_position)
+        span = slice(first, last + 1)
+        return forward_chain(self._clients[span], self._refs[span], self._dtypes[span], self.lease.owner,
+                             self.session_id, self._step, start_pos, x, width=width, every_position=every_position,
+                             timeout_s=self.timeout_s)
 
     def rebuild(self, new_stages: Sequence[PipelineStage], exact: bool = True) -> None:
         """Move the session to `new_stages` (e.g. after a peer was lost): load the parts, then refill the caches.
