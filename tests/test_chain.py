@@ -112,16 +112,16 @@ def test_relayed_forward_with_a_forged_grant_is_refused_and_the_session_goes_on(
     try:
         pipeline.forward(PROMPT, 0)
         session = pipeline.session_id
-        forgeries = [relayed_forward(pipeline, 1, b"not-the-owner", session),
-                     relayed_forward(pipeline, 1, pipeline.lease.owner, session, grant_session="another-session"),
-                     dataclasses.replace(relayed_forward(pipeline, 1, pipeline.lease.owner, session),
-                                         owner_tag=owner_tag(b"nobody-here"))]
-        for forgery in forgeries:
+        forgeries = [(relayed_forward(pipeline, 1, b"not-the-owner", session), "bad_request", "granted"),
+                     (relayed_forward(pipeline, 1, pipeline.lease.owner, session, grant_session="another"),
+                      "bad_request", "granted"),
+                     (dataclasses.replace(relayed_forward(pipeline, 1, pipeline.lease.owner, session),
+                                          owner_tag=owner_tag(b"nobody-here")), "unknown_part", "holds nothing")]
+        for forgery, code, words in forgeries:
             intruder.send_multipart(wire.encode(forgery))
             assert intruder.poll(10_000)
             reply = wire.decode(intruder.recv_multipart())
-            assert isinstance(reply, wire.Error) and reply.code == "bad_request"
-            assert "granted" in reply.message
+            assert isinstance(reply, wire.Error) and reply.code == code and words in reply.message
         alone = local_tokens(stories_dir, PROMPT, SamplingParams(max_new_tokens=1))
         assert int(pipeline.forward([alone[0]], len(PROMPT)).argmax()) == local_tokens(stories_dir)[1]
     finally:
@@ -150,3 +150,37 @@ def test_a_forward_with_a_malformed_route_is_refused_before_use(hop_change):
     with pytest.raises(wire.WireError):
         bad = dataclasses.replace(good, route=(wire.Hop(**{**hop, **hop_change}),))
         wire.decode(wire.encode(bad))
+
+
+def test_relayed_forwards_renew_the_owners_lease_on_every_stage_of_the_chain(stories_dir, start_servers, keys):
+    """Only the first stage hears the initiator's own connection while a chain decodes back to back; the others
+    must count the owner's granted relays as word from it, or they drop its parts mid-generation."""
+    servers = start_servers(3, lease_s=0.3)
+    params = SamplingParams(max_new_tokens=200)
+    pipeline = remote_pipeline(remote_stages(servers, THREE_WAY), stories_dir, keys, max_seq_len=256,
+                               heartbeat_s=5.0)
+    try:
+        assert list(generate(pipeline, PROMPT, params, speculate=False)) == local_tokens(stories_dir, PROMPT,
+                                                                                         params)
+        assert pipeline.recoveries == []
+    finally:
+        pipeline.close()
+
+
+def test_a_restarted_stage_mid_chain_refuses_the_relay_and_the_initiator_hears_it_and_replays(stories_dir,
+                                                                                             start_servers, keys):
+    first, middle, last = start_servers(3)
+    port = last.server.port
+    pipeline = remote_pipeline(remote_stages([first, middle, last], THREE_WAY), stories_dir, keys, heartbeat_s=0.25,
+                               timeout_s=60)
+    tokens = []
+    try:
+        for token in generate(pipeline, PROMPT, GREEDY, speculate=False):
+            tokens.append(token)
+            if len(tokens) == 8:
+                last.stop()
+                start_servers(1, port=port)   # the same node, restarted: it holds nothing of ours
+        assert tokens == local_tokens(stories_dir)
+        assert any("replaying" in line for line in pipeline.recoveries)
+    finally:
+        pipeline.close()

@@ -47,11 +47,12 @@ def start_servers(tmp_path, keys):
     started: list[ServerThread] = []
 
     def start(count: int, *, budget: int = 1 << 30, max_sessions: int = 8, session_idle_s: float = 600.0,
-              server_keys=keys, parts_dir=None, **options) -> list[ServerThread]:
+              lease_s: float = 6.0, server_keys=keys, parts_dir=None, **options) -> list[ServerThread]:
         threads = []
         for _ in range(count):
             number = len(started)
-            limits = StageLimits(budget_bytes=budget, max_sessions=max_sessions, session_idle_s=session_idle_s)
+            limits = StageLimits(budget_bytes=budget, max_sessions=max_sessions, session_idle_s=session_idle_s,
+                                 lease_s=lease_s)
             server = StageServer(node_id=f"node-{number}", name=f"stage-{number}", keys=server_keys, limits=limits,
                                  device="cpu", parts_dir=parts_dir or tmp_path / f"parts-{number}", **options)
             thread = ServerThread(server)

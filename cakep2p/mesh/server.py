@@ -110,7 +110,7 @@ class StageServer:
             self._shutdown_context()
             raise CakeError(f"cannot listen on {self.address}:{self.port} ({error}); pick another --port") from None
         self._router = router
-        self._relays = Relays(self._context, self.keys)
+        self._relays = Relays(self._context, self.keys, self._send)
         self._spawn(self._receive_loop())
         self._spawn(self._expiry_loop())
         log.info("stage server %s listening on %s:%d (%s)", self.name, self.address, self.port,
@@ -238,22 +238,23 @@ class StageServer:
 
     async def _relayed(self, relay: bytes, message: wire.Forward) -> None:
         """A forward relayed by the previous stage of a chain: served as its owner's if the owner's grant for this
-        session and part is good, answered (results and refusals alike) on the owner's own connection."""
-        owner = self._granting_owner(message)
+        session and part is good (which renews the owner's lease: it is at work), answered (results and refusals
+        alike) on the owner's own connection. Refusals of the relay itself go back to it, which passes them on."""
+        owner = next((owner for owner in self.store.owners() | self.sessions.owners()
+                      if hmac.compare_digest(owner_tag(owner), message.owner_tag)), None)
         if owner is None:
-            await self._refuse(relay, message.request_id, "bad_request",
-                               "relayed forward: no owner here granted this session on this part")
+            await self._refuse(relay, message.request_id, "unknown_part", "relayed forward: the session's owner "
+                               "holds nothing on this node (its lease lapsed, or the node restarted); load again")
             return
+        part = message.part
+        expected = chain_grant(owner, message.session_id, part.digest, part.start, part.end)
+        if not hmac.compare_digest(expected, message.grant):
+            await self._refuse(relay, message.request_id, "bad_request",
+                               "relayed forward: its owner granted no such session on this part")
+            return
+        self.leases.heard(owner)
         reply_to = owner + message.answer_on.to_bytes(4, "big")   # the owner's connection it named (sessions.py)
         await self._dispatch(reply_to, owner, dataclasses.replace(message, owner_tag="", grant="", answer_on=0))
-
-    def _granting_owner(self, message: wire.Forward) -> Owner | None:
-        part = message.part
-        for owner in self.store.owners() | self.sessions.owners():
-            if hmac.compare_digest(owner_tag(owner), message.owner_tag):
-                expected = chain_grant(owner, message.session_id, part.digest, part.start, part.end)
-                return owner if hmac.compare_digest(expected, message.grant) else None
-        return None
 
     async def _guarded(self, peer: bytes, request: wire.Message, work) -> None:
         try:
@@ -312,18 +313,19 @@ class StageServer:
             session.last_used = time.monotonic()
         session.position = request.start_pos + request.positions
         if request.route:
-            await self._relay(owner, request, output)
+            await self._relay(peer, owner, request, output)
             return
         await self._send(peer, wire.ForwardResult(request_id=request.request_id, session_id=request.session_id,
                                                   step=request.step, tensor=output))
 
-    async def _relay(self, owner: Owner, request: wire.Forward, output) -> None:
-        """Send a chained forward's hidden states on to its next stage, in the dtype that stage takes."""
+    async def _relay(self, peer: bytes, owner: Owner, request: wire.Forward, output) -> None:
+        """Send a chained forward's hidden states on to its next stage, in the dtype that stage takes; a refusal
+        from it comes back to `peer` (the owner's connection here)."""
         hop, rest = request.route[0], request.route[1:]
         onward = dataclasses.replace(request, part=hop.part, route=rest, owner_tag=owner_tag(owner), grant=hop.grant,
                                      answer_on=hop.answer_on, tensor=output.to(wire.DTYPES[hop.dtype]))
         try:
-            await self._relays.send(hop.address, hop.port, onward)
+            await self._relays.send(hop.address, hop.port, onward, answer_to=peer)
         except Unreachable as error:
             raise Refusal("unreachable", f"forward: {error}") from None
 
