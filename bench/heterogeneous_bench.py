@@ -1,6 +1,6 @@
 """Each strategy's plan measured on a heterogeneous loopback cluster, side by side in one run, with the prediction.
 
-Usage: python bench/heterogeneous_bench.py [--preset tinyllama] [--dtype bfloat16] [--new-tokens 8] [--quota 0.25]
+Usage: python bench/heterogeneous_bench.py [--preset tinyllama] [--dtype auto] [--new-tokens 8] [--quota 0.25]
                                           [--offer-layers N]  (each node offers room for N layers: 0 = 8 GiB)
 This process is the initiator; 3 stage servers run in subprocesses on 127.0.0.1 (bench/mesh_bench.py's), and the
 last is throttled to --quota of a core with cgroup v1 (cpu.cfs_quota_us; needs root). Each node's speed is measured
@@ -32,9 +32,13 @@ OFFER_BYTES = 8 << 30
 MEASURE_S = 1.0
 
 
-def sustained_speed(seconds: float) -> tuple[float, float]:
-    """(float32 matmul GFLOP/s, copy bytes/s), each as work over wall time for `seconds`: what a quota allows."""
+def sustained_speed(seconds: float, dtype: str) -> tuple[float, float]:
+    """(float32 matmul GFLOP/s, decode weight-read bytes/s), each as work over wall time for `seconds`: what a quota
+    allows. The read rate is cakep2p.discovery.capacity's: one token's matrix-vector product through the engine's
+    kernel for the checkpoint's weights in the compute dtype the stages will use (`dtype`; auto as loading picks)."""
     import torch
+
+    from cakep2p.engine.kernels import has_bf16_hardware, linear, prepare
 
     def rate(step, work: float) -> float:
         step()
@@ -45,9 +49,13 @@ def sustained_speed(seconds: float) -> tuple[float, float]:
         return done * work / (time.perf_counter() - began)
 
     a, b = torch.randn(512, 512), torch.randn(512, 512)
-    source = torch.ones((64 << 20) // 4)
-    target = torch.empty_like(source)
-    return rate(lambda: torch.mm(a, b), 2 * 512**3 / 1e9), rate(lambda: target.copy_(source), 2 * source.numel() * 4)
+    stored = torch.float32 if dtype == "float32" else torch.bfloat16
+    compute = torch.bfloat16 if dtype == "bfloat16" or (dtype == "auto" and has_bf16_hardware()) else torch.float32
+    weight = (torch.randn(8192, 4096) * 0.02).to(stored)
+    prepared, x = prepare(weight, compute, torch.device("cpu")), torch.randn(1, 4096).to(compute)
+    with torch.inference_mode():
+        reads = rate(lambda: linear(x, prepared), weight.numel() * weight.element_size())
+    return rate(lambda: torch.mm(a, b), 2 * 512**3 / 1e9), reads
 
 
 class Throttle:
@@ -71,9 +79,9 @@ class Throttle:
         self.path.rmdir()
 
 
-def measure_in(throttle: Throttle | None, threads: int) -> tuple[float, float]:
+def measure_in(throttle: Throttle | None, threads: int, dtype: str) -> tuple[float, float]:
     """sustained_speed in a fresh process (in `throttle`'s group when given), as a stage would see it."""
-    command = [sys.executable, __file__, "--measure", "--threads", str(threads)]
+    command = [sys.executable, __file__, "--measure", "--threads", str(threads), "--dtype", dtype]
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     if throttle is not None:
@@ -134,7 +142,8 @@ def bench(options: argparse.Namespace) -> None:
     from cakep2p.testing import cached_random_model
 
     torch.set_num_threads(options.threads)
-    model_dir = cached_random_model("llama", options.preset, dtype=options.dtype)
+    stored = "float32" if options.dtype == "float32" else "bfloat16"
+    model_dir = cached_random_model("llama", options.preset, dtype=stored)
     checkpoint = Checkpoint.open(model_dir)
     spec = model_spec(checkpoint, options.dtype)
     prompt = prompt_ids(8, checkpoint.args.vocab_size)
@@ -152,7 +161,8 @@ def bench(options: argparse.Namespace) -> None:
                 process.wait_listening()
             slow = processes[-1]
             throttle.add(slow.process.pid)
-            fast, throttled = measure_in(None, options.threads), measure_in(throttle, options.threads)
+            fast = measure_in(None, options.threads, options.dtype)
+            throttled = measure_in(throttle, options.threads, options.dtype)
             rtts = measure_rtts(processes, keys)
             print(f"model {model_dir.name}: {spec.num_layers} layers, {options.dtype}; sustained speed "
                   f"{fast[0]:.1f} GFLOP/s {fast[1] / 1e9:.2f} GB/s, throttled to {options.quota:.0%} of a core "
@@ -194,7 +204,8 @@ def bench(options: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tinyllama")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="compute dtype of every stage (auto: as loading picks it on this CPU)")
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process")
     parser.add_argument("--quota", type=float, default=0.25, help="CPU share of the throttled stage, of one core")
@@ -206,7 +217,7 @@ def main() -> None:
 
         torch.set_num_threads(options.threads)
         sys.stdin.readline()  # wait until the parent has put this process in its cgroup
-        print(json.dumps(sustained_speed(MEASURE_S)))
+        print(json.dumps(sustained_speed(MEASURE_S, options.dtype)))
         return
     bench(options)
 

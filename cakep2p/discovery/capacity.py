@@ -18,7 +18,7 @@ from cakep2p import paths
 log = logging.getLogger(__name__)
 
 BENCHMARK_FILE = "capacity-benchmark.json"
-BENCHMARK_VERSION = 1
+BENCHMARK_VERSION = 2   # 2: a CPU's bandwidth is that of the decode kernel's weight reads, not of a copy
 CPU_SAFETY_MARGIN_MIN = 1 << 30       # leave at least 1 GiB of RAM to the OS and other programs
 CPU_SAFETY_MARGIN_FRACTION = 0.10     # ... or 10% of total RAM, whichever is larger
 GPU_SAFETY_MARGIN_MIN = 256 << 20     # CUDA context, fragmentation, activations
@@ -34,7 +34,7 @@ class Capacity:
     vram_free: int
     cpu_cores: int
     gflops: float             # float32 matmul, on the accelerator that runs the model
-    bandwidth: float          # bytes/s, tensor copy on that accelerator
+    bandwidth: float          # bytes/s: weight reads of a 16-bit decode kernel (CPU), a tensor copy (GPUs)
     os: str
 
 
@@ -122,7 +122,10 @@ def _cached_benchmark(accelerator: str, device_name: str) -> tuple[float, float]
 
 
 def run_benchmark(accelerator: str = "cpu", budget_s: float = 0.4) -> tuple[float, float]:
-    """(matmul GFLOP/s, copy bandwidth bytes/s) on the given device, each measured for about budget_s."""
+    """(matmul GFLOP/s, bandwidth bytes/s) on the given device, each measured for about budget_s. A CPU's bandwidth
+    is what decoding a 16-bit model reads through the engine's own kernel (bf16 arithmetic or fbgemm's fp16 under
+    float32, as auto loads it): on a CPU without bf16 hardware that is half its copy bandwidth or less, and the
+    planner predicts decode time from it. A GPU's is a tensor copy's."""
     import torch
 
     device = torch.device("cuda" if accelerator == "cuda" else "mps" if accelerator == "mps" else "cpu")
@@ -130,11 +133,28 @@ def run_benchmark(accelerator: str = "cpu", budget_s: float = 0.4) -> tuple[floa
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     gflops = _best_rate(lambda: torch.mm(a, b), device, work=2 * size**3 / 1e9, budget_s=budget_s)
+    if device.type == "cpu":
+        return round(gflops, 2), round(_decode_read_rate(budget_s), 0)
     elements = (64 << 20) // 4           # 64 MiB source, read once and written once per copy
     source = torch.empty(elements, device=device).fill_(1.0)
     target = torch.empty_like(source)
     bandwidth = _best_rate(lambda: target.copy_(source), device, work=2 * elements * 4, budget_s=budget_s)
     return round(gflops, 2), round(bandwidth, 0)
+
+
+def _decode_read_rate(budget_s: float) -> float:
+    """Weight bytes/s of one token's matrix-vector product with a 64 MiB bf16 matrix (beyond the caches)."""
+    import torch
+
+    from cakep2p.engine.kernels import has_bf16_hardware, linear, prepare
+
+    compute = torch.bfloat16 if has_bf16_hardware() else torch.float32
+    weight = (torch.randn(8192, 4096, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    prepared = prepare(weight, compute, torch.device("cpu"))
+    x = torch.randn(1, 4096).to(compute)
+    with torch.inference_mode():
+        return _best_rate(lambda: linear(x, prepared), torch.device("cpu"), work=weight.numel() * 2,
+                          budget_s=budget_s)
 
 
 def _best_rate(step, device, work: float, budget_s: float) -> float:
