@@ -117,7 +117,8 @@ def generate(pipeline: Pipeline, prompt_ids: list[int], params: SamplingParams,
     history = prompt_ids
     logits = pipeline.forward(prompt_ids[start_pos:], start_pos)
     if speculative.applies(pipeline, params, speculate):
-        yield from speculative.decode(pipeline, history, logits, sampler)
+        yield from speculative.decode(pipeline, history, logits, sampler,
+                                      getattr(pipeline, "max_draft", speculative.MAX_DRAFT))
         return
     for produced in range(params.max_new_tokens):
         token = sampler.next_token(logits, history)

@@ -25,7 +25,8 @@ from cakep2p.engine.sampling import GREEDY_BELOW, Sampler, SamplingParams
 MAX_NGRAM = 3        # the longest tail n-gram looked up
 MIN_NGRAM = 3        # the shortest in generation: shorter matches predict little (SmolLM2 chat: 0.95x with 2, 1.0x with 3)
 MAX_BACKOFF = 16     # plain steps at most between verify passes after ones that kept nothing
-MAX_DRAFT = 4        # tokens proposed per verify pass (bench/speculative_bench.py measures the trade)
+MAX_DRAFT = 4        # tokens proposed per verify pass (bench/speculative_bench.py measures the trade); a pipeline
+                     # whose passes cost round trips proposes more: its `max_draft` (mesh/pipeline.py)
 LOOKUP_WINDOW = 2048  # how far back the n-gram is looked for: bounds the lookup's cost per step
 ENV_SWITCH = "CAKEP2P_SPECULATE"
 

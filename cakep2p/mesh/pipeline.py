@@ -20,6 +20,7 @@ from cakep2p import planner, wire
 from cakep2p.engine.checkpoint import Checkpoint
 from cakep2p.engine.generate import decode_each
 from cakep2p.engine.model import ModelPart
+from cakep2p.engine.speculative import MAX_DRAFT
 from cakep2p.errors import MeshError
 from cakep2p.mesh.chain import chain_enabled, chainable, forward_chain, relay_address
 from cakep2p.mesh.client import REPLAN_CODES, StageClient, StageRefused
@@ -29,6 +30,7 @@ from cakep2p.planner import LayerRange
 from cakep2p.security import ClusterKeys
 
 log = logging.getLogger(__name__)
+REMOTE_MAX_DRAFT = 8   # draft tokens per verify pass over remote stages (see RemotePipeline.max_draft)
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,12 @@ class RemotePipeline:
 
     def forward(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
         return self._forward(token_ids, start_pos, every_position=False)[-1]
+
+    @property
+    def max_draft(self) -> int:
+        """Draft tokens speculation proposes per verify pass: more than in-process, where a pass costs round trips
+        (SmolLM2 over 2 ms links: 1.54x with 4, bench/lan_bench.py)."""
+        return REMOTE_MAX_DRAFT if any(client is not None for client in self._clients) else MAX_DRAFT
 
     def forward_all(self, token_ids: list[int], start_pos: int) -> torch.Tensor:
         """Float32 logits [T, vocab] of every position, each with the bits of forwarding it alone, in one pass:
