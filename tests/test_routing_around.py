@@ -39,13 +39,16 @@ def fill(port: int, keys, stories_dir, lease: Lease, below: int) -> StageClient:
     client = StageClient("127.0.0.1", port, keys, heartbeat_s=0.5, lease=lease)
     lease.keep(client)
     checkpoint = Checkpoint.open(stories_dir)
-    for number, weights in enumerate(["f16", "bf16", "int8", "int4"] * 2):
-        layers = LayerRange(number % 5, 5, False, True)
+    big = [(LayerRange(number % 5, 5, False, True), weights, 512)
+           for number, weights in enumerate(["f16", "bf16", "int8", "int4"] * 2)]
+    small = [(LayerRange(layer, layer + 1, False, False), weights, 64)    # for what is left: a CPU without bf16
+             for weights in ["int4", "int8", "f16", "bf16"] for layer in range(5)]   # keeps f32 caches, larger
+    for number, (layers, weights, max_seq_len) in enumerate(big + small):
         offer = PartOffer.of(checkpoint, layers, weights)
         if client.ping().free_budget < below:
             break
         try:
-            load_part(client, offer, max_seq_len=512)
+            load_part(client, offer, max_seq_len=max_seq_len)
             for session in range(3):
                 if client.ping().free_budget >= below:
                     client.forward(f"fill-{number}-{session}", offer.ref, 0, 0, torch.ones(1, 64))
