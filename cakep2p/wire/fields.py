@@ -5,6 +5,7 @@ records from maps. Imports nothing from cakep2p outside cakep2p.wire."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 from dataclasses import field, fields
@@ -188,20 +189,24 @@ def _payload(kind: str) -> Any:
     return field(metadata={"payload": kind})
 
 
+@functools.cache
+def _header_fields(record_type: type) -> tuple[tuple[str, Check], ...]:
+    """(name, check) of each header field of a record or message type (every message on the path asks)."""
+    return tuple((f.name, f.metadata["check"]) for f in fields(record_type) if "check" in f.metadata)
+
 
 def _checked_values(record_type: type, mapping: Any) -> dict[str, Any]:
     """The header fields of `record_type` from `mapping`: exactly the expected keys, each value checked."""
     if not isinstance(mapping, dict):
         raise WireError(f"{record_type.__name__} must be a map")
-    header_fields = [f for f in fields(record_type) if "check" in f.metadata]
-    names = {f.name for f in header_fields}
-    unknown = set(mapping) - names
-    if unknown:
-        raise WireError(f"unexpected field {sorted(map(str, unknown))[0][:40]!r} in {record_type.__name__}")
-    missing = names - set(mapping)
-    if missing:
-        raise WireError(f"missing field {sorted(missing)[0]!r} in {record_type.__name__}")
-    return {f.name: f.metadata["check"](mapping[f.name], f.name) for f in header_fields}
+    header_fields = _header_fields(record_type)
+    if len(mapping) != len(header_fields) or any(name not in mapping for name, _ in header_fields):
+        names = {name for name, _ in header_fields}
+        unknown = set(mapping) - names
+        if unknown:
+            raise WireError(f"unexpected field {sorted(map(str, unknown))[0][:40]!r} in {record_type.__name__}")
+        raise WireError(f"missing field {sorted(names - set(mapping))[0]!r} in {record_type.__name__}")
+    return {name: check(mapping[name], name) for name, check in header_fields}
 
 
 def _build(record_type: type, values: dict[str, Any]) -> Any:
@@ -212,8 +217,7 @@ def _build(record_type: type, values: dict[str, Any]) -> Any:
 
 def _record(record_type: type, value: Any, name: str) -> Any:
     if isinstance(value, record_type):
-        _to_map(value)  # checks every field of a record built locally
-        return value
+        return value    # built locally: _to_map checks every field of it as it maps it (once, not at every level)
     if not isinstance(value, dict):
         raise WireError(f"{name} must be a map")
     return _build(record_type, _checked_values(record_type, value))
@@ -222,17 +226,15 @@ def _record(record_type: type, value: Any, name: str) -> Any:
 def _to_map(record: Any) -> dict[str, Any]:
     """The header fields of a locally built record or message, checked; nested records become maps."""
     mapping: dict[str, Any] = {}
-    for record_field in fields(record):
-        if "check" not in record_field.metadata:
-            continue
-        value = record_field.metadata["check"](getattr(record, record_field.name), record_field.name)
+    for name, check in _header_fields(type(record)):
+        value = check(getattr(record, name), name)
         if dataclasses.is_dataclass(value):
             value = _to_map(value)
         elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
             value = [_to_map(item) for item in value]
         elif isinstance(value, tuple):
             value = list(value)
-        mapping[record_field.name] = value
+        mapping[name] = value
     record.validate()
     return mapping
 
