@@ -184,3 +184,50 @@ def test_concurrent_api_streams_each_get_their_solo_text(stories_dir):
         model.close()
     assert texts == solo
     assert max(model.batcher.batch_sizes) > 1
+
+
+def test_a_stage_runs_the_waiting_steps_of_different_sessions_as_one_batch_with_each_rows_bits(stories_dir):
+    """Three sessions' one-token steps reach a stage while its compute thread is busy: they run as one batch when
+    the turn comes, and each gets the bits of its step alone (mesh/compute.py's DecodeBatches)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from cakep2p.mesh.compute import DecodeBatches, FairCompute
+    from cakep2p.planner import LayerRange
+
+    checkpoint = Checkpoint.open(stories_dir)
+    part = load_part(checkpoint, LayerRange(2, 5, False, True), dtype="bfloat16", device="cpu")   # hidden -> logits
+    generator = torch.Generator().manual_seed(3)
+    prefixes = [torch.randn(4 + index, 64, generator=generator).bfloat16() for index in range(3)]
+    steps = [torch.randn(1, 64, generator=generator).bfloat16() for _ in range(3)]
+
+    def sessions() -> list[SimpleNamespace]:
+        filled = [SimpleNamespace(cache=part.new_cache(32)) for _ in prefixes]
+        for session, prefix in zip(filled, prefixes):
+            part(prefix, 0, session.cache)
+        return filled
+
+    alone = [part(step, len(prefix), session.cache, last_only=True)
+             for step, prefix, session in zip(steps, prefixes, sessions())]
+
+    async def together() -> tuple[list[torch.Tensor], DecodeBatches]:
+        executor, gate = ThreadPoolExecutor(max_workers=1), threading.Event()
+        compute, batches, waiting = FairCompute(executor), DecodeBatches(), sessions()
+        try:
+            busy = asyncio.ensure_future(compute.run(b"another", gate.wait, 30))
+            await asyncio.sleep(0.05)   # the compute thread is taken
+            results = [asyncio.ensure_future(batches.step(compute.for_owner(bytes([index])), part, session, step,
+                                                          len(prefix)))
+                       for index, (session, step, prefix) in enumerate(zip(waiting, steps, prefixes))]
+            await asyncio.sleep(0.05)
+            gate.set()
+            await busy
+            return list(await asyncio.gather(*results)), batches
+        finally:
+            await compute.stop()
+            executor.shutdown()
+
+    outputs, batches = asyncio.run(together())
+    assert batches.batch_sizes == {3: 1}
+    assert all(torch.equal(output, solo) for output, solo in zip(outputs, alone))

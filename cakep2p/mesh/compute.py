@@ -1,5 +1,6 @@
-"""A stage's compute: one thread shared fairly between the owners that send it work, and a forward pass cut into
-the engine's prefill chunks, each its own turn on that thread.
+"""A stage's compute: one thread shared fairly between the owners that send it work, a forward pass cut into the
+engine's prefill chunks, each its own turn on that thread, and the one-token steps of different sessions on one
+part that wait for it at the same time run as one batched forward (DecodeBatches).
 
 Round robin by owner: every owner with work waiting gets one job (a chunk of at most PREFILL_CHUNK positions, a
 token, a load step) before any owner gets a second. A member looping long prefills delays another's token by one
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 from concurrent.futures import Executor
 from typing import Callable
 
@@ -94,14 +96,74 @@ class FairCompute:
                 future.set_result(result)
 
 
+class DecodeBatches:
+    """Continuous batching on a stage: the one-token steps of different sessions on one part that are waiting for
+    the compute thread when one of them gets its turn run as one `decode_batch` (each row with the bits it gets
+    alone, tests/test_batching.py); a session that arrives while a batch computes joins the next. A step alone
+    runs the plain forward, as before."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()   # the waiting rows are taken on the compute thread
+        self._waiting: dict[int, list[tuple[Session, torch.Tensor, int, asyncio.Future]]] = {}
+        self.batch_sizes: collections.Counter[int] = collections.Counter()   # batches run so far, by size
+
+    async def step(self, compute: Compute, model: ModelPart, session: Session, inputs: torch.Tensor,
+                   start_pos: int) -> torch.Tensor:
+        future = asyncio.get_running_loop().create_future()
+        with self._lock:
+            rows = self._waiting.setdefault(id(model), [])
+            rows.append((session, inputs, start_pos, future))
+            leads = len(rows) == 1   # the first to wait asks for the turn; whoever joins before it comes rides
+        if leads:
+            try:
+                ran, outputs = await compute(self._run_waiting, model)
+            except BaseException as error:
+                with self._lock:
+                    orphans = self._waiting.pop(id(model), [])
+                for *_, waiting in orphans:
+                    if not waiting.done():
+                        waiting.set_exception(error if isinstance(error, Exception) else asyncio.CancelledError())
+                raise
+            for (*_, waiting), output in zip(ran, outputs):
+                if waiting.done():
+                    continue
+                if isinstance(output, Exception):
+                    waiting.set_exception(output)
+                else:
+                    waiting.set_result(output)
+        return await future
+
+    def _run_waiting(self, model: ModelPart) -> tuple[list, list]:
+        """On the compute thread: every row waiting for `model` now, as one forward; (rows, outputs or the error)."""
+        with self._lock:
+            rows = self._waiting.pop(id(model), [])
+        if not rows:
+            return [], []
+        self.batch_sizes[len(rows)] += 1
+        try:
+            if len(rows) == 1:
+                session, inputs, start_pos, _ = rows[0]
+                return rows, [model(inputs, start_pos, session.cache, last_only=model.layers.has_head)]
+            batched = model.decode_batch(torch.cat([inputs for _, inputs, _, _ in rows]),
+                                         [start_pos for _, _, start_pos, _ in rows],
+                                         [session.cache for session, _, _, _ in rows])
+            return rows, list(batched.split(1))
+        except Exception as error:   # noqa: BLE001  (each waiting request gets the error, the server goes on)
+            return rows, [error] * len(rows)
+
+
 async def run_forward(compute: Compute, model: ModelPart, session: Session, inputs: torch.Tensor,
-                      start_pos: int, every_position: bool = False) -> torch.Tensor:
+                      start_pos: int, every_position: bool = False,
+                      batches: DecodeBatches | None = None) -> torch.Tensor:
     """The part's output for `inputs` at start_pos.., computed chunk by chunk as the engine itself cuts a prefill
     (so the bits are the same as one call), each chunk one turn: hidden states [T, hidden], or the head's logits
     of the last position [1, vocab]. every_position: each position with the bits of forwarding it alone (engine
-    decode_each), and a head's logits of every position [T, vocab]."""
+    decode_each), and a head's logits of every position [T, vocab]. With `batches`, a one-token step joins the
+    other sessions' steps waiting on this part."""
     if session.cache is None:
         session.cache = await compute(model.new_cache, session.max_seq_len)
+    if batches is not None and inputs.shape[0] == 1 and not every_position:
+        return await batches.step(compute, model, session, inputs, start_pos)
     last_only = model.layers.has_head and not every_position
     outputs = []
     for offset in range(0, inputs.shape[0], PREFILL_CHUNK):

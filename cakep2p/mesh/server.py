@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import hmac
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from cakep2p import wire
 from cakep2p.engine.sizes import kv_cache_bytes
 from cakep2p.errors import CakeError
 from cakep2p.mesh.client import layer_range
-from cakep2p.mesh.compute import FairCompute, checked_inputs, run_forward
+from cakep2p.mesh.compute import DecodeBatches, FairCompute, checked_inputs, run_forward
 from cakep2p.mesh.curve import Authenticator, configure_server
 from cakep2p.mesh.lease import chain_grant, owner_tag
 from cakep2p.mesh.part_store import TRANSFER_STALL_S, LoadedPart, PartStore, Refusal
@@ -69,6 +70,8 @@ class StageServer:
         self.refused_requests = 0  # malformed or refused messages answered with an error
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cakep2p-compute")
         self._compute = FairCompute(self._executor)
+        # different sessions' one-token steps on a part, waiting together, run as one forward (CAKEP2P_BATCH=0: not)
+        self.batches = DecodeBatches() if os.environ.get("CAKEP2P_BATCH", "1") != "0" else None
         self.store = PartStore(parts_dir=Path(parts_dir) if parts_dir is not None else default_parts_dir(),
                                models_dirs=[Path(path) for path in models_dirs], device=device,
                                free_bytes=self.free_bytes, compute=self._compute.run, node_name=lambda: self.name,
@@ -307,7 +310,7 @@ class StageServer:
         session.busy = True
         try:
             output = await run_forward(self._compute.for_owner(owner), loaded.model, session, inputs,
-                                       request.start_pos, request.every_position)
+                                       request.start_pos, request.every_position, self.batches)
         finally:
             session.busy = False
             session.last_used = time.monotonic()
