@@ -1,5 +1,6 @@
 """The wire format: every op round-trips, bad values are refused on encode, and the decoder raises only WireError."""
 
+import dataclasses
 import random
 
 import msgpack
@@ -13,6 +14,7 @@ from cakep2p.wire import codec
 
 PART = wire.PartRef(model_fingerprint="0123456789abcdef" * 2, digest="cd" * 32, start=2, end=5, has_embedding=False,
                     has_head=True)
+MIDDLE = dataclasses.replace(PART, end=4, has_head=False)   # a chained forward's part: no head
 
 
 def fuzz(examples: int) -> settings:
@@ -34,6 +36,12 @@ def sample_messages() -> list[wire.Message]:
         wire.Ack(request_id=7),
         wire.Forward(request_id=8, session_id="s-1", part=PART, step=3, start_pos=5, positions=2,
                      tensor=torch.randn(2, 64).to(torch.bfloat16)),
+        wire.Forward(request_id=14, session_id="s-1", part=MIDDLE, step=3, start_pos=5, positions=1,
+                     every_position=True, owner_tag="a" * 64, grant="b" * 64, answer_on=7,
+                     route=(wire.Hop(address="127.0.0.1", port=5555, part=MIDDLE, dtype="float32", grant="c" * 64,
+                                     answer_on=2), wire.Hop(address="fe80::1", port=1, part=PART, dtype="bfloat16",
+                                                            grant="d" * 64, answer_on=0)),
+                     tensor=torch.randn(1, 64)),
         wire.ForwardResult(request_id=9, session_id="s-1", step=3, tensor=torch.randn(1, 512)),
         wire.EndSession(request_id=10, session_id="s-1"),
         wire.Unload(request_id=11, part=PART),
