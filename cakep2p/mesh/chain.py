@@ -52,17 +52,19 @@ def chainable(addresses: Sequence[str | None]) -> bool:
     return len(loopback) == 1
 
 
-def forward_chain(clients: Sequence[StageClient], parts: Sequence[wire.PartRef], dtypes: Sequence[torch.dtype],
-                  owner: bytes, session_id: str, step: int, start_pos: int, inputs: torch.Tensor, *, width: int,
-                  every_position: bool = False, timeout_s: float = 300.0) -> torch.Tensor:
-    """`inputs` through the parts on `clients` in order, each stage relaying to the next (dtypes: the one each stage
-    takes and answers in); the last stage's checked answer. `owner` is our lease's: it signs the grants."""
+def forward_chain(clients: Sequence[StageClient], addresses: Sequence[str], parts: Sequence[wire.PartRef],
+                  dtypes: Sequence[torch.dtype], owner: bytes, session_id: str, step: int, start_pos: int,
+                  inputs: torch.Tensor, *, width: int, every_position: bool = False,
+                  timeout_s: float = 300.0) -> torch.Tensor:
+    """`inputs` through the parts on `clients` in order, each stage relaying to the next at its address (its
+    relay_address) in the dtype it takes and answers in; the last stage's checked answer. `owner` is our lease's:
+    it signs the grants."""
     with contextlib.ExitStack() as held:
         connections = [held.enter_context(client.exclusive()) for client in clients]
-        route = tuple(wire.Hop(address=relay_address(client.address), port=client.port, part=part,
-                               dtype=wire.DTYPE_NAMES[dtype], answer_on=client.connection_number(),
+        route = tuple(wire.Hop(address=address, port=client.port, part=part, dtype=wire.DTYPE_NAMES[dtype],
+                               answer_on=client.connection_number(),
                                grant=chain_grant(owner, session_id, part.digest, part.start, part.end))
-                      for client, part, dtype in zip(clients[1:], parts[1:], dtypes[1:]))
+                      for client, address, part, dtype in zip(clients[1:], addresses[1:], parts[1:], dtypes[1:]))
         first = wire.Forward(request_id=next(CHAIN_REQUEST_IDS), session_id=session_id, part=parts[0], step=step,
                              start_pos=start_pos, positions=inputs.shape[0], every_position=every_position,
                              route=route, tensor=inputs)

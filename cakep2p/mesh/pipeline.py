@@ -89,6 +89,7 @@ class RemotePipeline:
         self._dtypes: list[torch.dtype | None] = []  # each stage's compute dtype: hidden states are sent in it
         self._refs: list[wire.PartRef | None] = []   # each remote stage's part, by content
         self._runs: list[tuple[int, int]] = []       # (first, last) stage indexes run by one request (or in-process)
+        self._relay_addresses: list[str | None] = []  # each remote stage's IP as the others reach it (chain.py)
         self._attach(stages)
 
     @property
@@ -139,11 +140,12 @@ class RemotePipeline:
 
     def _plan_runs(self) -> list[tuple[int, int]]:
         """Each in-process stage alone; consecutive remote ones as one run when they can relay to one another."""
+        self._relay_addresses = [relay_address(client.address) if client is not None else None
+                                 for client in self._clients]   # names resolved once, not per token
         runs: list[tuple[int, int]] = []
         for index, client in enumerate(self._clients):
             if runs and client is not None and self.chain and self._clients[runs[-1][1]] is not None:
-                candidate = self._clients[runs[-1][0]:index + 1]
-                if chainable([relay_address(remote.address) for remote in candidate]):
+                if chainable(self._relay_addresses[runs[-1][0]:index + 1]):
                     runs[-1] = (runs[-1][0], index)
                     continue
             runs.append((index, index))
@@ -235,9 +237,9 @@ class RemotePipeline:
             return self._clients[first].forward(self.session_id, self._refs[first], self._step, start_pos, x,
                                                 width=width, dtype=self._dtypes[first], every_position=every_position)
         span = slice(first, last + 1)
-        return forward_chain(self._clients[span], self._refs[span], self._dtypes[span], self.lease.owner,
-                             self.session_id, self._step, start_pos, x, width=width, every_position=every_position,
-                             timeout_s=self.timeout_s)
+        return forward_chain(self._clients[span], self._relay_addresses[span], self._refs[span], self._dtypes[span],
+                             self.lease.owner, self.session_id, self._step, start_pos, x, width=width,
+                             every_position=every_position, timeout_s=self.timeout_s)
 
     def rebuild(self, new_stages: Sequence[PipelineStage], exact: bool = True) -> None:
         """Move the session to `new_stages` (e.g. after a peer was lost): load the parts, then refill the caches.
