@@ -5,11 +5,13 @@ use; and the wire's names for layer ranges (PartRef).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import threading
 import time
+from typing import Iterator
 
 import torch
 import zmq
@@ -187,9 +189,11 @@ class StageClient:
 
     # -- the pieces of a wait, for requests answered on other connections too (chain.py) ---------------------
 
-    def exclusive(self) -> "_Exclusive":
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[zmq.Socket]:
         """`with client.exclusive() as socket:` this connection, for one request at a time."""
-        return _Exclusive(self)
+        with self._lock:
+            yield self._connect()
 
     def connection_number(self) -> int:
         """The number that ends this connection's routing id (a chain's stages answer us on it); 0 before any."""
@@ -249,22 +253,6 @@ class StageClient:
 
     def end_session(self, session_id: str, timeout_s: float | None = None) -> None:
         self.request(wire.EndSession(session_id=session_id), timeout_s)
-
-
-class _Exclusive:
-    def __init__(self, client: StageClient) -> None:
-        self._client = client
-
-    def __enter__(self) -> zmq.Socket:
-        self._client._lock.acquire()
-        try:
-            return self._client._connect()
-        except BaseException:
-            self._client._lock.release()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self._client._lock.release()
 
 
 def checked_result(client: StageClient, request: wire.Forward, reply: wire.Message, width: int | None,
