@@ -10,6 +10,7 @@ pipeline or a model is open, a keeper thread sends a heartbeat on each of its id
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import itertools
@@ -99,6 +100,7 @@ class Lease:
                     log.debug("keep-alive of %r failed", client, exc_info=True)
 
 
+@functools.lru_cache(maxsize=1024)   # a stage matches every relayed forward against its owners' tags
 def owner_tag(owner: bytes) -> str:
     """How a relayed forward names its owner: a hash that a stage holding the owner's state can match, and from which
     nobody learns the owner (so a relaying member cannot act as the owner anywhere)."""
