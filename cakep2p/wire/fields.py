@@ -4,6 +4,7 @@ records from maps. Imports nothing from cakep2p outside cakep2p.wire."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import ipaddress
@@ -126,13 +127,9 @@ def _json_text(value: Any, name: str) -> str:
 
 def _ip_address(value: Any, name: str) -> str:
     """An IPv4 or IPv6 literal (never a host name: a route must not make a node resolve names)."""
-    try:
-        return str(ipaddress.ip_address(value)) if type(value) is str and len(value) <= 45 else _bad_address(name)
-    except ValueError:
-        return _bad_address(name)
-
-
-def _bad_address(name: str) -> str:
+    if type(value) is str and len(value) <= 45:
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(value))
     raise WireError(f"{name} must be an IPv4 or IPv6 address")
 
 

@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from cakep2p.wire.fields import (ADDRESS, CONNECTION, COUNT, DTYPE, DTYPES, ERROR_CODES, FINGERPRINT, LAYER, MAX_CHUNK_BYTES,
-                                 MAX_FORWARD_BYTES, MAX_PARTS_LISTED, MAX_ROUTE_HOPS, MAX_SEQ_LEN,
+from cakep2p.wire.fields import (ADDRESS, CONNECTION, COUNT, DTYPE, DTYPES, ERROR_CODES, FINGERPRINT, LAYER,
+                                 MAX_CHUNK_BYTES, MAX_FORWARD_BYTES, MAX_PARTS_LISTED, MAX_ROUTE_HOPS, MAX_SEQ_LEN,
                                  MAX_TENSORS_PER_PART, MAX_TENSOR_BYTES, OPTIONAL_SHA256, PART_DTYPES, PORT,
                                  PROTOCOL_VERSION, REQUEST_ID, SESSION_ID, SHA256, TENSOR_NAME, WEIGHT_FORMATS,
                                  WireError, _boolean, _choice, _field, _integer, _json_text, _payload, _record,
@@ -163,8 +163,8 @@ class Forward(Message):
 
     Chained: with a `route`, the stage sends its output on to route[0] as a relayed Forward (the rest of the route
     with it) instead of answering; the last stage answers the initiator. A relayed Forward names its owner by
-    `owner_tag` and carries that hop's `grant` and `answer_on`. `every_position`: each position with the bits of forwarding it alone,
-    and a head answers the logits of all of them."""
+    `owner_tag` and carries that hop's `grant` and `answer_on`. `every_position`: each position with the bits of
+    forwarding it alone, and a head answers the logits of all of them."""
 
     type: ClassVar[str] = "forward"
     session_id: str = _field(SESSION_ID)
