@@ -15,7 +15,6 @@ without delay (direct ports) gives the compute per token of the prediction 1 / (
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import statistics
 import sys
@@ -40,13 +39,6 @@ def even_split(num_layers: int, stages: int) -> list:
             for index, (start, end) in enumerate(zip(bounds, bounds[1:]))]
 
 
-def chain_supported() -> bool:
-    """Whether RemotePipeline takes `chain` (chain forwarding is there)."""
-    from cakep2p.mesh import RemotePipeline
-
-    return "chain" in inspect.signature(RemotePipeline).parameters
-
-
 def repetitive_prompt(vocab_size: int) -> list[int]:
     """bench/speculative_bench.py's prompt: a random paragraph twice, then its first half again."""
     import torch
@@ -55,16 +47,15 @@ def repetitive_prompt(vocab_size: int) -> list[int]:
     return [1] + paragraph + paragraph + paragraph[:24]
 
 
-def pipeline_over(ports: list[int], layers: list, checkpoint, max_seq_len: int, keys, options, chain: bool | None):
-    """A RemotePipeline over the stages at these loopback ports; chain None: the product's own default."""
+def pipeline_over(ports: list[int], layers: list, checkpoint, max_seq_len: int, keys, options, chain: bool):
+    """A RemotePipeline over the stages at these loopback ports, chained or the star."""
     from cakep2p.engine.formats import resolve_format
     from cakep2p.mesh import RemotePipeline, RemoteStage
 
     stages = [RemoteStage("127.0.0.1", port, part, f"stage{index}")
               for index, (port, part) in enumerate(zip(ports, layers))]
-    extra = {} if chain is None else {"chain": chain}
     pipeline = RemotePipeline(stages, checkpoint, max_seq_len, keys, allow_transfer=False, dtype=options.dtype,
-                              weights=resolve_format(checkpoint, options.weights, options.dtype), **extra)
+                              weights=resolve_format(checkpoint, options.weights, options.dtype), chain=chain)
     if set(pipeline.load_sources) - {"models_dir", "memory"}:   # their own copy, or already held from it
         raise RuntimeError(f"stages loaded from {pipeline.load_sources}, expected their own models dir")
     return pipeline
@@ -81,17 +72,16 @@ def paired_ratio(slow, fast) -> float:
     return statistics.median(mine / theirs for mine, theirs in pairs)
 
 
-def decode_speeds(ports: dict[str, list[int]], layers, checkpoint, keys, options, chain: bool, star) -> bool:
+def decode_speeds(ports: dict[str, list[int]], layers, checkpoint, keys, options, chain: bool) -> bool:
     """Star and chain over the delayed links, and the undelayed reference (the star's when not `chain`), in
-    lockstep; prints the table, the ratio and the predictions. True when every configuration gave the same tokens.
-    `star` is the `chain` argument that gives the star path (None where RemotePipeline has no such argument)."""
+    lockstep; prints the table, the ratio and the predictions. True when every configuration gave the same tokens."""
     from bench.mesh_bench import Config, prompt_ids, run_round
 
     delay = options.delay_ms / 1000
     prompt = prompt_ids(options.prompt_tokens, checkpoint.args.vocab_size)
     max_seq_len = options.prompt_tokens + options.new_tokens
-    wanted = [("star", "delayed", star), ("chain", "delayed", True), ("chain", "direct", True)] if chain else \
-        [("star", "delayed", star), ("star", "direct", star)]
+    wanted = [("star", "delayed", False), ("chain", "delayed", True), ("chain", "direct", True)] if chain else \
+        [("star", "delayed", False), ("star", "direct", False)]
     configs = []
     try:
         for path, link, chained in wanted:
@@ -120,7 +110,7 @@ def decode_speeds(ports: dict[str, list[int]], layers, checkpoint, keys, options
     print(f"star: measured {measured_star:.2f} tok/s, predicted 1/(compute + {2 * STAGES} x delay) "
           f"{predict_star:.2f}: {measured_star / predict_star:.3f}x")
     if delayed is None:
-        print("chain: not measured (not available, or --no-chain): star path only")
+        print("chain: not measured (--no-chain): star path only")
     else:
         ratio, paired = median_step(star_config) / median_step(delayed), paired_ratio(star_config, delayed)
         predicted = 1 / (compute + (STAGES + 1) * delay)
@@ -150,7 +140,7 @@ def real_prompt(checkpoint) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def speculation(ports: list[int], layers, checkpoint, keys, options, chain: bool | None) -> bool:
+def speculation(ports: list[int], layers, checkpoint, keys, options, chain: bool) -> bool:
     """Greedy decode of a repetitive prompt over the delayed links with and without speculation, alternating, on
     the chain (`chain` True) or the star; prints the ratio. True when the tokens are identical. With --spec-model
     (a real instruction-tuned model, sent to the stages) the prompt asks it to repeat a paragraph; else the random
@@ -205,12 +195,11 @@ def bench(options: argparse.Namespace) -> bool:
     model_dir = cached_random_model("llama", options.preset, dtype=options.dtype)
     checkpoint = Checkpoint.open(model_dir)
     layers = even_split(checkpoint.args.num_layers, STAGES)
-    supported = chain_supported()
-    chain, star = supported and not options.no_chain, False if supported else None
-    print(f"model {model_dir.name}; {options.dtype} compute, {resolve_format(checkpoint, options.weights, options.dtype)}"
-          f" weights; {STAGES} stages {' '.join(part.describe() for part in layers)}; links {options.delay_ms:g} ms "
-          f"one way; {options.threads} threads per process; chain forwarding "
-          f"{'available' if supported else 'not available (RemotePipeline takes no `chain`)'}; load average "
+    chain = not options.no_chain
+    weights = resolve_format(checkpoint, options.weights, options.dtype)
+    print(f"model {model_dir.name}; {options.dtype} compute, {weights} weights; {STAGES} stages "
+          f"{' '.join(part.describe() for part in layers)}; links {options.delay_ms:g} ms one way; {options.threads} "
+          f"threads per process; chain forwarding {'on' if chain else 'off'}; load average "
           f"{os.getloadavg()[0]:.2f}", flush=True)
     code = security.new_code()
     keys = security.derive_keys(code)
@@ -229,9 +218,9 @@ def bench(options: argparse.Namespace) -> bool:
             linked_rtt = ping_rtt(SimpleNamespace(node_id="stage0", port=links[0].port), keys, count=50)
             print(f"ping round trip to stage0: direct {direct_rtt * 1000:.2f} ms, through its link "
                   f"{linked_rtt * 1000:.2f} ms (2 x delay = {2 * options.delay_ms:g} ms)", flush=True)
-            same = decode_speeds(ports, layers, checkpoint, keys, options, chain, star)
+            same = decode_speeds(ports, layers, checkpoint, keys, options, chain)
             if options.spec_rounds:
-                same &= speculation(ports["delayed"], layers, checkpoint, keys, options, True if chain else star)
+                same &= speculation(ports["delayed"], layers, checkpoint, keys, options, chain)
             return same
         finally:
             for link in links:
