@@ -629,22 +629,25 @@ def test_heartbeats_keep_a_slow_forward_alive(stories_dir, start_servers, keys, 
     assert with_client(server, keys, act, heartbeat_s=0.2).shape == (1, 512)
 
 
-def test_lost_stage_is_replaced_and_the_generation_continues_identically(stories_dir, start_servers, keys):
-    first, middle, last = start_servers(3)
+@pytest.mark.parametrize("lost_index", [1, 2], ids=["middle", "last"])   # (the last: the chain's answering stage)
+def test_lost_stage_is_replaced_and_the_generation_continues_identically(stories_dir, start_servers, keys,
+                                                                        lost_index):
+    servers = start_servers(3)
+    survivors = [server for index, server in enumerate(servers) if index != lost_index]
     lost: list[str] = []
 
     def replan(error, stages):
         lost.append(str(error))
-        return remote_stages([first, last], TWO_WAY)
+        return remote_stages(survivors, TWO_WAY)
 
-    pipeline = remote_pipeline(remote_stages([first, middle, last], THREE_WAY), stories_dir, keys,
+    pipeline = remote_pipeline(remote_stages(servers, THREE_WAY), stories_dir, keys,
                                heartbeat_s=0.25, on_lost=replan)
     tokens = []
     try:
         for token in generate(pipeline, PROMPT, GREEDY):
             tokens.append(token)
             if len(tokens) == 10:
-                middle.stop()
+                servers[lost_index].stop()
         assert tokens == local_tokens(stories_dir)
         assert len(lost) == 1 and "lost" in lost[0]
     finally:
