@@ -239,14 +239,14 @@ def mutated_header(rng: random.Random, header: dict) -> dict:
 
 @fuzz(1500)
 @given(st.lists(st.binary(max_size=200), max_size=4))
-def test_fuzz_random_frames_raise_only_wire_error(frames):
+def test_fuzz_random_frames_are_only_ever_refused_cleanly(frames):
     decodes_or_refuses(frames)
 
 
 @fuzz(1000)
 @given(st.sampled_from(range(len(VALID_HEADERS))), st.randoms(use_true_random=False))
 @pytest.mark.slow
-def test_fuzz_mutated_valid_headers_raise_only_wire_error(index, rng):
+def test_fuzz_mutated_valid_headers_are_only_ever_refused_cleanly(index, rng):
     for _ in range(4):
         header = mutated_header(rng, VALID_HEADERS[index])
         payload = rng.choice([[], VALID_FRAMES[index][1:], [rng.randbytes(rng.randrange(200))]])
@@ -256,7 +256,7 @@ def test_fuzz_mutated_valid_headers_raise_only_wire_error(index, rng):
 @fuzz(1000)
 @given(st.sampled_from(["forward", "forward_result", "tensor_chunk"]), st.randoms(use_true_random=False))
 @pytest.mark.slow
-def test_fuzz_huge_or_wrong_declared_sizes_raise_only_wire_error(op, rng):
+def test_fuzz_huge_or_wrong_declared_sizes_are_only_ever_refused_cleanly(op, rng):
     index = [message.type for message in sample_messages()].index(op)
     for _ in range(3):
         header = dict(VALID_HEADERS[index])
@@ -271,7 +271,7 @@ def test_fuzz_huge_or_wrong_declared_sizes_raise_only_wire_error(op, rng):
 @fuzz(1000)
 @given(st.sampled_from(range(len(VALID_FRAMES))), st.randoms(use_true_random=False))
 @pytest.mark.slow
-def test_fuzz_corrupted_valid_bytes_raise_only_wire_error(index, rng):
+def test_fuzz_corrupted_valid_bytes_are_only_ever_refused_cleanly(index, rng):
     for _ in range(3):
         frames = [bytearray(memoryview(frame).cast("B")) for frame in VALID_FRAMES[index]]
         target = rng.randrange(len(frames))
